@@ -1,0 +1,66 @@
+"""The ``aviator`` command.
+
+Each subcommand lives in its own module exposing ``configure(parser)`` and ``run(args) -> int``;
+modules are imported only when their subcommand runs, so ``aviator bootstrap`` never pays for
+the benchmark's plotting libraries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from aviator import __version__, log
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("aviator.controlplane_cli", "run the control plane"),
+    "bootstrap": ("aviator.envoy.bootstrap_cli", "print an Envoy bootstrap (YAML)"),
+    "demo": ("aviator.demo", "run the whole system on this machine with a real Envoy"),
+    "inspect": ("aviator.inspect", "show what an Envoy holds beside what Aviator measured"),
+    "bench": ("aviator.bench", "run the benchmarks"),
+}
+
+
+class UsageError(Exception):
+    """A user mistake the CLI reports in one line, without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aviator", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"aviator {__version__}")
+    parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    parser.add_argument("--log-json", action="store_true", help="log JSON lines")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.set_defaults(_module=module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            sp.set_defaults(_missing=True)
+            continue
+        module.configure(sp)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    log.configure(args.log_level, json=args.log_json)
+    if getattr(args, "_missing", False):
+        print(f"aviator: '{args.command}' is not available in this build", file=sys.stderr)
+        return 2
+    module = importlib.import_module(args._module)
+    try:
+        code: int = module.run(args)
+    except UsageError as exc:
+        print(f"aviator {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
