@@ -1,0 +1,86 @@
+"""Aviator's own admin HTTP server: health, readiness, Prometheus metrics and JSON debug views.
+
+The server knows nothing about the control plane: it is given a readiness function and named
+views (callables returning JSON-able values), so it is tested on its own and the composition
+root decides what is shown.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import prometheus_client
+from aiohttp import web
+
+ReadyCheck = Callable[[], tuple[bool, list[str]]]
+View = Callable[[], Any]
+
+
+class AdminServer:
+    """``/healthz``, ``/readyz``, ``/metrics`` and ``/debug/<view>`` on one aiohttp site."""
+
+    def __init__(
+        self,
+        *,
+        registry: prometheus_client.CollectorRegistry,
+        ready: ReadyCheck,
+        views: Mapping[str, View],
+    ) -> None:
+        self._registry = registry
+        self._ready = ready
+        self._views = dict(views)
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/", self._index)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/debug/{view}", self._view)
+        return app
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on ``host:port`` (0 picks a free port); return the bound port."""
+        self._runner = web.AppRunner(self._app(), access_log=None)
+        await self._runner.setup()
+        # Bind the socket ourselves so the bound port is known without aiohttp internals.
+        sock = socket.create_server((host, port), reuse_port=False)
+        await web.SockSite(self._runner, sock).start()
+        self.port = int(sock.getsockname()[1])
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _index(self, _: web.Request) -> web.Response:
+        links = ["/healthz", "/readyz", "/metrics", *(f"/debug/{v}" for v in sorted(self._views))]
+        return web.json_response({"endpoints": links})
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        ok, reasons = self._ready()
+        body = "ok\n" if ok else "not ready: " + "; ".join(reasons) + "\n"
+        return web.Response(status=200 if ok else 503, text=body)
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        data = prometheus_client.generate_latest(self._registry)
+        content_type = prometheus_client.CONTENT_TYPE_LATEST
+        return web.Response(body=data, headers={"Content-Type": content_type})
+
+    async def _view(self, request: web.Request) -> web.Response:
+        name = request.match_info["view"]
+        view = self._views.get(name)
+        if view is None:
+            return web.json_response(
+                {"error": f"no view {name!r}", "views": sorted(self._views)}, status=404
+            )
+        return web.json_response(view(), dumps=lambda v: json.dumps(v, indent=2, default=str))
