@@ -1,0 +1,290 @@
+"""Envoy bootstraps for Aviator's two data-plane shapes (pure: no I/O, no clock).
+
+*Gateway*: the bootstrap holds only the admin endpoint and the ``aviator-xds`` cluster that
+reaches the control plane; listeners, routes, clusters and endpoints all arrive over ADS
+(LDS → RDS, CDS → EDS).
+
+*Sidecar*: clusters and endpoints arrive over ADS (CDS → EDS); the listener and its routes are
+static, because a sidecar's job (send this pod's outbound calls to the right workload) does not
+change with the control plane's view. The static route configuration
+
+- has one virtual host per ``workloads`` entry, matching ``<name>.<namespace>``,
+  ``<name>.<namespace>.svc`` and ``<name>.<namespace>.svc.<cluster domain>`` (any port:
+  ``ignore_port_in_host_matching``), routed to the cluster ``<namespace>/<name>``;
+- routes any other request that carries ``x-aviator-cluster: <namespace>/<name>`` to that
+  cluster (``cluster_header``), so workloads not listed at bootstrap time are reachable too; the
+  header must have the ``namespace/name`` shape, so it can never select ``aviator-xds``, and it
+  is removed before the request goes upstream;
+- answers 404 otherwise.
+
+It sets ``validate_clusters: false`` because its clusters arrive later over CDS; without it
+Envoy refuses to start (see XDS-CHECKLIST.md).
+
+Every ConfigSource says ``resource_api_version: V3`` and the ADS config says
+``transport_api_version: V3``: left out, Envoy falls back to a deprecated value and warns.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import yaml
+
+from aviator.model import WorkloadKey
+
+Mode = Literal["gateway", "sidecar"]
+
+XDS_CLUSTER = "aviator-xds"
+"""Name of the static cluster that reaches the control plane's ADS port."""
+
+SIDECAR_LISTENER = "aviator-sidecar"
+SIDECAR_ROUTE_CONFIG = "aviator-sidecar"
+CLUSTER_HEADER = "x-aviator-cluster"
+"""Request header naming the ``namespace/name`` cluster a sidecar should send a request to."""
+
+# Kubernetes names: a namespace is a DNS-1123 label, a Deployment/StatefulSet name a DNS-1123
+# subdomain. Requiring the slash keeps the header from naming the static aviator-xds cluster.
+_CLUSTER_HEADER_REGEX = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+
+META_MODE = "aviator.io/mode"
+META_LISTEN_PORT = "aviator.io/listen-port"
+
+_HCM_TYPE = (
+    "type.googleapis.com/"
+    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
+_ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+_HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_DOWNSTREAM_CONNECTIONS_TYPE = (
+    "type.googleapis.com/"
+    "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig"
+)
+
+
+def _check_port(what: str, port: int, *, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise ValueError(f"{what} must be in {low}..65535, got {port}")
+
+
+def _socket_address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def workload_domains(key: WorkloadKey, cluster_domain: str = "cluster.local") -> list[str]:
+    """The Host names that reach ``key`` inside a Kubernetes cluster (ports are ignored)."""
+    base = f"{key.name}.{key.namespace}"
+    return [base, f"{base}.svc", f"{base}.svc.{cluster_domain}"]
+
+
+def _ads_source() -> dict[str, Any]:
+    # A fresh dict each time: YAML would print a shared one as an anchor and an alias.
+    return {"ads": {}, "resource_api_version": "V3"}
+
+
+def _xds_cluster(host: str, port: int) -> dict[str, Any]:
+    return {
+        "name": XDS_CLUSTER,
+        # An IP needs no resolver; a name (a Kubernetes Service) is re-resolved so a moved
+        # control plane is found again.
+        "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": XDS_CLUSTER,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": _socket_address(host, port)}}]}
+            ],
+        },
+        # gRPC needs HTTP/2 upstream. Keepalive pings notice a control plane that vanished
+        # without closing the connection, so Envoy reconnects instead of waiting forever.
+        "typed_extension_protocol_options": {
+            _HTTP_PROTOCOL_OPTIONS: {
+                "@type": f"type.googleapis.com/{_HTTP_PROTOCOL_OPTIONS}",
+                "explicit_http_config": {
+                    "http2_protocol_options": {
+                        "connection_keepalive": {"interval": "30s", "timeout": "5s"},
+                    },
+                },
+            },
+        },
+    }
+
+
+def _sidecar_listener(
+    address: str, port: int, workloads: Sequence[WorkloadKey], cluster_domain: str
+) -> dict[str, Any]:
+    virtual_hosts: list[dict[str, Any]] = [
+        {
+            "name": key.cluster_name,
+            "domains": workload_domains(key, cluster_domain),
+            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": key.cluster_name}}],
+        }
+        for key in workloads
+    ]
+    virtual_hosts.append(
+        {
+            "name": "by-header",
+            "domains": ["*"],
+            "routes": [
+                {
+                    "match": {
+                        "prefix": "/",
+                        "headers": [
+                            {
+                                "name": CLUSTER_HEADER,
+                                "string_match": {"safe_regex": {"regex": _CLUSTER_HEADER_REGEX}},
+                            }
+                        ],
+                    },
+                    "route": {"cluster_header": CLUSTER_HEADER},
+                    "request_headers_to_remove": [CLUSTER_HEADER],
+                },
+                {
+                    "match": {"prefix": "/"},
+                    "direct_response": {
+                        "status": 404,
+                        "body": {
+                            "inline_string": (
+                                "aviator sidecar: no route: use Host <name>.<namespace> of a "
+                                f"listed workload or the header {CLUSTER_HEADER}: "
+                                "<namespace>/<name>\n"
+                            )
+                        },
+                    },
+                },
+            ],
+        }
+    )
+    hcm = {
+        "@type": _HCM_TYPE,
+        "stat_prefix": "aviator_sidecar",
+        "codec_type": "AUTO",
+        "route_config": {
+            "name": SIDECAR_ROUTE_CONFIG,
+            # The clusters arrive over CDS after the listener exists.
+            "validate_clusters": False,
+            # Clients send "Host: app.ns:8080"; match on the name only, but keep the port in
+            # the header the upstream sees (strip_any_host_port would remove it).
+            "ignore_port_in_host_matching": True,
+            "virtual_hosts": virtual_hosts,
+        },
+        "http_filters": [
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER_TYPE}}
+        ],
+    }
+    return {
+        "name": SIDECAR_LISTENER,
+        "address": _socket_address(address, port),
+        "filter_chains": [
+            {
+                "filters": [
+                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                ]
+            }
+        ],
+    }
+
+
+def render_bootstrap(
+    *,
+    xds_host: str,
+    xds_port: int,
+    node_id: str,
+    mode: Mode = "gateway",
+    listen_port: int = 10000,
+    listen_address: str = "127.0.0.1",
+    admin_port: int = 9901,
+    admin_address: str = "127.0.0.1",
+    cluster: str = "aviator",
+    workloads: Sequence[WorkloadKey] = (),
+    cluster_domain: str = "cluster.local",
+    delta: bool = False,
+    max_downstream_connections: int = 50_000,
+) -> dict[str, Any]:
+    """Build an Envoy v3 bootstrap as plain data (JSON/YAML-ready).
+
+    ``node_id`` and ``cluster`` become ``node.id`` / ``node.cluster``; the node metadata carries
+    ``aviator.io/mode`` and, for a gateway, ``aviator.io/listen-port`` (the port the control
+    plane's LDS listener should bind). ``listen_address`` is used by the sidecar's static
+    listener only (loopback by default: a sidecar serves its own pod). ``admin_port`` 0 lets
+    Envoy pick a port (read it back with ``--admin-address-path``). ``workloads`` is for sidecars
+    only. ``delta`` selects incremental ADS (``DELTA_GRPC``) instead of state-of-the-world.
+    ``max_downstream_connections`` caps accepted connections across all listeners (Envoy's
+    overload manager; without a cap Envoy warns at start that there is none).
+
+    The ADS stream sends the node on its first message only (``set_node_on_first_message_only``):
+    the server must remember it per stream.
+
+    Raises ``ValueError`` with the offending value for a bad port, empty id, unknown mode,
+    workloads in gateway mode, or the same workload twice.
+    """
+    if mode not in ("gateway", "sidecar"):
+        raise ValueError(f"mode must be 'gateway' or 'sidecar', got {mode!r}")
+    if not xds_host:
+        raise ValueError("xds_host must not be empty")
+    if not node_id:
+        raise ValueError("node_id must not be empty")
+    if not cluster:
+        raise ValueError("cluster must not be empty")
+    _check_port("xds_port", xds_port)
+    _check_port("listen_port", listen_port)
+    _check_port("admin_port", admin_port, allow_zero=True)
+    if max_downstream_connections < 1:
+        raise ValueError(
+            f"max_downstream_connections must be >= 1, got {max_downstream_connections}"
+        )
+    if mode == "gateway" and workloads:
+        raise ValueError("workloads are for sidecar mode; a gateway gets its routes over ADS")
+    if len(set(workloads)) != len(workloads):
+        raise ValueError(f"a workload is listed twice: {[str(w) for w in workloads]}")
+
+    dynamic: dict[str, Any] = {
+        "ads_config": {
+            "api_type": "DELTA_GRPC" if delta else "GRPC",
+            "transport_api_version": "V3",
+            "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+            "set_node_on_first_message_only": True,
+        },
+        "cds_config": _ads_source(),
+    }
+    metadata: dict[str, Any] = {META_MODE: mode}
+    static: dict[str, Any] = {"clusters": [_xds_cluster(xds_host, xds_port)]}
+    if mode == "gateway":
+        dynamic["lds_config"] = _ads_source()
+        metadata[META_LISTEN_PORT] = listen_port
+    else:
+        static["listeners"] = [
+            _sidecar_listener(listen_address, listen_port, workloads, cluster_domain)
+        ]
+    return {
+        "node": {"id": node_id, "cluster": cluster, "metadata": metadata},
+        "admin": {"address": _socket_address(admin_address, admin_port)},
+        "dynamic_resources": dynamic,
+        "static_resources": static,
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": _DOWNSTREAM_CONNECTIONS_TYPE,
+                        "max_active_downstream_connections": max_downstream_connections,
+                    },
+                }
+            ]
+        },
+    }
+
+
+def bootstrap_yaml(bootstrap: dict[str, Any]) -> str:
+    """YAML text of a bootstrap, keys in the order they were built (readable, diffable)."""
+    return yaml.safe_dump(bootstrap, sort_keys=False, default_flow_style=False)

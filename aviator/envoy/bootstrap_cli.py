@@ -1,0 +1,115 @@
+"""``aviator bootstrap``: print an Envoy bootstrap (YAML) for a gateway or a sidecar."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+
+from aviator.cli import UsageError
+from aviator.envoy.bootstrap import bootstrap_yaml, render_bootstrap
+from aviator.model import WorkloadKey
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (IPv6 as ``[ADDR]:PORT``) into a host and a port in 1..65535.
+
+    Raises ``ValueError`` naming the text when it has no port, a bad port or an empty host.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"expected [IPv6]:PORT, got {text!r}") from None
+    elif ":" in host:
+        raise ValueError(f"an IPv6 address needs brackets, as in [::1]:18000, got {text!r}")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"port must be in 1..65535, got {text!r}")
+    return host, port
+
+
+def parse_workload(text: str) -> WorkloadKey:
+    """``NAMESPACE/NAME`` → WorkloadKey; raises ``ValueError`` naming the text otherwise."""
+    namespace, sep, name = text.partition("/")
+    if not sep or not namespace or not name or "/" in name:
+        raise ValueError(f"expected NAMESPACE/NAME, got {text!r}")
+    return WorkloadKey(namespace, name)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"port must be in 1..65535, got {text!r}")
+    return int(text)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--xds", required=True, metavar="HOST:PORT", help="address of Aviator's ADS (gRPC) port"
+    )
+    parser.add_argument("--node-id", required=True, metavar="ID", help="this Envoy's node id")
+    parser.add_argument(
+        "--node-cluster", default="aviator", metavar="NAME", help="node.cluster (default aviator)"
+    )
+    parser.add_argument("--mode", choices=("gateway", "sidecar"), default="gateway")
+    parser.add_argument(
+        "--listen",
+        type=_port,
+        default=10000,
+        metavar="PORT",
+        help="traffic port: the sidecar's listener, or the port a gateway asks for over LDS",
+    )
+    parser.add_argument(
+        "--listen-address",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="sidecar listener address (default 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--admin", type=_port, default=9901, metavar="PORT", help="admin port on 127.0.0.1"
+    )
+    parser.add_argument(
+        "--workload",
+        action="append",
+        default=[],
+        metavar="NAMESPACE/NAME",
+        help="sidecar: route Host <name>.<namespace>[.svc[.cluster.local]] to this workload "
+        "(repeatable)",
+    )
+    parser.add_argument(
+        "--delta", action="store_true", help="use incremental (delta) ADS instead of SotW"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        host, port = parse_host_port(args.xds)
+    except ValueError as exc:
+        raise UsageError(f"--xds: {exc}") from exc
+    try:
+        workloads = [parse_workload(w) for w in args.workload]
+    except ValueError as exc:
+        raise UsageError(f"--workload: {exc}") from exc
+    if workloads and args.mode != "sidecar":
+        raise UsageError("--workload needs --mode sidecar (a gateway gets its routes over ADS)")
+    try:
+        bootstrap = render_bootstrap(
+            xds_host=host,
+            xds_port=port,
+            node_id=args.node_id,
+            mode=args.mode,
+            listen_port=args.listen,
+            listen_address=args.listen_address,
+            admin_port=args.admin,
+            cluster=args.node_cluster,
+            workloads=workloads,
+            delta=args.delta,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    sys.stdout.write(bootstrap_yaml(bootstrap))
+    return 0
