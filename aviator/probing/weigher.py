@@ -2,18 +2,41 @@
 
 This module reads no clock, does no I/O and mutates none of its inputs. The tuning knobs
 (:class:`WeigherKnobs`) are parsed once from a policy's ``spec.weigher`` and passed down.
+
+The rule (Prequal's hot-cold lexicographic selection, NSDI 2024 §4, turned into weights):
+
+1. An endpoint with data is *hot* when its RIF is above the ``hot_quantile`` quantile of the
+   policy's RIFs (and above ``min_hot_rif``), or its latency is above the policy's
+   ``latencyThreshold``. A hot endpoint of the previous result stays hot until both fall
+   ``hysteresis`` below those thresholds.
+2. If some endpoint with data is cold: cold weights fall smoothly with latency,
+   ∝ latency^-latency_exponent relative to the fastest cold one, never below the floor
+   1/max_weight_ratio; hot ones get the floor (and DEGRADED health if ``degrade_hot``).
+3. If every endpoint with data is hot: all stay HEALTHY (the weigher never takes a policy's
+   last endpoints away) and are weighted by RIF, ∝ 1/(RIF + 1), or by latency if no RIF is known.
+4. Endpoints without data (new or stale) get a neutral weight: the median of the others.
+5. Against the previous result: if no endpoint's share of traffic would move by more than
+   ``min_change`` (relative) and health and membership are the same, nothing changes
+   (``changed=False``, previous weights returned). Otherwise non-hot weights move
+   ``smoothing`` of the way to their targets; hot ones drop to the floor at once.
+
+Published weights are integers in ``[ceil(MAX_WEIGHT / max_weight_ratio), MAX_WEIGHT]``,
+so every weight is ≥ 1 and max/min ≤ ``max_weight_ratio``.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
 from typing import Any, ClassVar
 
-from aviator.model import MAX_WEIGHT
+from aviator.model import MAX_WEIGHT, EndpointAddress, Health, WeightedEndpoint
+from aviator.probing.estimator import EndpointStats
 
-__all__ = ["DEFAULT_HOT_QUANTILE", "KnobError", "WeigherKnobs"]
+__all__ = ["DEFAULT_HOT_QUANTILE", "KnobError", "WeighResult", "WeigherKnobs", "weigh"]
 
 # Prequal's Q_RIF: 2^-0.25 ≈ 0.84 (NSDI 2024, §4; 0.6 to 0.9 all work).
 DEFAULT_HOT_QUANTILE = 2.0**-0.25
@@ -133,3 +156,186 @@ class WeigherKnobs:
         """The camelCase form ``from_spec`` accepts (round-trips exactly)."""
         by_attr = {attr: key for key, attr in self.SPEC_FIELDS.items()}
         return {by_attr[f.name]: getattr(self, f.name) for f in fields(self)}
+
+
+_NO_ENDPOINTS: Mapping[EndpointAddress, WeightedEndpoint] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class WeighResult:
+    """One policy's published weights, the hot set behind them, and whether they changed.
+
+    ``endpoints`` is read-only and has exactly the addresses that were weighed. Pass the
+    result back as ``previous`` on the next call: it carries the hysteresis state.
+    """
+
+    endpoints: Mapping[EndpointAddress, WeightedEndpoint] = field(default_factory=lambda: _NO_ENDPOINTS)
+    hot: frozenset[EndpointAddress] = frozenset()
+    changed: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "endpoints", MappingProxyType(dict(self.endpoints)))
+
+    def as_tuple(self) -> tuple[WeightedEndpoint, ...]:
+        """The endpoints sorted by address (for ``aviator.model.WeightedWorkload``)."""
+        return tuple(self.endpoints[a] for a in sorted(self.endpoints))
+
+    def weights(self) -> dict[EndpointAddress, int]:
+        return {a: e.weight for a, e in self.endpoints.items()}
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default) of a non-empty sorted list."""
+    pos = q * (len(sorted_values) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def _classify_hot(
+    data: Mapping[EndpointAddress, EndpointStats],
+    knobs: WeigherKnobs,
+    latency_threshold_s: float | None,
+    was_hot: frozenset[EndpointAddress],
+) -> frozenset[EndpointAddress]:
+    rifs = sorted(s.rif for s in data.values() if s.rif is not None)
+    enter_rif = max(_quantile(rifs, knobs.hot_quantile), knobs.min_hot_rif) if rifs else math.inf
+    hot = set()
+    for address, s in data.items():
+        # Hysteresis: an endpoint that was hot leaves only once clearly below the thresholds.
+        keep = 1.0 - knobs.hysteresis if address in was_hot else 1.0
+        by_rif = s.rif is not None and s.rif > enter_rif * keep
+        by_latency = latency_threshold_s is not None and s.latency_s > latency_threshold_s * keep
+        if by_rif or by_latency:
+            hot.add(address)
+    return frozenset(hot)
+
+
+def _targets(
+    data: Mapping[EndpointAddress, EndpointStats],
+    hot: frozenset[EndpointAddress],
+    knobs: WeigherKnobs,
+) -> tuple[dict[EndpointAddress, float], bool]:
+    """Relative target weights in [floor, 1] for endpoints with data; True if all are hot."""
+    floor = 1.0 / knobs.max_weight_ratio
+    cold = {a: s for a, s in data.items() if a not in hot}
+    if cold:
+        fastest = min(s.latency_s for s in cold.values())
+        out = {
+            a: max(floor, (fastest / s.latency_s) ** knobs.latency_exponent)
+            for a, s in cold.items()
+        }
+        out.update((a, floor) for a in data if a in hot)
+        return out, False
+    known = sorted(s.rif for s in data.values() if s.rif is not None)
+    if not known:
+        # No load reports at all: rank the (all hot) endpoints by latency instead.
+        fastest = min(s.latency_s for s in data.values())
+        return {
+            a: max(floor, (fastest / s.latency_s) ** knobs.latency_exponent)
+            for a, s in data.items()
+        }, True
+    # Prequal's "all hot → lowest RIF", smoothly; an endpoint without a report ranks mid-fleet.
+    middle = statistics.median(known)
+    rifs = {a: s.rif if s.rif is not None else middle for a, s in data.items()}
+    lowest = min(rifs.values())
+    return {a: max(floor, (lowest + 1.0) / (r + 1.0)) for a, r in rifs.items()}, True
+
+
+def _shares(weights: Mapping[EndpointAddress, float]) -> dict[EndpointAddress, float]:
+    total = sum(weights.values())
+    return {a: w / total for a, w in weights.items()}
+
+
+def _quantize(
+    relative: Mapping[EndpointAddress, float], knobs: WeigherKnobs
+) -> dict[EndpointAddress, int]:
+    """Scale so the largest is MAX_WEIGHT, round half up, clamp into [w_min, MAX_WEIGHT]."""
+    top = max(relative.values())
+    w_min = math.ceil(MAX_WEIGHT / knobs.max_weight_ratio)  # so MAX_WEIGHT / w_min <= ratio
+    return {
+        a: min(MAX_WEIGHT, max(w_min, math.floor(r / top * MAX_WEIGHT + 0.5)))
+        for a, r in relative.items()
+    }
+
+
+def weigh(
+    stats: Mapping[EndpointAddress, EndpointStats | None],
+    *,
+    knobs: WeigherKnobs | None = None,
+    latency_threshold_s: float | None = None,
+    previous: WeighResult | None = None,
+) -> WeighResult:
+    """Weights and health for one policy's endpoints (``None`` stats: no data yet).
+
+    Total, deterministic and non-mutating. See the module docstring for the rule. The result
+    has exactly the addresses of ``stats``; ``changed`` is False iff it equals ``previous``
+    (in which case ``previous`` itself is returned).
+    """
+    knobs = knobs or WeigherKnobs()
+    if latency_threshold_s is not None and not (
+        math.isfinite(latency_threshold_s) and latency_threshold_s > 0
+    ):
+        raise ValueError(f"latency_threshold_s must be finite and > 0, got {latency_threshold_s!r}")
+    addresses = sorted(stats)
+    if not addresses:
+        if previous is not None and not previous.endpoints:
+            return previous if not previous.changed else WeighResult(changed=False)
+        return WeighResult(changed=True)
+
+    data = {a: s for a in addresses if (s := stats[a]) is not None}
+    was_hot = previous.hot if previous is not None else frozenset()
+    hot = _classify_hot(data, knobs, latency_threshold_s, was_hot)
+    targets, all_hot = _targets(data, hot, knobs)
+    neutral = statistics.median(targets.values()) if targets else 1.0
+    for a in addresses:
+        targets.setdefault(a, neutral)
+    # Urgent: endpoints that must drop to the floor now, not through smoothing.
+    urgent = frozenset() if all_hot else hot
+    health = {
+        a: Health.DEGRADED if knobs.degrade_hot and a in urgent else Health.HEALTHY
+        for a in addresses
+    }
+    published_hot = frozenset() if all_hot else hot
+
+    def build(weights: Mapping[EndpointAddress, int]) -> WeighResult:
+        return WeighResult(
+            {a: WeightedEndpoint(a, weights[a], health[a]) for a in addresses},
+            hot=published_hot,
+            changed=True,
+        )
+
+    if previous is None:
+        return build(_quantize(targets, knobs))
+
+    prev = previous.endpoints
+    prev_weights = {a: float(e.weight) for a, e in prev.items()}
+    structural = (
+        set(prev) != set(addresses)
+        or any(prev[a].health is not health[a] for a in addresses)
+        or max(prev_weights.values()) > knobs.max_weight_ratio * min(prev_weights.values())
+    )
+    if not structural:
+        target_shares = _shares(targets)
+        prev_shares = _shares(prev_weights)
+        moved = max(abs(target_shares[a] - prev_shares[a]) / prev_shares[a] for a in addresses)
+        if moved <= knobs.min_change:
+            return _unchanged(previous)
+    prev_top = max(prev_weights.values()) if prev_weights else 1.0
+    blended = {}
+    for a in addresses:
+        if a in prev and a not in urgent:
+            before = prev_weights[a] / prev_top
+            blended[a] = before + knobs.smoothing * (targets[a] - before)
+        else:
+            blended[a] = targets[a]
+    result = build(_quantize(blended, knobs))
+    if result.endpoints == prev and result.hot == previous.hot:
+        return _unchanged(previous)
+    return result
+
+
+def _unchanged(previous: WeighResult) -> WeighResult:
+    if not previous.changed:
+        return previous
+    return WeighResult(previous.endpoints, hot=previous.hot, changed=False)

@@ -1,0 +1,276 @@
+"""ORCA load reports in HTTP headers: parse (TEXT, JSON, BIN) and format (TEXT). Pure.
+
+The wire format follows Envoy's ``source/common/orca/orca_parser.cc``: one header
+``endpoint-load-metrics`` whose value starts with a format prefix,
+
+- ``TEXT name:value,name:value`` (Envoy since 1.3x; newer Envoys also accept ``name=value``),
+  names ``cpu_utilization``, ``mem_utilization``, ``application_utilization``, ``eps``,
+  ``rps_fractional``, ``named_metrics.<key>`` and ``utilization.<key>``;
+- ``JSON {...}``: the protobuf JSON form of ``xds.data.orca.v3.OrcaLoadReport``;
+- ``BIN <base64>``: the serialised proto (also the legacy ``endpoint-load-metrics-bin`` header).
+
+Like Envoy, the parser rejects unknown names, duplicates, empty keys, NaN, infinities and
+negative values: a report is either fully valid or an :class:`OrcaParseError`.
+
+Aviator's agent reports requests in flight as ``named_metrics.rif`` and its latency estimate
+as ``named_metrics.latency_ms``; it writes ``name:value`` pairs, which every Envoy that parses
+TEXT accepts.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final
+
+__all__ = [
+    "LATENCY_MS_METRIC",
+    "ORCA_HEADER",
+    "ORCA_HEADER_BIN",
+    "RIF_METRIC",
+    "OrcaLoadReport",
+    "OrcaParseError",
+    "format_orca_text",
+    "parse_orca_header",
+    "report_from_headers",
+]
+
+ORCA_HEADER: Final = "endpoint-load-metrics"
+ORCA_HEADER_BIN: Final = "endpoint-load-metrics-bin"
+RIF_METRIC: Final = "rif"
+LATENCY_MS_METRIC: Final = "latency_ms"
+
+_SCALARS: Final = (
+    "cpu_utilization",
+    "mem_utilization",
+    "application_utilization",
+    "rps_fractional",
+    "eps",
+)
+# Protobuf JSON accepts the original field names and their lowerCamelCase forms.
+_JSON_SCALARS: Final = {
+    **{name: name for name in _SCALARS},
+    "cpuUtilization": "cpu_utilization",
+    "memUtilization": "mem_utilization",
+    "applicationUtilization": "application_utilization",
+    "rpsFractional": "rps_fractional",
+}
+_JSON_MAPS: Final = {
+    "named_metrics": "named_metrics",
+    "namedMetrics": "named_metrics",
+    "utilization": "utilization",
+    "request_cost": "request_cost",
+    "requestCost": "request_cost",
+}
+_EMPTY: Final[Mapping[str, float]] = MappingProxyType({})
+
+
+class OrcaParseError(ValueError):
+    """An ORCA header that Envoy would also reject; the message says why."""
+
+
+def _check_value(name: str, value: float) -> float:
+    if math.isnan(value):
+        raise OrcaParseError(f"ORCA metric {name} cannot be NaN")
+    if math.isinf(value):
+        raise OrcaParseError(f"ORCA metric {name} cannot be infinity")
+    if value < 0:
+        raise OrcaParseError(f"ORCA metric {name} cannot be negative, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class OrcaLoadReport:
+    """The fields of ``xds.data.orca.v3.OrcaLoadReport`` Aviator reads or writes.
+
+    Invariant: every value is finite and ≥ 0 (checked at construction); maps are read-only.
+    """
+
+    cpu_utilization: float = 0.0
+    mem_utilization: float = 0.0
+    application_utilization: float = 0.0
+    rps_fractional: float = 0.0
+    eps: float = 0.0
+    named_metrics: Mapping[str, float] = field(default_factory=lambda: _EMPTY)
+    utilization: Mapping[str, float] = field(default_factory=lambda: _EMPTY)
+    request_cost: Mapping[str, float] = field(default_factory=lambda: _EMPTY)
+
+    def __post_init__(self) -> None:
+        for name in _SCALARS:
+            _check_value(name, float(getattr(self, name)))
+        for map_name in ("named_metrics", "utilization", "request_cost"):
+            original: Mapping[str, float] = getattr(self, map_name)
+            for key, value in original.items():
+                if not key:
+                    raise OrcaParseError(f"ORCA {map_name} key is empty")
+                _check_value(f"{map_name}.{key}", float(value))
+            # Freeze a private copy so the report stays a value.
+            object.__setattr__(
+                self, map_name, MappingProxyType({k: float(v) for k, v in original.items()})
+            )
+
+    @property
+    def rif(self) -> float | None:
+        """Requests in flight as Aviator's agent reports them (``named_metrics.rif``)."""
+        return self.named_metrics.get(RIF_METRIC)
+
+    @property
+    def latency_s(self) -> float | None:
+        """The server's latency estimate in seconds (``named_metrics.latency_ms`` / 1000)."""
+        ms = self.named_metrics.get(LATENCY_MS_METRIC)
+        return None if ms is None else ms / 1000.0
+
+
+def _parse_number(name: str, text: str) -> float:
+    if not text:
+        raise OrcaParseError(f"ORCA metric {name or '?'} has an empty value")
+    try:
+        value = float(text)
+    except ValueError:
+        raise OrcaParseError(
+            f"ORCA metric {name} has a value that is not a number: {text!r}"
+        ) from None
+    return _check_value(name, value)
+
+
+def _parse_text(body: str) -> OrcaLoadReport:
+    scalars: dict[str, float] = {}
+    maps: dict[str, dict[str, float]] = {"named_metrics": {}, "utilization": {}}
+    seen: set[str] = set()
+    for raw in body.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        # Envoy splits each pair on the first ':' (older parsers) or '=' (newer ones).
+        cut = min((i for i in (item.find(":"), item.find("=")) if i >= 0), default=-1)
+        name, value = (item[:cut].strip(), item[cut + 1 :].strip()) if cut >= 0 else (item, "")
+        if not name:
+            raise OrcaParseError(f"ORCA metric name is empty in {item!r}")
+        if name in seen:
+            raise OrcaParseError(f"{ORCA_HEADER} contains duplicate metric: {name}")
+        seen.add(name)
+        number = _parse_number(name, value)
+        if name in _SCALARS:
+            scalars[name] = number
+            continue
+        prefix, dot, key = name.partition(".")
+        if dot and prefix in maps:
+            if not key:
+                raise OrcaParseError(f"ORCA {prefix} key is empty")
+            maps[prefix][key] = number
+            continue
+        raise OrcaParseError(f"unsupported ORCA metric name: {name}")
+    return OrcaLoadReport(
+        **scalars,  # type: ignore[arg-type]  # keys are exactly the scalar field names
+        named_metrics=maps["named_metrics"],
+        utilization=maps["utilization"],
+    )
+
+
+def _parse_json(body: str) -> OrcaLoadReport:
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:
+        raise OrcaParseError(f"invalid JSON in ORCA header: {exc}") from None
+    if not isinstance(doc, dict):
+        raise OrcaParseError(f"ORCA JSON must be an object, got {type(doc).__name__}")
+    kwargs: dict[str, object] = {}
+    for key, value in doc.items():
+        if key in _JSON_SCALARS:
+            kwargs[_JSON_SCALARS[key]] = _json_number(key, value)
+        elif key in _JSON_MAPS:
+            if not isinstance(value, dict):
+                raise OrcaParseError(f"ORCA JSON field {key} must be an object")
+            kwargs[_JSON_MAPS[key]] = {
+                str(k): _json_number(f"{key}.{k}", v) for k, v in value.items()
+            }
+        elif key == "rps":  # deprecated uint64 field: accepted by protobuf JSON, unused here
+            _json_number(key, value)
+        else:
+            raise OrcaParseError(f"unknown field in ORCA JSON: {key}")
+    return OrcaLoadReport(**kwargs)  # type: ignore[arg-type]
+
+
+def _json_number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise OrcaParseError(f"ORCA JSON field {name} must be a number, got {value!r}")
+    return _check_value(name, float(value))
+
+
+def _parse_bin(body: str) -> OrcaLoadReport:
+    text = body.strip()
+    if not text:
+        raise OrcaParseError("ORCA binary header value is empty")
+    try:
+        # Unpadded base64 is what grpc-go sends; Envoy accepts it too.
+        raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise OrcaParseError(f"unable to decode ORCA binary header value: {text!r}") from None
+    # Imported here: protobuf is only needed for this rare form, and never at import time.
+    from google.protobuf.message import DecodeError
+    from xds.data.orca.v3 import orca_load_report_pb2
+
+    msg = orca_load_report_pb2.OrcaLoadReport()
+    try:
+        msg.ParseFromString(raw)
+    except DecodeError:
+        raise OrcaParseError("unable to parse binary ORCA header as OrcaLoadReport") from None
+    return OrcaLoadReport(
+        cpu_utilization=msg.cpu_utilization,
+        mem_utilization=msg.mem_utilization,
+        application_utilization=msg.application_utilization,
+        rps_fractional=msg.rps_fractional,
+        eps=msg.eps,
+        named_metrics=dict(msg.named_metrics),
+        utilization=dict(msg.utilization),
+        request_cost=dict(msg.request_cost),
+    )
+
+
+def parse_orca_header(value: str) -> OrcaLoadReport:
+    """Parse one ``endpoint-load-metrics`` header value (``TEXT``, ``JSON`` or ``BIN`` form)."""
+    if value.startswith("TEXT "):
+        return _parse_text(value[5:])
+    if value.startswith("JSON "):
+        return _parse_json(value[5:])
+    if value.startswith("BIN "):
+        return _parse_bin(value[4:])
+    prefix = value[:5].split(" ", 1)[0]
+    raise OrcaParseError(f"unsupported ORCA header format: {prefix!r}")
+
+
+def report_from_headers(headers: Mapping[str, str]) -> OrcaLoadReport | None:
+    """The load report in a response's headers, ``None`` if it carries none.
+
+    ``headers`` must look names up case-insensitively (aiohttp's ``CIMultiDictProxy`` does).
+    As in Envoy, the legacy binary header wins when both are present.
+    Raises :class:`OrcaParseError` if a present header is malformed.
+    """
+    legacy = headers.get(ORCA_HEADER_BIN)
+    if legacy is not None:
+        return _parse_bin(legacy)
+    value = headers.get(ORCA_HEADER)
+    return None if value is None else parse_orca_header(value)
+
+
+def _fmt(value: float) -> str:
+    # repr() gives the shortest text that round-trips; integral values print without ".0".
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
+def format_orca_text(report: OrcaLoadReport) -> str:
+    """The ``TEXT`` header value for ``report``: standard fields that are non-zero, then maps.
+
+    ``parse_orca_header(format_orca_text(r)) == r`` for every report whose map keys contain
+    none of ``,:=`` and whose ``request_cost`` is empty (TEXT has no form for it). Zero fields
+    are the proto defaults, so leaving them out loses nothing.
+    """
+    parts = [f"{name}:{_fmt(getattr(report, name))}" for name in _SCALARS if getattr(report, name)]
+    parts += [f"named_metrics.{k}:{_fmt(v)}" for k, v in report.named_metrics.items()]
+    parts += [f"utilization.{k}:{_fmt(v)}" for k, v in report.utilization.items()]
+    return "TEXT " + ",".join(parts)
