@@ -1,0 +1,442 @@
+"""``--source dir:PATH``: cluster state from a directory of Kubernetes-style YAML.
+
+Every ``*.yaml`` / ``*.yml`` file under PATH (recursively) may hold several documents
+(``---``), each an AviatorPolicy, Deployment, StatefulSet or Pod, or a ``kind: List`` of
+them; other kinds are ignored. The directory is polled (a ``stat`` of each file every
+``interval`` seconds; a file is re-read only when its mtime, size or inode change, and
+re-parsed only when its content hash changes), so edits, new files and deletions take
+effect within about one interval, without a restart.
+
+What happens to bad input (each case is also a :class:`Problem` in the state and a
+structlog warning naming file, document, object and field):
+
+* **An object that does not parse** (a Pod without a name, a Deployment with an empty
+  selector...) is skipped; every other object of the file is served.
+* **An invalid AviatorPolicy that has a name** is kept as an
+  :class:`~aviator.k8s.policy.InvalidPolicy`, so that its status can say why; it produces
+  no endpoints.
+* **A file whose YAML no longer parses** (or is not UTF-8) keeps serving the objects of
+  its last good version. An editor's half-saved file must not drop pods from Envoy; the
+  problem says the file is stale until fixed. A file that never parsed serves nothing.
+* **The same object in two places**: the first one (by file path, then document order)
+  wins, the others are reported.
+* **PATH itself disappears** after a good start: the last state keeps being served, with a
+  problem (a remount or an atomic directory swap is more likely than "delete everything").
+  PATH missing at start is a :class:`SourceError`.
+
+Names starting with ``.`` are skipped, files and directories alike: editors' swap files,
+and the ``..data`` / ``..2024_...`` links of a Kubernetes ConfigMap volume (whose visible
+files are symlinks into them, so reading both would duplicate every object).
+
+Objects from files carry no server-set metadata, so the source fills it in: a
+``resourceVersion`` that is a hash of the object's content, a ``creationTimestamp`` from the
+moment the object was first seen (so that in a conflict the policy that was there first
+keeps winning, as on a cluster), and a ``uid`` derived from both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import os
+import stat
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import structlog
+import yaml
+from yaml.constructor import ConstructorError
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from aviator.k8s.objects import ObjectError, ObjectRef
+from aviator.k8s.policy import InvalidPolicy
+from aviator.k8s.state import ClusterObject, ClusterState, Problem, Store, decode_object
+
+__all__ = ["DEFAULT_INTERVAL", "DirectorySource", "SourceError", "load_directory"]
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_INTERVAL: Final = 0.4  # seconds between scans: "within about a second" with margin
+SUFFIXES: Final = (".yaml", ".yml")
+_UID_NAMESPACE: Final = uuid.UUID("6f0d6a52-7f3e-4d0f-9a8c-5b8e2a1c0d11")  # fixed, arbitrary
+
+
+class SourceError(Exception):
+    """The directory cannot be used at all (missing, not a directory, unreadable)."""
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate mapping keys, as Kubernetes' strict decoding does
+    (PyYAML would silently keep the last one, hiding a typo'd edit)."""
+
+    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Node] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                first = seen[key].start_mark.line + 1
+                raise ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r} (first at line {first})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+@dataclass(frozen=True, slots=True)
+class _Doc:
+    """One object read from a file, with where it came from."""
+
+    obj: ClusterObject
+    document: int
+    item: int | None
+    line: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class _File:
+    """What one file contributes: its objects and problems, and what it was read from."""
+
+    stat_key: tuple[int, int, int]  # (mtime_ns, size, inode): cheap change detection
+    digest: str  # sha256 of the bytes: a touch without a change re-parses nothing
+    docs: tuple[_Doc, ...]
+    problems: tuple[Problem, ...]
+
+
+def _yaml_message(exc: yaml.YAMLError) -> tuple[str, int | None]:
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        what = " ".join(x for x in (exc.context, exc.problem) if x)
+        return f"{what} (line {mark.line + 1}, column {mark.column + 1})", mark.line + 1
+    return str(exc), None
+
+
+def _load_documents(text: str) -> list[tuple[int, Any, Node]]:
+    """(1-based line, data, node) of each YAML document; raises yaml.YAMLError."""
+    loader = _Loader(text)
+    try:
+        out: list[tuple[int, Any, Node]] = []
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:  # check_node() said there is one; keep mypy honest
+                break
+            out.append((node.start_mark.line + 1, loader.construct_document(node), node))
+        return out
+    finally:
+        loader.dispose()
+
+
+def _item_lines(node: Node) -> list[int]:
+    """1-based start line of each entry of a List document's ``items``."""
+    if isinstance(node, MappingNode):
+        for key, value in node.value:
+            if (
+                isinstance(key, ScalarNode)
+                and key.value == "items"
+                and isinstance(value, SequenceNode)
+            ):
+                return [item.start_mark.line + 1 for item in value.value]
+    return []
+
+
+def _content_version(doc: Mapping[str, Any]) -> str:
+    # Canonical JSON of the object minus the server-set fields it might carry.
+    meta = doc.get("metadata")
+    if isinstance(meta, Mapping):
+        doc = {**doc, "metadata": {k: v for k, v in meta.items() if k != "resourceVersion"}}
+    blob = json.dumps(doc, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _parse_file(source: str, data: bytes) -> tuple[tuple[_Doc, ...], list[Problem]] | Problem:
+    """Objects and problems of a file, or the one Problem that makes the whole file unusable."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Problem(source, f"not UTF-8 text: {exc.reason} at byte {exc.start}")
+    try:
+        documents = _load_documents(text)
+    except yaml.YAMLError as exc:
+        message, line = _yaml_message(exc)
+        return Problem(source, f"YAML does not parse: {message}", line=line)
+    docs: list[_Doc] = []
+    problems: list[Problem] = []
+
+    def take(raw: Any, number: int, item: int | None, line: int | None) -> None:
+        if not isinstance(raw, Mapping):
+            problems.append(
+                Problem(
+                    source,
+                    f"must be an object (a YAML mapping), got {type(raw).__name__}",
+                    number,
+                    item,
+                    line,
+                )
+            )
+            return
+        try:
+            obj = decode_object(raw)
+        except ObjectError as exc:
+            problems.extend(
+                Problem(source, e.message, number, item, line, exc.ref, e.path) for e in exc.errors
+            )
+            return
+        if obj is None:
+            return  # a kind Aviator does not read
+        version = _content_version(raw)
+        obj = dataclasses.replace(obj, meta=dataclasses.replace(obj.meta, resource_version=version))
+        if isinstance(obj, InvalidPolicy):
+            problems.extend(
+                Problem(source, e.message, number, item, line, obj.ref, e.path) for e in obj.errors
+            )
+        docs.append(_Doc(obj, number, item, line))
+
+    for number, (line, raw, node) in enumerate(documents, start=1):
+        if raw is None:
+            continue  # an empty document (a stray '---')
+        if isinstance(raw, Mapping) and raw.get("kind") == "List":
+            items = raw.get("items")
+            if not isinstance(items, list):
+                problems.append(
+                    Problem(
+                        source, "a List needs a list of items", number, None, line, None, "items"
+                    )
+                )
+                continue
+            lines = _item_lines(node)
+            for i, item in enumerate(items):
+                take(item, number, i, lines[i] if i < len(lines) else line)
+        else:
+            take(raw, number, None, line)
+    return tuple(docs), problems
+
+
+class DirectorySource:
+    """Polls a directory of manifests and produces :class:`ClusterState` snapshots.
+
+    ``scan()`` does one synchronous pass and returns the new state, or None when nothing
+    changed; ``states()`` and ``run(store)`` repeat it every ``interval`` using the injected
+    ``sleep`` (tests drive them with fake loop time). Invariant: every state it returns
+    differs from the one before in ``version``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        interval: float = DEFAULT_INTERVAL,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        wall_clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        if interval <= 0:
+            raise ValueError(f"interval must be positive, got {interval}")
+        self.root = Path(root)
+        self.interval = interval
+        self._sleep = sleep
+        self._wall_clock = wall_clock
+        self._files: dict[Path, _File] = {}
+        self._first_seen: dict[ObjectRef, datetime] = {}
+        self._state: ClusterState | None = None
+        self._root_problem: Problem | None = None
+
+    @property
+    def name(self) -> str:
+        return f"dir:{self.root}"
+
+    @property
+    def state(self) -> ClusterState | None:
+        """The last state :meth:`scan` produced (None before the first scan)."""
+        return self._state
+
+    # --- one pass -------------------------------------------------------------------------
+
+    def scan(self) -> ClusterState | None:
+        """Read what changed since the last scan; the new state, or None if none changed.
+
+        The first call always returns a state, or raises :class:`SourceError` if the
+        directory cannot be read.
+        """
+        try:
+            paths = sorted(self._walk())
+        except OSError as exc:
+            if self._state is None:
+                raise SourceError(
+                    f"cannot read directory {self.root}: {exc.strerror or exc}"
+                ) from exc
+            self._root_problem = Problem(
+                str(self.root),
+                f"cannot read the directory ({exc.strerror or exc}); "
+                "serving the last state read from it",
+            )
+        else:
+            self._root_problem = None
+            self._files = {p: f for p in paths if (f := self._read(p)) is not None}
+        return self._publish()
+
+    def _walk(self) -> Iterator[Path]:
+        if not self.root.is_dir():
+            raise NotADirectoryError(20, "not a directory (or missing)", str(self.root))
+        errors: list[OSError] = []
+        for dirpath, dirnames, filenames in os.walk(self.root, onerror=errors.append):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in filenames:
+                if not name.startswith(".") and name.endswith(SUFFIXES):
+                    yield Path(dirpath, name)
+        if errors and errors[0].filename == str(self.root):
+            raise errors[0]
+
+    def _read(self, path: Path) -> _File | None:
+        """The file's contribution (re-parsed only if its content changed); None if gone."""
+        source = str(path)
+        old = self._files.get(path)
+        try:
+            st = path.stat()
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            key = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if old is not None and old.stat_key == key:
+                return old
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None  # deleted between the walk and the read: it is gone
+        except OSError as exc:
+            return self._stale(path, old, (0, 0, 0), "", f"cannot read: {exc.strerror or exc}")
+        digest = hashlib.sha256(data).hexdigest()
+        if old is not None and old.digest == digest:
+            return dataclasses.replace(old, stat_key=key)
+        parsed = _parse_file(source, data)
+        if isinstance(parsed, Problem):
+            return self._stale(path, old, key, digest, parsed.message, parsed.line)
+        docs, problems = parsed
+        return _File(key, digest, docs, tuple(problems))
+
+    def _stale(
+        self,
+        path: Path,
+        old: _File | None,
+        key: tuple[int, int, int],
+        digest: str,
+        message: str,
+        line: int | None = None,
+    ) -> _File:
+        # Keep the last good objects (and their problems), flagged stale; see the module doc.
+        if old is not None and old.docs:
+            kept = f"serving the {len(old.docs)} object(s) of its last good version until fixed"
+            object_problems = tuple(p for p in old.problems if p.document is not None)
+            docs = old.docs
+        else:
+            kept = "none of its objects are served"
+            object_problems, docs = (), ()
+        problem = Problem(str(path), f"{message}; {kept}", line=line)
+        return _File(key, digest, docs, (problem, *object_problems))
+
+    def _publish(self) -> ClusterState | None:
+        objects: dict[ObjectRef, ClusterObject] = {}
+        origin: dict[ObjectRef, tuple[Path, _Doc]] = {}
+        problems: list[Problem] = []
+        for path in sorted(self._files):
+            f = self._files[path]
+            problems.extend(f.problems)
+            for d in f.docs:
+                ref = d.obj.ref
+                if ref in origin:
+                    first_path, first = origin[ref]
+                    problems.append(
+                        Problem(
+                            str(path),
+                            f"duplicate: {ref} is already defined in "
+                            f"{first_path} document {first.document}; this one is ignored",
+                            d.document,
+                            d.item,
+                            d.line,
+                            ref,
+                        )
+                    )
+                    continue
+                origin[ref] = (path, d)
+                objects[ref] = d.obj
+        if self._root_problem is not None:
+            problems.insert(0, self._root_problem)
+        now = self._wall_clock()
+        self._first_seen = {ref: self._first_seen.get(ref, now) for ref in objects}
+        state = ClusterState.build((self._stamp(obj) for obj in objects.values()), problems)
+        if self._state is not None and state.version == self._state.version:
+            return None
+        self._log(state)
+        self._state = state
+        return state
+
+    def _stamp(self, obj: ClusterObject) -> ClusterObject:
+        meta = obj.meta
+        created = meta.creation_timestamp or self._first_seen[obj.ref]
+        uid = meta.uid or str(uuid.uuid5(_UID_NAMESPACE, f"{obj.ref}@{created.isoformat()}"))
+        if created is meta.creation_timestamp and uid is meta.uid:
+            return obj
+        return dataclasses.replace(
+            obj, meta=dataclasses.replace(meta, creation_timestamp=created, uid=uid)
+        )
+
+    def _log(self, state: ClusterState) -> None:
+        before = set(self._state.problems) if self._state is not None else set()
+        for p in state.problems:
+            if p not in before:
+                log.warning(
+                    "k8s.dirsource.problem",
+                    file=p.source,
+                    document=p.document,
+                    item=p.item,
+                    line=p.line,
+                    object=str(p.object) if p.object else None,
+                    field=p.field,
+                    message=p.message,
+                )
+        log.info(
+            "k8s.dirsource.state",
+            source=self.name,
+            version=state.version,
+            policies=len(state.policies),
+            workloads=len(state.workloads),
+            pods=len(state.pods),
+            problems=len(state.problems),
+        )
+
+    # --- polling --------------------------------------------------------------------------
+
+    async def states(self) -> AsyncIterator[ClusterState]:
+        """The first state at once, then each changed state, scanning every ``interval``."""
+        first = self.scan()
+        yield first if first is not None else self._require_state()
+        while True:
+            await self._sleep(self.interval)
+            if (state := self.scan()) is not None:
+                yield state
+
+    def _require_state(self) -> ClusterState:
+        assert self._state is not None  # scan() always sets it or raises
+        return self._state
+
+    async def run(self, store: Store) -> None:
+        """Publish to ``store`` until cancelled (the :class:`StateSource` protocol)."""
+        async for state in self.states():
+            store.publish(state)
+
+
+def load_directory(root: str | os.PathLike[str]) -> ClusterState:
+    """One scan of ``root`` (for one-shot checks and tests); raises :class:`SourceError`."""
+    state = DirectorySource(root).scan()
+    assert state is not None  # the first scan always produces a state
+    return state
