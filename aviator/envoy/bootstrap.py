@@ -87,9 +87,17 @@ def workload_domains(key: WorkloadKey, cluster_domain: str = "cluster.local") ->
     return [base, f"{base}.svc", f"{base}.svc.{cluster_domain}"]
 
 
-def _ads_source() -> dict[str, Any]:
+def duration(seconds: float) -> str:
+    """A protobuf Duration in its JSON form ("0.25s", "15s"): nanosecond precision, no exponent."""
+    return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"
+
+
+def _ads_source(initial_fetch_timeout: float | None) -> dict[str, Any]:
     # A fresh dict each time: YAML would print a shared one as an anchor and an alias.
-    return {"ads": {}, "resource_api_version": "V3"}
+    source: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
+    if initial_fetch_timeout is not None:
+        source["initial_fetch_timeout"] = duration(initial_fetch_timeout)
+    return source
 
 
 def _xds_cluster(host: str, port: int) -> dict[str, Any]:
@@ -210,6 +218,7 @@ def render_bootstrap(
     cluster_domain: str = "cluster.local",
     delta: bool = False,
     max_downstream_connections: int = 50_000,
+    initial_fetch_timeout: float | None = None,
 ) -> dict[str, Any]:
     """Build an Envoy v3 bootstrap as plain data (JSON/YAML-ready).
 
@@ -221,6 +230,9 @@ def render_bootstrap(
     only. ``delta`` selects incremental ADS (``DELTA_GRPC``) instead of state-of-the-world.
     ``max_downstream_connections`` caps accepted connections across all listeners (Envoy's
     overload manager; without a cap Envoy warns at start that there is none).
+    ``initial_fetch_timeout`` (seconds) bounds how long Envoy waits for the first CDS/LDS answer
+    before it starts serving with what it has; None keeps Envoy's default (15 s), 0 waits
+    forever.
 
     The ADS stream sends the node on its first message only (``set_node_on_first_message_only``):
     the server must remember it per stream.
@@ -239,6 +251,8 @@ def render_bootstrap(
     _check_port("xds_port", xds_port)
     _check_port("listen_port", listen_port)
     _check_port("admin_port", admin_port, allow_zero=True)
+    if initial_fetch_timeout is not None and not 0 <= initial_fetch_timeout < 315_576_000_000:
+        raise ValueError(f"initial_fetch_timeout must be >= 0, got {initial_fetch_timeout}")
     if max_downstream_connections < 1:
         raise ValueError(
             f"max_downstream_connections must be >= 1, got {max_downstream_connections}"
@@ -255,12 +269,12 @@ def render_bootstrap(
             "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
             "set_node_on_first_message_only": True,
         },
-        "cds_config": _ads_source(),
+        "cds_config": _ads_source(initial_fetch_timeout),
     }
     metadata: dict[str, Any] = {META_MODE: mode}
     static: dict[str, Any] = {"clusters": [_xds_cluster(xds_host, xds_port)]}
     if mode == "gateway":
-        dynamic["lds_config"] = _ads_source()
+        dynamic["lds_config"] = _ads_source(initial_fetch_timeout)
         metadata[META_LISTEN_PORT] = listen_port
     else:
         static["listeners"] = [
