@@ -169,7 +169,9 @@ class WeighResult:
     result back as ``previous`` on the next call: it carries the hysteresis state.
     """
 
-    endpoints: Mapping[EndpointAddress, WeightedEndpoint] = field(default_factory=lambda: _NO_ENDPOINTS)
+    endpoints: Mapping[EndpointAddress, WeightedEndpoint] = field(
+        default_factory=lambda: _NO_ENDPOINTS
+    )
     hot: frozenset[EndpointAddress] = frozenset()
     changed: bool = True
 
@@ -270,7 +272,7 @@ def weigh(
 
     Total, deterministic and non-mutating. See the module docstring for the rule. The result
     has exactly the addresses of ``stats``; ``changed`` is False iff it equals ``previous``
-    (in which case ``previous`` itself is returned).
+    (then the previous endpoints and hot set are returned as they were).
     """
     knobs = knobs or WeigherKnobs()
     if latency_threshold_s is not None and not (

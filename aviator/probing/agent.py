@@ -1,0 +1,343 @@
+"""Prequal's server half: count requests in flight, keep latencies by RIF, report them (ORCA).
+
+Put :class:`AviatorASGIMiddleware` around an ASGI app, or :func:`aiohttp_middleware` into an
+aiohttp application. Every response then carries an ``endpoint-load-metrics`` header
+(``TEXT named_metrics.rif:…,named_metrics.latency_ms:…,rps_fractional:…[,eps:…]
+[,application_utilization:…]``) and the probe path (default ``/aviator/probe``) answers
+``200`` with the same header and a small JSON body, without reaching the application.
+
+With a ``capacity`` (requests the server can serve at once) the report also carries
+``application_utilization = RIF / capacity``, so Envoy's client-side weighted round robin
+(weight = qps / utilisation) can use the same header.
+
+RIF, as Prequal defines it, counts a request from the moment the application receives it
+until it hands back the response; the counter is decremented in ``finally`` blocks, so an
+error or a cancellation never leaks a count. The tracker is meant for one event loop and is
+not thread-safe.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from aviator.probing.orca import (
+    LATENCY_MS_METRIC,
+    ORCA_HEADER,
+    RIF_METRIC,
+    OrcaLoadReport,
+    format_orca_text,
+)
+from aviator.probing.results import DEFAULT_PROBE_PATH
+
+if TYPE_CHECKING:
+    from aiohttp import web
+    from aiohttp.typedefs import Handler, Middleware
+
+__all__ = [
+    "ASGIApp",
+    "AviatorASGIMiddleware",
+    "LoadTracker",
+    "RequestTicket",
+    "aiohttp_middleware",
+    "setup_aiohttp",
+]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_EXACT_BUCKETS = 32  # RIF 0..31 each get their own latency bucket
+_LOG_BUCKETS = 16  # then quarter-octaves: 32..~430, the last one open-ended
+
+
+def _bucket(rif: int) -> int:
+    if rif < _EXACT_BUCKETS:
+        return max(rif, 0)
+    step = int(4 * math.log2(rif / _EXACT_BUCKETS))
+    return _EXACT_BUCKETS + min(step, _LOG_BUCKETS - 1)
+
+
+class RequestTicket:
+    """One request being tracked. ``error`` may be set before it ends (e.g. from a 5xx status)."""
+
+    __slots__ = ("_done", "error", "rif_at_arrival", "started_at")
+
+    def __init__(self, started_at: float, rif_at_arrival: int) -> None:
+        self.started_at = started_at
+        self.rif_at_arrival = rif_at_arrival
+        self.error: bool | None = None
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+
+class LoadTracker:
+    """Requests in flight, recent latencies by RIF at arrival, completion and error rates.
+
+    Memory is bounded: ``samples_per_bucket`` latencies for each of 48 RIF buckets and one
+    counter pair per second of ``rate_window_s``.
+
+    Invariants: ``rif`` equals the number of tickets begun and not yet ended (ending twice is
+    a no-op); every reported number is finite and ≥ 0.
+    """
+
+    def __init__(
+        self,
+        *,
+        capacity: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        samples_per_bucket: int = 32,
+        min_samples: int = 8,
+        max_sample_age_s: float = 60.0,
+        rate_window_s: float = 10.0,
+    ) -> None:
+        if capacity is not None and not (math.isfinite(capacity) and capacity > 0):
+            raise ValueError(f"capacity must be a finite number > 0, got {capacity!r}")
+        if samples_per_bucket < 1 or min_samples < 1:
+            raise ValueError("samples_per_bucket and min_samples must be >= 1")
+        if not (max_sample_age_s > 0 and rate_window_s >= 1):
+            raise ValueError("max_sample_age_s must be > 0 and rate_window_s >= 1")
+        self.capacity = capacity
+        self._clock = clock
+        self._min_samples = min_samples
+        self._max_age = max_sample_age_s
+        self._rif = 0
+        self._latencies: list[deque[tuple[float, float]]] = [
+            deque(maxlen=samples_per_bucket) for _ in range(_EXACT_BUCKETS + _LOG_BUCKETS)
+        ]
+        self._window = math.ceil(rate_window_s)
+        # Ring of per-second [second, completions, errors].
+        self._ring: list[list[int]] = [[-1, 0, 0] for _ in range(self._window + 1)]
+        self._born = clock()
+
+    @property
+    def rif(self) -> int:
+        """Requests in flight right now."""
+        return self._rif
+
+    def begin(self) -> RequestTicket:
+        ticket = RequestTicket(self._clock(), self._rif)
+        self._rif += 1
+        return ticket
+
+    def end(self, ticket: RequestTicket, *, completed: bool = True) -> None:
+        """End ``ticket`` (idempotent). A completed request without error adds a latency sample;
+        ``completed=False`` (cancelled: the client went away) adds nothing but the decrement."""
+        if ticket._done:
+            return
+        ticket._done = True
+        self._rif -= 1
+        if not completed:
+            return
+        now = self._clock()
+        second = math.floor(now)
+        slot = self._ring[second % len(self._ring)]
+        if slot[0] != second:
+            slot[0], slot[1], slot[2] = second, 0, 0
+        slot[1] += 1
+        if ticket.error:
+            slot[2] += 1
+            # Fast failures must not look like fast service: errors add no latency sample.
+            return
+        latency = max(now - ticket.started_at, 0.0)
+        self._latencies[_bucket(ticket.rif_at_arrival)].append((now, latency))
+
+    @contextmanager
+    def track(self) -> Iterator[RequestTicket]:
+        """Count the enclosed block as one request in flight.
+
+        An exception marks the request as an error unless ``ticket.error`` was set already
+        (an ``HTTPNotFound`` is not the server's fault); a cancellation only decrements.
+        """
+        ticket = self.begin()
+        try:
+            yield ticket
+        except Exception:
+            if ticket.error is None:
+                ticket.error = True
+            self.end(ticket)
+            raise
+        except BaseException:
+            self.end(ticket, completed=False)
+            raise
+        else:
+            self.end(ticket)
+
+    def latency_estimate_s(self, rif: int | None = None) -> float | None:
+        """Median of recent latencies of requests that arrived at (or nearest to) ``rif``
+        (default: the current RIF), or ``None`` with no recent samples at all."""
+        target = _bucket(self._rif if rif is None else rif)
+        oldest = self._clock() - self._max_age
+        picked: list[float] = []
+        n = len(self._latencies)
+        # Widen around the target bucket until enough samples: Prequal's "at or near that RIF".
+        for distance in range(n):
+            for index in {target - distance, target + distance}:
+                if 0 <= index < n:
+                    for at, latency in self._latencies[index]:
+                        if at >= oldest:
+                            bisect.insort(picked, latency)
+            if len(picked) >= self._min_samples:
+                break
+        if not picked:
+            return None
+        mid = len(picked) // 2
+        return picked[mid] if len(picked) % 2 else (picked[mid - 1] + picked[mid]) / 2
+
+    def _rates(self) -> tuple[float, float]:
+        now = self._clock()
+        second = math.floor(now)
+        first = second - self._window + 1
+        done = errors = 0
+        for slot_second, count, failed in self._ring:
+            if first <= slot_second <= second:
+                done += count
+                errors += failed
+        span = min(now - first, now - self._born)
+        span = max(span, 1.0)  # a burst in the first instant is not an infinite rate
+        return done / span, errors / span
+
+    def requests_per_second(self) -> float:
+        return self._rates()[0]
+
+    def report(self) -> OrcaLoadReport:
+        """The current load as an ORCA report (what the header carries)."""
+        rps, eps = self._rates()
+        named = {RIF_METRIC: float(self._rif)}
+        latency = self.latency_estimate_s()
+        if latency is not None:
+            named[LATENCY_MS_METRIC] = latency * 1000.0
+        return OrcaLoadReport(
+            application_utilization=self._rif / self.capacity if self.capacity else 0.0,
+            rps_fractional=rps,
+            eps=eps,
+            named_metrics=named,
+        )
+
+    def header_value(self) -> str:
+        return format_orca_text(self.report())
+
+    def probe_body(self) -> bytes:
+        report = self.report()
+        latency_ms = report.named_metrics.get(LATENCY_MS_METRIC)
+        return json.dumps(
+            {
+                "rif": self._rif,
+                "latency_ms": latency_ms,
+                "rps": report.rps_fractional,
+                "eps": report.eps,
+                "capacity": self.capacity,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+
+class AviatorASGIMiddleware:
+    """ASGI middleware: tracks RIF and latency of ``app``'s HTTP requests, adds the ORCA
+    header to every response and answers the probe path itself. Lifespan and websocket
+    scopes pass through untouched."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        tracker: LoadTracker | None = None,
+        probe_path: str | None = DEFAULT_PROBE_PATH,
+    ) -> None:
+        self.app = app
+        self.tracker = tracker or LoadTracker()
+        self.probe_path = probe_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        tracker = self.tracker
+        if scope["path"] == self.probe_path and scope["method"] in ("GET", "HEAD"):
+            await self._answer_probe(scope, send)
+            return
+        with tracker.track() as ticket:
+
+            async def send_with_report(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    ticket.error = message["status"] >= 500
+                    headers = list(message.get("headers", ()))
+                    headers.append((ORCA_HEADER.encode(), tracker.header_value().encode()))
+                    message = {**message, "headers": headers}
+                await send(message)
+
+            await self.app(scope, receive, send_with_report)
+
+    async def _answer_probe(self, scope: Scope, send: Send) -> None:
+        body = self.tracker.probe_body()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"cache-control", b"no-store"),
+                    (ORCA_HEADER.encode(), self.tracker.header_value().encode()),
+                ],
+            }
+        )
+        await send(
+            {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
+        )
+
+
+def aiohttp_middleware(
+    tracker: LoadTracker, *, probe_path: str | None = DEFAULT_PROBE_PATH
+) -> Middleware:
+    """An aiohttp middleware doing what :class:`AviatorASGIMiddleware` does.
+
+    Headers are added only to responses not yet prepared (a streaming handler that called
+    ``prepare()`` itself has sent its headers already); RIF and latency count either way.
+    """
+    from aiohttp import web
+
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == probe_path and request.method in ("GET", "HEAD"):
+            return web.Response(
+                body=tracker.probe_body(),
+                content_type="application/json",
+                headers={ORCA_HEADER: tracker.header_value(), "Cache-Control": "no-store"},
+            )
+        with tracker.track() as ticket:
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                # Raised responses (404, 503 …) are responses: status decides if it is an error.
+                ticket.error = exc.status >= 500
+                exc.headers[ORCA_HEADER] = tracker.header_value()
+                raise
+            ticket.error = response.status >= 500
+            if not response.prepared:
+                response.headers[ORCA_HEADER] = tracker.header_value()
+            return response
+
+    return middleware
+
+
+def setup_aiohttp(
+    app: web.Application,
+    *,
+    tracker: LoadTracker | None = None,
+    probe_path: str | None = DEFAULT_PROBE_PATH,
+) -> LoadTracker:
+    """Install the agent as ``app``'s outermost middleware; returns its tracker."""
+    tracker = tracker or LoadTracker()
+    app.middlewares.insert(0, aiohttp_middleware(tracker, probe_path=probe_path))
+    return tracker

@@ -1,0 +1,348 @@
+"""The prober: probe every target every ``interval_s`` (with jitter), off the request path.
+
+One asyncio task per target, all inside one :class:`asyncio.TaskGroup` owned by
+:meth:`Prober.run`. Each task owns its transport (by default an aiohttp ``ClientSession``
+with a keep-alive ``TCPConnector``) and closes it in ``finally``, so removing a target, or
+stopping the prober, leaves no task and no connection behind.
+
+Guarantees:
+- The first probe of a new target lands at a uniformly random point of its first interval,
+  later ones every ``interval_s * (1 ± jitter)`` from the previous probe's start: no herd.
+- At most ``max_in_flight`` probes are in flight at once (a semaphore); each probe has its
+  target's timeout, measured after it got its slot, so a hanging endpoint holds one slot
+  for at most its timeout and delays no other target.
+- Every probe yields exactly one :class:`ProbeResult` to the sink, failures included
+  (timeouts, refused connections, 5xx): the estimator turns them into penalised latency.
+- An endpoint failing ``backoff_after`` times in a row is probed less often, doubling up to
+  ``backoff_max_s`` (never below its own interval); one success restores the interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Generic, Protocol, TypeVar
+
+import structlog
+
+from aviator.probing.orca import OrcaParseError, report_from_headers
+from aviator.probing.results import ProbeOutcome, ProbeResult, ProbeTarget
+
+__all__ = [
+    "AiohttpProbeTransport",
+    "ProbeConnectError",
+    "ProbeResponse",
+    "ProbeSink",
+    "ProbeTransport",
+    "Prober",
+    "aiohttp_transport_factory",
+]
+
+log = structlog.get_logger(__name__)
+
+K = TypeVar("K", bound=Hashable)
+ProbeSink = Callable[[K, ProbeResult], None]
+
+
+class ProbeConnectError(Exception):
+    """The transport could not reach the endpoint (refused, reset, unreachable)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResponse:
+    """What a transport returns: the status and the response headers (looked up
+    case-insensitively by the ORCA parser, so transports should pass lowercase names or a
+    case-insensitive mapping)."""
+
+    status: int
+    headers: Mapping[str, str]
+
+
+class ProbeTransport(Protocol):
+    """How one target is reached. One transport per target, used by one task at a time.
+
+    ``get`` raises :class:`ProbeConnectError` when the endpoint cannot be reached and any
+    other exception for anything else; the prober enforces the timeout around it.
+    """
+
+    async def get(self, target: ProbeTarget) -> ProbeResponse: ...
+
+    async def aclose(self) -> None: ...
+
+
+TransportFactory = Callable[[ProbeTarget], ProbeTransport]
+
+
+class AiohttpProbeTransport:
+    """``GET`` over one keep-alive aiohttp session (its connector closes with it)."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+        self._url_text = ""
+        self._url: Any = None
+
+    async def get(self, target: ProbeTarget) -> ProbeResponse:
+        import aiohttp
+        import yarl
+
+        if target.url != self._url_text:  # parse the URL once, not per probe
+            self._url_text, self._url = target.url, yarl.URL(target.url)
+        try:
+            async with self._session.get(self._url, allow_redirects=False) as response:
+                # Read the (small) body so the connection goes back to the pool for reuse.
+                await response.read()
+                return ProbeResponse(response.status, response.headers)
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+            raise ProbeConnectError(str(exc) or type(exc).__name__) from exc
+        except aiohttp.ClientOSError as exc:  # reset by peer and friends
+            raise ProbeConnectError(str(exc) or type(exc).__name__) from exc
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+
+def aiohttp_transport_factory(
+    *, keepalive_timeout_s: float = 60.0, user_agent: str = "aviator-prober"
+) -> TransportFactory:
+    """Transports over aiohttp: one ``ClientSession`` + ``TCPConnector`` per target.
+
+    A session per target makes "target removed" mean "its connections closed" (aiohttp has
+    no per-host close); keep-alive outlives the probe interval so every probe reuses the
+    connection. No cookies, no decompression: a probe is as cheap as HTTP/1.1 gets.
+    """
+
+    def factory(target: ProbeTarget) -> ProbeTransport:
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(
+            limit=2,  # one probe at a time per target; 2 so a closing socket never blocks
+            keepalive_timeout=max(keepalive_timeout_s, 4 * target.interval_s),
+        )
+        session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None),  # the prober enforces the timeout
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            headers={"User-Agent": user_agent},
+        )
+        return AiohttpProbeTransport(session)
+
+    return factory
+
+
+class _Slot:
+    """Mutable per-target state, touched only by the target's own task and set_targets."""
+
+    __slots__ = ("failures", "orca_warned", "target", "task")
+
+    def __init__(self, target: ProbeTarget) -> None:
+        self.target = target
+        self.task: asyncio.Task[None] | None = None
+        self.failures = 0
+        self.orca_warned = False
+
+
+class Prober(Generic[K]):
+    """Probes every target of :meth:`set_targets` and hands each result to ``sink``.
+
+    ``sink`` is called on the event loop, once per probe, and must not block; an exception
+    from it is logged and probing goes on. ``clock`` times the probes (default: the running
+    loop's ``time``, so fake loop time works in tests).
+    """
+
+    def __init__(
+        self,
+        sink: Callable[[K, ProbeResult], None],
+        *,
+        max_in_flight: int = 256,
+        clock: Callable[[], float] | None = None,
+        transport_factory: TransportFactory | None = None,
+        jitter: float = 0.1,
+        backoff_after: int = 2,
+        backoff_max_s: float = 10.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        if not 0 <= jitter < 1:
+            raise ValueError(f"jitter must be in [0, 1), got {jitter}")
+        if backoff_after < 1 or not backoff_max_s > 0:
+            raise ValueError("backoff_after must be >= 1 and backoff_max_s > 0")
+        self._sink = sink
+        self._max_in_flight = max_in_flight
+        self._clock = clock
+        self._transport_factory = transport_factory or aiohttp_transport_factory()
+        self._jitter = jitter
+        self._backoff_after = backoff_after
+        self._backoff_max_s = backoff_max_s
+        self._rng = rng or random.Random()
+        self._slots: dict[K, _Slot] = {}
+        self._group: asyncio.TaskGroup | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._stop: asyncio.Event | None = None
+        self._stopped: asyncio.Event | None = None
+        self._closed = False
+        self._in_flight = 0
+
+    # -- introspection -------------------------------------------------------------------
+
+    @property
+    def targets(self) -> Mapping[K, ProbeTarget]:
+        return MappingProxyType({k: s.target for k, s in self._slots.items()})
+
+    @property
+    def in_flight(self) -> int:
+        """Probes holding a slot right now (at most ``max_in_flight``)."""
+        return self._in_flight
+
+    @property
+    def running_tasks(self) -> int:
+        """Per-target tasks alive right now (including ones still closing)."""
+        return sum(1 for s in self._slots.values() if s.task is not None and not s.task.done())
+
+    # -- control -------------------------------------------------------------------------
+
+    def set_targets(self, targets: Mapping[K, ProbeTarget]) -> None:
+        """Make ``targets`` the set probed: start new ones, stop removed ones (closing their
+        connections), apply changed settings from the next probe on. Idempotent."""
+        if self._closed:
+            raise RuntimeError("prober is closed")
+        for key in [k for k in self._slots if k not in targets]:
+            self._stop_slot(self._slots.pop(key))
+        for key, target in targets.items():
+            slot = self._slots.get(key)
+            if slot is None:
+                self._slots[key] = slot = _Slot(target)
+            elif slot.target != target:
+                if (slot.target.ip, slot.target.port) != (target.ip, target.port):
+                    # Another endpoint: fresh task, fresh connection, fresh back-off.
+                    self._stop_slot(slot)
+                    self._slots[key] = slot = _Slot(target)
+                else:
+                    slot.target = target  # read by the task at its next probe
+            self._start_slot(key, slot)
+
+    async def run(self) -> None:
+        """Probe until :meth:`close` (or cancellation). Raises if a target task fails."""
+        if self._closed:
+            raise RuntimeError("prober is closed")
+        if self._group is not None:
+            raise RuntimeError("prober is already running")
+        self._stop = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._semaphore = asyncio.Semaphore(self._max_in_flight)
+        if self._clock is None:
+            self._clock = asyncio.get_running_loop().time
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                for key, slot in self._slots.items():
+                    self._start_slot(key, slot)
+                log.debug("prober started", targets=len(self._slots))
+                await self._stop.wait()
+                for slot in self._slots.values():
+                    self._stop_slot(slot)
+        finally:
+            self._group = None
+            for slot in self._slots.values():
+                slot.task = None
+            self._stopped.set()
+            log.debug("prober stopped")
+
+    async def close(self) -> None:
+        """Stop probing, close every connection, and wait until that is done."""
+        self._closed = True
+        if self._stop is not None and self._stopped is not None:
+            self._stop.set()
+            await self._stopped.wait()
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _start_slot(self, key: K, slot: _Slot) -> None:
+        if self._group is None or slot.task is not None:
+            return
+        slot.task = self._group.create_task(self._probe_loop(key, slot), name=f"probe {key}")
+
+    @staticmethod
+    def _stop_slot(slot: _Slot) -> None:
+        if slot.task is not None:
+            slot.task.cancel()
+
+    async def _probe_loop(self, key: K, slot: _Slot) -> None:
+        assert self._clock is not None
+        clock = self._clock
+        transport = self._transport_factory(slot.target)
+        try:
+            # First probe somewhere in the first interval: targets added together spread out.
+            next_at = clock() + self._rng.uniform(0.0, slot.target.interval_s)
+            while True:
+                delay = next_at - clock()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                woke_at = clock()
+                result = await self._probe_once(transport, slot)
+                slot.failures = 0 if result.ok else slot.failures + 1
+                self._deliver(key, result)
+                next_at = woke_at + self._next_period(slot)
+        finally:
+            await transport.aclose()
+
+    def _next_period(self, slot: _Slot) -> float:
+        period = slot.target.interval_s
+        if slot.failures >= self._backoff_after:
+            doublings = slot.failures - self._backoff_after + 1
+            period = min(period * 2.0**doublings, max(period, self._backoff_max_s))
+        return period * (1.0 + self._rng.uniform(-self._jitter, self._jitter))
+
+    async def _probe_once(self, transport: ProbeTransport, slot: _Slot) -> ProbeResult:
+        assert self._semaphore is not None
+        assert self._clock is not None
+        clock = self._clock
+        target = slot.target
+        async with self._semaphore:
+            self._in_flight += 1
+            started = clock()
+            try:
+                async with asyncio.timeout(target.timeout_s):
+                    response = await transport.get(target)
+            except TimeoutError:
+                return self._failure(ProbeOutcome.TIMEOUT, started, target, "timed out")
+            except ProbeConnectError as exc:
+                return self._failure(ProbeOutcome.CONNECT_ERROR, started, target, str(exc))
+            except Exception as exc:  # any other transport failure is a failed probe, not a crash
+                detail = f"{type(exc).__name__}: {exc}"
+                return self._failure(ProbeOutcome.ERROR, started, target, detail)
+            finally:
+                self._in_flight -= 1
+            finished = clock()
+        status = response.status
+        if status >= 500 or status == 429:
+            return ProbeResult(
+                ProbeOutcome.HTTP_ERROR, started, finished, target.timeout_s, status=status
+            )
+        try:
+            load = report_from_headers(response.headers)
+        except OrcaParseError as exc:
+            load = None
+            if not slot.orca_warned:  # once per target: a bad header repeats on every probe
+                slot.orca_warned = True
+                log.warning("ignoring malformed ORCA header", url=target.url, error=str(exc))
+        return ProbeResult(
+            ProbeOutcome.OK, started, finished, target.timeout_s, status=status, load=load
+        )
+
+    def _failure(
+        self, outcome: ProbeOutcome, started: float, target: ProbeTarget, detail: str
+    ) -> ProbeResult:
+        assert self._clock is not None
+        finished = max(self._clock(), started)
+        return ProbeResult(outcome, started, finished, target.timeout_s, detail=detail)
+
+    def _deliver(self, key: K, result: ProbeResult) -> None:
+        try:
+            self._sink(key, result)
+        except Exception:
+            log.exception("probe sink failed", key=str(key))
