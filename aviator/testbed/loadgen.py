@@ -200,7 +200,7 @@ def new_histogram(sig_figs: int = _SIG_FIGS) -> HdrHistogram:
 
 
 def _record(hist: HdrHistogram, seconds: float) -> None:
-    hist.record_value(min(max(round(seconds * 1e6), _LOWEST_US), _HIGHEST_US))
+    hist.record_value(min(max(round(seconds * 1e6), 0), _HIGHEST_US))
 
 
 @dataclass(frozen=True, slots=True)
