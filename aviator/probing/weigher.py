@@ -220,6 +220,8 @@ def _targets(
 ) -> tuple[dict[EndpointAddress, float], bool]:
     """Relative target weights in [floor, 1] for endpoints with data; True if all are hot."""
     floor = 1.0 / knobs.max_weight_ratio
+    if not data:
+        return {}, False
     cold = {a: s for a, s in data.items() if a not in hot}
     if cold:
         fastest = min(s.latency_s for s in cold.values())

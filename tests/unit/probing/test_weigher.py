@@ -1,0 +1,382 @@
+"""The weigher: a named table of scenarios and the weights they must give, then properties."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aviator.model import MAX_WEIGHT, EndpointAddress, Health
+from aviator.probing.estimator import EndpointStats
+from aviator.probing.weigher import WeigherKnobs, WeighResult, weigh
+from tests.unit.probing.helpers import addr, stats
+
+H, D = Health.HEALTHY, Health.DEGRADED
+
+
+@dataclass(frozen=True)
+class Scenario:
+    stats: list[EndpointStats | None]
+    weights: list[int]
+    health: list[Health] | None = None  # default: all HEALTHY
+    hot: list[int] = field(default_factory=list)  # indexes published as hot
+    knobs: dict[str, object] = field(default_factory=dict)
+    threshold_ms: float | None = None
+
+
+SCENARIOS = {
+    "uniform fleet: equal weights": Scenario(
+        [stats(10, 2), stats(10, 2), stats(10, 2)], [1000, 1000, 1000]
+    ),
+    "one 2x slower gets half": Scenario(
+        [stats(10, 2), stats(10, 2), stats(20, 2)], [1000, 1000, 500]
+    ),
+    "one 16x slower gets 1/16 (rounded half up)": Scenario(
+        [stats(10), stats(10), stats(160)], [1000, 1000, 63]
+    ),
+    "100x slower is held at the floor 1/maxWeightRatio": Scenario(
+        [stats(10), stats(1000)], [1000, 50]
+    ),
+    "RIF above the 0.84 quantile is hot: floor": Scenario(
+        [stats(10, 2)] * 9 + [stats(10, 20)], [1000] * 9 + [50], hot=[9]
+    ),
+    "latency above latencyThreshold is hot: floor": Scenario(
+        [stats(10), stats(20), stats(80)], [1000, 500, 50], hot=[2], threshold_ms=50
+    ),
+    "degradeHot publishes hot endpoints DEGRADED": Scenario(
+        [stats(10), stats(20), stats(80)],
+        [1000, 500, 50],
+        health=[H, H, D],
+        hot=[2],
+        knobs={"degradeHot": True},
+        threshold_ms=50,
+    ),
+    "all hot: all HEALTHY, ranked by 1/(RIF+1)": Scenario(
+        [stats(10, 1), stats(10, 3), stats(10, 7)],
+        [1000, 500, 250],
+        knobs={"degradeHot": True},
+        threshold_ms=5,
+    ),
+    "all failed (penalised latency, no RIF): all HEALTHY, equal": Scenario(
+        [stats(2000, error_rate=1.0)] * 3, [1000, 1000, 1000], threshold_ms=100
+    ),
+    "no data yet: neutral (median) weight": Scenario(
+        [stats(10), stats(20), None], [1000, 500, 750]
+    ),
+    "no data anywhere: equal weights": Scenario([None, None], [1000, 1000]),
+    "single endpoint": Scenario([stats(37, 5)], [1000]),
+    "idle fleet: RIF 1 is not hot (minHotRif)": Scenario(
+        [stats(10, 0), stats(10, 0), stats(10, 0), stats(10, 1)], [1000] * 4
+    ),
+    "latencyExponent 2: 2x slower gets a quarter": Scenario(
+        [stats(10), stats(20)], [1000, 250], knobs={"latencyExponent": 2}
+    ),
+    "maxWeightRatio 10 raises the floor": Scenario(
+        [stats(10), stats(1000)], [1000, 100], knobs={"maxWeightRatio": 10}
+    ),
+    "no RIF report: never hot by RIF, quantile of the others": Scenario(
+        [stats(10), stats(10, 2), stats(10, 2), stats(10, 40)], [1000, 1000, 1000, 50], hot=[3]
+    ),
+    "hotQuantile 0.5: upper half is hot": Scenario(
+        [stats(10, 2), stats(10, 4), stats(10, 6), stats(10, 8)],
+        [1000, 1000, 50, 50],
+        hot=[2, 3],
+        knobs={"hotQuantile": 0.5},
+    ),
+    "hot and slow cold ones share the floor": Scenario(
+        [stats(10, 2), stats(10, 2), stats(500, 2), stats(10, 30)], [1000, 1000, 50, 50], hot=[3]
+    ),
+}
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS.values()), ids=list(SCENARIOS))
+def test_scenario_table(scenario: Scenario) -> None:
+    addresses = [addr(i) for i in range(len(scenario.stats))]
+    result = weigh(
+        dict(zip(addresses, scenario.stats, strict=True)),
+        knobs=WeigherKnobs.from_spec(scenario.knobs),
+        latency_threshold_s=None if scenario.threshold_ms is None else scenario.threshold_ms / 1000,
+    )
+    assert [result.endpoints[a].weight for a in addresses] == scenario.weights
+    expected_health = scenario.health or [H] * len(addresses)
+    assert [result.endpoints[a].health for a in addresses] == expected_health
+    assert result.hot == frozenset(addresses[i] for i in scenario.hot)
+    assert result.changed
+
+
+# -- against the previous result: material change, smoothing, hysteresis ---------------------
+
+
+def _weigh(
+    lat_rif: list[tuple[float, float | None] | None],
+    previous: WeighResult | None = None,
+    **kwargs: object,
+) -> WeighResult:
+    data = {
+        addr(i): None if spec is None else stats(spec[0], spec[1]) for i, spec in enumerate(lat_rif)
+    }
+    return weigh(data, previous=previous, **kwargs)  # type: ignore[arg-type]
+
+
+def _weights(result: WeighResult, n: int) -> list[int]:
+    return [result.endpoints[addr(i)].weight for i in range(n)]
+
+
+def test_change_below_min_change_is_not_pushed() -> None:
+    first = _weigh([(10, 2), (10, 2)])
+    second = _weigh([(10, 2), (11, 2)], previous=first)  # shares move ~5%, below 15%
+    assert not second.changed
+    assert second.endpoints == first.endpoints
+    assert _weights(second, 2) == [1000, 1000]
+
+
+def test_same_input_twice_is_unchanged() -> None:
+    first = _weigh([(10, 2), (20, 3), None])
+    again = _weigh([(10, 2), (20, 3), None], previous=first)
+    assert not again.changed
+    assert again.endpoints == first.endpoints
+    # An unchanged result passed back stays the same object (nothing to rebuild).
+    assert _weigh([(10, 2), (20, 3), None], previous=again) is again
+
+
+def test_material_change_moves_smoothing_of_the_way() -> None:
+    first = _weigh([(10, 2), (10, 2)])
+    second = _weigh([(10, 2), (20, 2)], previous=first)  # target 1000/500, smoothing 0.5
+    assert second.changed
+    assert _weights(second, 2) == [1000, 750]
+    third = _weigh([(10, 2), (20, 2)], previous=second)  # shares 0.57/0.43 → 0.67/0.33: 22%
+    assert _weights(third, 2) == [1000, 625]
+    fourth = _weigh([(10, 2), (20, 2)], previous=third)  # 0.62/0.38 → 0.67/0.33: 13%: hold
+    assert not fourth.changed
+    assert _weights(fourth, 2) == [1000, 625]
+
+
+def test_newly_hot_endpoint_drops_to_the_floor_at_once() -> None:
+    first = _weigh([(10, 2), (10, 2), (10, 2)])
+    second = _weigh([(10, 2), (10, 2), (10, 20)], previous=first)
+    assert _weights(second, 3) == [1000, 1000, 50]
+    assert second.hot == {addr(2)}
+
+
+def test_hysteresis_keeps_a_hot_endpoint_hot_just_below_the_threshold() -> None:
+    knobs = WeigherKnobs(hysteresis=0.1)
+    threshold = 0.050
+    hot = _weigh([(10, None), (80, None)], latency_threshold_s=threshold, knobs=knobs)
+    assert hot.hot == {addr(1)}
+    # 47 ms is below 50 ms but above 45 ms = 50 * (1 - 0.1): still hot, still at the floor.
+    held = _weigh(
+        [(10, None), (47, None)], previous=hot, latency_threshold_s=threshold, knobs=knobs
+    )
+    assert held.hot == {addr(1)}
+    assert _weights(held, 2) == [1000, 50]
+    # Without the history the same input is cold.
+    fresh = _weigh([(10, None), (47, None)], latency_threshold_s=threshold, knobs=knobs)
+    assert fresh.hot == frozenset()
+    assert _weights(fresh, 2) == [1000, 213]
+    # At 44 ms it cools, and climbs back through smoothing: 0.05 + 0.5 * (10/44 - 0.05) → 139.
+    cooled = _weigh([(10, None), (44, None)], previous=held, latency_threshold_s=threshold)
+    assert cooled.hot == frozenset()
+    assert _weights(cooled, 2) == [1000, 139]
+
+
+def test_membership_change_is_always_pushed() -> None:
+    first = _weigh([(10, 2), (10, 2)])
+    grown = _weigh([(10, 2), (10, 2), None], previous=first)
+    assert grown.changed
+    assert _weights(grown, 3) == [1000, 1000, 1000]
+    shrunk = _weigh([(10, 2)], previous=grown)
+    assert shrunk.changed
+    assert set(shrunk.endpoints) == {addr(0)}
+
+
+def test_health_change_is_always_pushed_even_at_the_same_weight() -> None:
+    slow = [(10, None), (10, None), (80, None)]
+    floor = _weigh(slow, latency_threshold_s=0.05)
+    degraded = _weigh(
+        slow, previous=floor, latency_threshold_s=0.05, knobs=WeigherKnobs(degrade_hot=True)
+    )
+    assert degraded.changed
+    assert degraded.endpoints[addr(2)].health is Health.DEGRADED
+    assert degraded.endpoints[addr(2)].weight == floor.endpoints[addr(2)].weight
+
+
+def test_a_tighter_ratio_knob_forces_a_push() -> None:
+    first = _weigh([(10, None), (190, None)])  # 1000 : 53, ratio ~19
+    assert _weights(first, 2) == [1000, 53]
+    tighter = _weigh(
+        [(10, None), (190, None)], previous=first, knobs=WeigherKnobs(max_weight_ratio=10)
+    )
+    assert tighter.changed
+    assert _weights(tighter, 2)[1] >= 100
+
+
+def test_empty_policy() -> None:
+    empty = weigh({})
+    assert empty.endpoints == {}
+    assert empty.changed
+    assert not weigh({}, previous=empty).changed
+    assert weigh({}, previous=_weigh([(10, 1)])).changed
+
+
+def test_rejects_a_bad_latency_threshold() -> None:
+    with pytest.raises(ValueError, match="latency_threshold_s"):
+        weigh({addr(0): stats(10)}, latency_threshold_s=0.0)
+
+
+# -- properties ------------------------------------------------------------------------------
+
+finite_latency = st.floats(min_value=1e-6, max_value=3600.0, allow_nan=False)
+maybe_rif = st.none() | st.floats(min_value=0.0, max_value=1e6, allow_nan=False)
+
+
+@st.composite
+def endpoint_stats(draw: st.DrawFn) -> EndpointStats:
+    latency = draw(finite_latency)
+    return EndpointStats(
+        latency_s=latency,
+        probe_latency_s=latency,
+        reported_latency_s=None,
+        rif=draw(maybe_rif),
+        error_rate=draw(st.floats(min_value=0.0, max_value=1.0)),
+        samples=draw(st.integers(min_value=1, max_value=10_000)),
+        age_s=draw(st.floats(min_value=0.0, max_value=30.0)),
+        consecutive_failures=draw(st.integers(min_value=0, max_value=100)),
+    )
+
+
+fleets = st.dictionaries(
+    st.integers(min_value=0, max_value=40).map(addr),
+    st.none() | endpoint_stats(),
+    max_size=25,
+)
+knob_sets = st.builds(
+    WeigherKnobs,
+    hot_quantile=st.floats(min_value=0.01, max_value=1.0),
+    max_weight_ratio=st.floats(min_value=1.0, max_value=float(MAX_WEIGHT)),
+    min_change=st.floats(min_value=0.0, max_value=0.99),
+    degrade_hot=st.booleans(),
+    hysteresis=st.floats(min_value=0.0, max_value=0.99),
+    smoothing=st.floats(min_value=0.01, max_value=1.0),
+    latency_exponent=st.floats(min_value=0.0, max_value=4.0),
+    min_hot_rif=st.floats(min_value=0.0, max_value=100.0),
+)
+thresholds = st.none() | st.floats(min_value=1e-4, max_value=10.0)
+
+
+@st.composite
+def previous_results(draw: st.DrawFn) -> WeighResult | None:
+    if draw(st.booleans()):
+        return None
+    return weigh(draw(fleets), knobs=draw(knob_sets), latency_threshold_s=draw(thresholds))
+
+
+def _check_invariants(
+    result: WeighResult, data: dict[EndpointAddress, EndpointStats | None], knobs: WeigherKnobs
+) -> None:
+    assert set(result.endpoints) == set(data)
+    weights = [e.weight for e in result.endpoints.values()]
+    assert all(1 <= w <= MAX_WEIGHT for w in weights)
+    if weights:
+        assert max(weights) <= knobs.max_weight_ratio * min(weights) * (1 + 1e-12)
+        assert any(e.health is Health.HEALTHY for e in result.endpoints.values())
+    assert result.hot <= set(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(fleets, knob_sets, thresholds, previous_results())
+def test_weights_are_bounded_total_and_never_remove_everything(
+    data: dict[EndpointAddress, EndpointStats | None],
+    knobs: WeigherKnobs,
+    threshold: float | None,
+    previous: WeighResult | None,
+) -> None:
+    result = weigh(data, knobs=knobs, latency_threshold_s=threshold, previous=previous)
+    _check_invariants(result, data, knobs)
+    if not result.changed:
+        assert previous is not None
+        assert result.endpoints == previous.endpoints
+
+
+@settings(max_examples=200, deadline=None)
+@given(fleets, knob_sets, thresholds, previous_results(), st.randoms())
+def test_deterministic_order_independent_and_non_mutating(
+    data: dict[EndpointAddress, EndpointStats | None],
+    knobs: WeigherKnobs,
+    threshold: float | None,
+    previous: WeighResult | None,
+    rnd: object,
+) -> None:
+    data_before = copy.deepcopy(data)
+    previous_before = None if previous is None else dict(previous.endpoints)
+    first = weigh(data, knobs=knobs, latency_threshold_s=threshold, previous=previous)
+    items = list(data.items())
+    rnd.shuffle(items)  # type: ignore[attr-defined]
+    second = weigh(dict(items), knobs=knobs, latency_threshold_s=threshold, previous=previous)
+    assert first.endpoints == second.endpoints
+    assert first.hot == second.hot
+    assert first.changed == second.changed
+    assert data == data_before
+    if previous is not None:
+        assert dict(previous.endpoints) == previous_before
+
+
+@settings(max_examples=300, deadline=None)
+@given(fleets, knob_sets, thresholds)
+def test_slower_never_outweighs_faster_at_equal_rif(
+    data: dict[EndpointAddress, EndpointStats | None],
+    knobs: WeigherKnobs,
+    threshold: float | None,
+) -> None:
+    result = weigh(data, knobs=knobs, latency_threshold_s=threshold)
+    measured = [(a, s) for a, s in data.items() if s is not None]
+    for a, sa in measured:
+        for b, sb in measured:
+            if sa.rif == sb.rif and sa.latency_s < sb.latency_s:
+                assert result.endpoints[a].weight >= result.endpoints[b].weight, (a, b)
+                # …nor a better health.
+                assert not (
+                    result.endpoints[a].health is Health.DEGRADED
+                    and result.endpoints[b].health is Health.HEALTHY
+                )
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.integers(min_value=1, max_value=30),
+    knob_sets,
+    st.floats(min_value=0.5, max_value=60.0),
+    st.none() | st.floats(min_value=0.0, max_value=1000.0),
+)
+def test_all_failed_fleet_stays_healthy_with_equal_weights(
+    n: int, knobs: WeigherKnobs, penalty_s: float, rif: float | None
+) -> None:
+    failed = stats(penalty_s * 1000, rif, error_rate=1.0)
+    result = weigh({addr(i): failed for i in range(n)}, knobs=knobs, latency_threshold_s=0.1)
+    assert {e.health for e in result.endpoints.values()} == {Health.HEALTHY}
+    assert len({e.weight for e in result.endpoints.values()}) == 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(endpoint_stats() | st.none(), knob_sets, thresholds)
+def test_single_endpoint_gets_the_top_weight_and_is_healthy(
+    only: EndpointStats | None, knobs: WeigherKnobs, threshold: float | None
+) -> None:
+    result = weigh({addr(0): only}, knobs=knobs, latency_threshold_s=threshold)
+    assert result.endpoints[addr(0)].weight == MAX_WEIGHT
+    assert result.endpoints[addr(0)].health is Health.HEALTHY
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(min_value=2, max_value=30), knob_sets, st.floats(min_value=1.0, max_value=1e4))
+def test_all_hot_is_ranked_by_rif(n: int, knobs: WeigherKnobs, base_rif: float) -> None:
+    # Every endpoint above a tiny latency threshold: all hot, so the RIF order decides.
+    data = {addr(i): stats(100, base_rif + i) for i in range(n)}
+    result = weigh(data, knobs=knobs, latency_threshold_s=0.001)
+    weights = [result.endpoints[addr(i)].weight for i in range(n)]
+    assert weights == sorted(weights, reverse=True)
+    assert {e.health for e in result.endpoints.values()} == {Health.HEALTHY}
+    assert not math.isnan(sum(weights))
