@@ -1,0 +1,734 @@
+"""The ADS protocol state machine of one stream, SotW and delta, without gRPC.
+
+A stream object takes requests (:meth:`ProtocolStream.handle`) and cache wake-ups
+(:meth:`ProtocolStream.flush`) and returns the responses to send, in order. The gRPC layer
+(``aviator.xds.server``) only moves messages; everything the xDS protocol asks of a server is
+decided here, per stream and per type URL (rules from XDS-CHECKLIST.md):
+
+- **Nonces** are fresh and unique on the stream. A request whose ``response_nonce`` is not the
+  latest one sent *for its type* is stale: SotW ignores it whole; delta still applies its
+  subscription changes (xDS protocol, "Delta: ... resource_names_subscribe on stale nonce").
+- **One response in flight per type**: the next one waits for the ACK or NACK of the previous.
+  Changes meanwhile are merged into the next response.
+- **Versions are content hashes** (``content_version``) of exactly what a response carries, so
+  they never repeat across restarts for other content, and equal content gets equal versions on
+  every replica. For wildcard CDS/LDS this is the server's type version.
+- **NACK** (``error_detail`` set): recorded (log with node, type, version, message; metric;
+  :class:`NackJournal`) and that exact version is never sent again on the stream; the next push
+  waits for the desired state to change (go-control-plane #962 resends forever).
+- **Warming**: after a CDS response that adds or changes EDS clusters, the next EDS request is
+  answered even if it looks like an ACK (Envoy re-requests endpoints for a changed cluster with
+  a request identical to its last ACK; silence leaves the cluster warming until
+  ``initial_fetch_timeout``).
+- **Make before break**: a RouteConfiguration is held back until the proxy has ACKed every
+  cluster it names; a Cluster stays (SotW) or is not removed (delta) while a route the proxy
+  holds still names it; a CLA is not removed while a held cluster uses it, nor a route while a
+  held listener uses it.
+- **Wildcard**: an empty first CDS/LDS request (legacy) or ``*``. Names requested but unknown
+  are remembered (watched in the cache) and sent when they appear; delta reports them once in
+  ``removed_resources`` so the client need not wait for its fetch timeout.
+- **Delta** ``initial_resource_versions`` seed what the proxy holds: nothing it holds at the
+  current version is resent. A re-subscribe resends (go-control-plane #583).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from abc import ABC, abstractmethod
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import structlog
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+
+from aviator.xds.cache import Cache
+from aviator.xds.metrics import XdsMetrics
+from aviator.xds.resources import (
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
+    FULL_STATE_TYPES,
+    LISTENER_TYPE,
+    ROUTE_TYPE,
+    TYPE_ORDER,
+    TYPE_SHORT,
+)
+from aviator.xds.snapshot import ResourceEntry, content_version
+
+log = structlog.get_logger(__name__)
+
+WILDCARD = "*"
+_MAX_NACKED_VERSIONS = 64  # per stream and type; content versions, so old ones rarely matter
+
+# What a resource of each type needs the proxy to hold *first*, and who refers to it.
+# Removal of a key type waits while a held resource of the value type still names it.
+_REFERRER = {CLUSTER_TYPE: ROUTE_TYPE, ROUTE_TYPE: LISTENER_TYPE, ENDPOINT_TYPE: CLUSTER_TYPE}
+# After an ACK/NACK of a key type, the value types may be unblocked: re-evaluate them.
+_DEPENDENTS: dict[str, tuple[str, ...]] = {
+    CLUSTER_TYPE: (ENDPOINT_TYPE, ROUTE_TYPE),
+    ROUTE_TYPE: (CLUSTER_TYPE,),
+    LISTENER_TYPE: (ROUTE_TYPE,),
+    ENDPOINT_TYPE: (),
+}
+
+
+def _error(
+    request: discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest,
+) -> tuple[int, str] | None:
+    """(code, message) of a NACK, None for an ACK or a plain request."""
+    if not request.HasField("error_detail"):
+        return None
+    return int(request.error_detail.code), str(request.error_detail.message)
+
+
+class StreamKind(enum.StrEnum):
+    SOTW = "sotw"
+    DELTA = "delta"
+
+
+@dataclass(frozen=True, slots=True)
+class NackRecord:
+    """A proxy rejected a response: what, when, and why (Envoy's message verbatim)."""
+
+    node_id: str
+    stream_id: int
+    kind: StreamKind
+    type_url: str
+    rejected_version: str
+    accepted_version: str  # what the proxy keeps using ("" when unknown)
+    error_code: int
+    message: str
+    at: float  # wall-clock seconds
+
+    @property
+    def type(self) -> str:
+        return TYPE_SHORT.get(self.type_url, self.type_url)
+
+
+class NackJournal:
+    """The last NACKs of each node, kept in memory for the status and debug views.
+
+    Bounded: ``per_node`` records for each of at most ``max_nodes`` nodes (least recently
+    rejected nodes are forgotten first). Survives stream restarts.
+    """
+
+    def __init__(self, *, per_node: int = 16, max_nodes: int = 1024) -> None:
+        self._per_node = per_node
+        self._max_nodes = max_nodes
+        self._by_node: OrderedDict[str, deque[NackRecord]] = OrderedDict()
+
+    def record(self, nack: NackRecord) -> None:
+        records = self._by_node.pop(nack.node_id, None) or deque(maxlen=self._per_node)
+        records.append(nack)
+        self._by_node[nack.node_id] = records
+        while len(self._by_node) > self._max_nodes:
+            self._by_node.popitem(last=False)
+
+    def for_node(self, node_id: str) -> tuple[NackRecord, ...]:
+        return tuple(self._by_node.get(node_id, ()))
+
+    def all(self) -> tuple[NackRecord, ...]:
+        return tuple(sorted((n for rs in self._by_node.values() for n in rs), key=lambda n: n.at))
+
+
+@dataclass(frozen=True, slots=True)
+class TypeStatus:
+    """One type URL on one stream, for the connected-proxies view."""
+
+    type_url: str
+    wildcard: bool
+    subscribed: tuple[str, ...]
+    acked_version: str | None
+    sent_version: str | None
+    waiting_for_ack: bool
+    held: int  # resources the proxy has ACKed (and so holds)
+    last_nack: NackRecord | None
+
+    @property
+    def type(self) -> str:
+        return TYPE_SHORT.get(self.type_url, self.type_url)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyStatus:
+    """One connected ADS stream."""
+
+    node_id: str
+    stream_id: int
+    kind: StreamKind
+    connected_at: float
+    types: tuple[TypeStatus, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """A resource the proxy holds: its version, what it references, and (when we sent it)
+    the entry itself (SotW needs it to keep a cluster that a held route still uses)."""
+
+    version: str
+    refs: frozenset[str]
+    entry: ResourceEntry | None
+
+    @classmethod
+    def of(cls, entry: ResourceEntry) -> _Held:
+        return cls(entry.version, entry.refs, entry)
+
+
+@dataclass(slots=True)
+class _Sent:
+    """The response in flight (awaiting ACK/NACK) for one type."""
+
+    nonce: str
+    version: str
+    entries: dict[str, ResourceEntry]
+    removed: frozenset[str] = frozenset()
+    absent: frozenset[str] = frozenset()  # delta: names reported as not existing
+
+
+@dataclass(slots=True)
+class _TypeState:
+    requested: bool = False
+    wildcard: bool = False
+    legacy_wildcard: bool = False
+    names: set[str] = field(default_factory=set)
+    held: dict[str, _Held] = field(default_factory=dict)  # what the proxy has ACKed
+    outstanding: _Sent | None = None
+    last_nonce: str = ""
+    acked_version: str | None = None
+    sent_version: str | None = None
+    nacked: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    force: bool = False  # answer the next evaluation even if nothing changed
+    force_names: set[str] = field(default_factory=set)  # delta: resend these names
+    warming: set[str] = field(default_factory=set)  # EDS names of clusters changed since
+    reported_absent: set[str] = field(default_factory=set)  # delta
+    last_nack: NackRecord | None = None
+
+    def in_scope(self, name: str) -> bool:
+        return self.wildcard or name in self.names
+
+
+Req = TypeVar("Req", discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest)
+Resp = TypeVar("Resp", discovery_pb2.DiscoveryResponse, discovery_pb2.DeltaDiscoveryResponse)
+
+_stream_ids = itertools.count(1)
+
+
+class ProtocolStream(ABC, Generic[Req, Resp]):
+    """Shared machinery of one ADS stream. Not thread-safe: one event loop drives it."""
+
+    kind: StreamKind
+
+    def __init__(
+        self,
+        cache: Cache,
+        *,
+        identifier: str,
+        metrics: XdsMetrics | None = None,
+        journal: NackJournal | None = None,
+        clock: Callable[[], float] = time.time,
+        wake: Callable[[], None] | None = None,
+    ) -> None:
+        self.stream_id = next(_stream_ids)
+        self.node_id = ""
+        self.connected_at = clock()
+        self._cache = cache
+        self._identifier = identifier
+        self._metrics = metrics if metrics is not None else XdsMetrics()
+        self._journal = journal if journal is not None else NackJournal()
+        self._clock = clock
+        self._wake = wake or (lambda: None)
+        self._types: dict[str, _TypeState] = {}
+        self._dirty: set[str] = set()
+        self._nonces = itertools.count(1)
+        self._closed = False
+        self._log = log.bind(stream=self.stream_id, kind=str(self.kind))
+
+    # -- interface used by the transport ----------------------------------------------------
+
+    def set_waker(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+
+    def resources_changed(self, type_url: str) -> None:
+        """Cache callback: a watched resource changed; :meth:`flush` will act on it."""
+        if not self._closed:
+            self._dirty.add(type_url)
+            self._wake()
+
+    def flush(self) -> list[Resp]:
+        """Responses owed because of cache changes since the last call."""
+        dirty, self._dirty = self._dirty, set()
+        return self._evaluate_all(dict.fromkeys(dirty, False))
+
+    def handle(self, request: Req) -> list[Resp]:
+        """Process one request; return the responses to send now, in order."""
+        if request.HasField("node") and request.node.id and not self.node_id:
+            self.node_id = request.node.id
+            self._log = self._log.bind(node=self.node_id)
+        type_url = request.type_url
+        if type_url not in TYPE_SHORT:
+            self._log.warning("unsupported xDS type requested", type_url=type_url)
+            return []
+        st = self._types.setdefault(type_url, _TypeState())
+        return self._handle(type_url, st, request)
+
+    def close(self) -> None:
+        """Stop watching the cache. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for type_url, st in self._types.items():
+            self._cache.unwatch(self, type_url, st.names)
+            self._cache.unwatch_all(self, type_url)
+
+    def status(self) -> ProxyStatus:
+        return ProxyStatus(
+            node_id=self.node_id,
+            stream_id=self.stream_id,
+            kind=self.kind,
+            connected_at=self.connected_at,
+            types=tuple(
+                TypeStatus(
+                    type_url=t,
+                    wildcard=st.wildcard,
+                    subscribed=tuple(sorted(st.names)),
+                    acked_version=st.acked_version,
+                    sent_version=st.sent_version,
+                    waiting_for_ack=st.outstanding is not None,
+                    held=len(st.held),
+                    last_nack=st.last_nack,
+                )
+                for t in TYPE_ORDER
+                if (st := self._types.get(t)) is not None and st.requested
+            ),
+        )
+
+    # -- subclass hooks ---------------------------------------------------------------------
+
+    @abstractmethod
+    def _handle(self, type_url: str, st: _TypeState, request: Req) -> list[Resp]: ...
+
+    @abstractmethod
+    def _evaluate(self, type_url: str, st: _TypeState, force: bool) -> Resp | None: ...
+
+    @abstractmethod
+    def _apply_ack(self, type_url: str, st: _TypeState, sent: _Sent) -> None: ...
+
+    # -- shared helpers ---------------------------------------------------------------------
+
+    def _evaluate_all(self, todo: Mapping[str, bool]) -> list[Resp]:
+        out: list[Resp] = []
+        for type_url in TYPE_ORDER:  # clusters first, then endpoints, listeners, routes
+            if type_url in todo and (st := self._types.get(type_url)) is not None:
+                resp = self._evaluate(type_url, st, todo[type_url])
+                if resp is not None:
+                    out.append(resp)
+        return out
+
+    def _next_nonce(self) -> str:
+        return f"{self.stream_id}-{next(self._nonces)}"
+
+    def _control_plane(self) -> base_pb2.ControlPlane:
+        return base_pb2.ControlPlane(identifier=self._identifier)
+
+    def _is_stale(self, st: _TypeState, nonce: str) -> bool:
+        # A nonce we never issued on a type we never answered is a client carrying state from
+        # a previous stream: treat it as an initial request rather than ignore it forever.
+        return bool(nonce) and bool(st.last_nonce) and nonce != st.last_nonce
+
+    def _resolve(
+        self, type_url: str, st: _TypeState, nonce: str, error: tuple[int, str] | None, claimed: str
+    ) -> bool:
+        """ACK or NACK the response in flight if ``nonce`` names it; True if it did."""
+        sent = st.outstanding
+        if sent is None or not nonce or nonce != sent.nonce:
+            return False
+        st.outstanding = None
+        labels = {"type": TYPE_SHORT[type_url], "kind": str(self.kind)}
+        if error is None:
+            self._apply_ack(type_url, st, sent)
+            st.acked_version = sent.version
+            self._metrics.acks.labels(**labels).inc()
+            self._log.debug("xDS ACK", type=labels["type"], version=sent.version)
+            return True
+        st.nacked[sent.version] = None
+        while len(st.nacked) > _MAX_NACKED_VERSIONS:
+            st.nacked.popitem(last=False)
+        record = NackRecord(
+            node_id=self.node_id,
+            stream_id=self.stream_id,
+            kind=self.kind,
+            type_url=type_url,
+            rejected_version=sent.version,
+            accepted_version=st.acked_version or claimed,
+            error_code=error[0],
+            message=error[1],
+            at=self._clock(),
+        )
+        st.last_nack = record
+        self._journal.record(record)
+        self._metrics.nacks.labels(**labels).inc()
+        self._log.warning(
+            "xDS update rejected by proxy",
+            node=self.node_id,
+            type=labels["type"],
+            version=sent.version,
+            accepted_version=record.accepted_version,
+            error=error[1],
+        )
+        return True
+
+    def _watch_diff(self, type_url: str, before: set[str], after: set[str]) -> None:
+        self._cache.watch(self, type_url, after - before)
+        self._cache.unwatch(self, type_url, before - after)
+
+    def _set_wildcard(self, type_url: str, st: _TypeState, wildcard: bool) -> bool:
+        """Switch wildcard on/off; True if it was just switched on."""
+        if wildcard == st.wildcard:
+            return False
+        st.wildcard = wildcard
+        if wildcard:
+            self._cache.watch_all(self, type_url)
+        else:
+            self._cache.unwatch_all(self, type_url)
+            st.held = {n: h for n, h in st.held.items() if n in st.names}
+        return wildcard
+
+    def _targets(self, type_url: str, st: _TypeState) -> tuple[dict[str, ResourceEntry], set[str]]:
+        """What the proxy should hold now: (entries to have, names held back as they are).
+
+        Routes naming a cluster the proxy has not ACKed yet are held back (make before break)
+        if that cluster is on its way (in the cache); a held-back route keeps what the proxy
+        holds.
+        """
+        current = self._cache.resources(type_url)
+        out = dict(current) if st.wildcard else {n: current[n] for n in st.names if n in current}
+        kept: set[str] = set()
+        cds = self._types.get(CLUSTER_TYPE)
+        if type_url == ROUTE_TYPE and cds is not None and cds.requested:
+            clusters = self._cache.resources(CLUSTER_TYPE)
+            for name, entry in list(out.items()):
+                if any(c not in cds.held and c in clusters for c in entry.refs):
+                    del out[name]
+                    if name in st.held:
+                        kept.add(name)
+        return out, kept
+
+    def _protected(self, type_url: str) -> set[str]:
+        """Names of ``type_url`` that a resource the proxy holds (or is being sent) uses."""
+        referrer = _REFERRER.get(type_url)
+        rs = self._types.get(referrer) if referrer else None
+        if rs is None:
+            return set()
+        refs: set[str] = set()
+        for held in rs.held.values():
+            refs |= held.refs
+        if rs.outstanding is not None:
+            for entry in rs.outstanding.entries.values():
+                refs |= entry.refs
+        return refs
+
+    def _suppressed(self, type_url: str, st: _TypeState, version: str) -> bool:
+        if version not in st.nacked:
+            return False
+        self._metrics.suppressed.labels(type=TYPE_SHORT[type_url], kind=str(self.kind)).inc()
+        self._log.info(
+            "not resending a version the proxy rejected",
+            type=TYPE_SHORT[type_url],
+            version=version,
+        )
+        return True
+
+    def _after_send(self, type_url: str, st: _TypeState, sent: _Sent) -> None:
+        st.outstanding = sent
+        st.last_nonce = sent.nonce
+        st.sent_version = sent.version
+        st.force = False
+        labels = {"type": TYPE_SHORT[type_url], "kind": str(self.kind)}
+        self._metrics.pushes.labels(**labels).inc()
+        self._metrics.resources_sent.labels(**labels).inc(len(sent.entries))
+        if type_url == CLUSTER_TYPE and (eds := self._types.get(ENDPOINT_TYPE)) is not None:
+            # Warming: the next EDS request after a cluster change must be answered.
+            for name, entry in sent.entries.items():
+                held = st.held.get(name)
+                if held is None or held.version != entry.version:
+                    eds.warming |= entry.refs
+        self._log.debug(
+            "xDS push",
+            type=labels["type"],
+            version=sent.version,
+            nonce=sent.nonce,
+            resources=len(sent.entries),
+            removed=len(sent.removed) + len(sent.absent),
+        )
+
+
+class SotwStream(ProtocolStream[discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse]):
+    """State-of-the-world ADS (``StreamAggregatedResources``)."""
+
+    kind = StreamKind.SOTW
+
+    def _handle(
+        self, type_url: str, st: _TypeState, request: discovery_pb2.DiscoveryRequest
+    ) -> list[discovery_pb2.DiscoveryResponse]:
+        nonce = request.response_nonce
+        if self._is_stale(st, nonce):
+            # Superseded by a later response of the same type: its answer is already on the way.
+            self._log.debug("stale request ignored", type=TYPE_SHORT[type_url], nonce=nonce)
+            return []
+        error = _error(request)
+        resolved = self._resolve(type_url, st, nonce, error, request.version_info)
+        first = not st.requested
+        st.requested = True
+        force = self._subscribe(type_url, st, list(request.resource_names), first)
+        if type_url == ENDPOINT_TYPE and any(st.in_scope(n) for n in st.warming):
+            force = True
+        todo = {type_url: force or first or st.force}
+        if resolved:
+            for dependent in _DEPENDENTS[type_url]:
+                todo.setdefault(dependent, False)
+        return self._evaluate_all(todo)
+
+    def _subscribe(self, type_url: str, st: _TypeState, names: list[str], first: bool) -> bool:
+        """Apply the request's full name list; True if it asks for something new."""
+        requested = set(names)
+        explicit_wildcard = WILDCARD in requested
+        requested.discard(WILDCARD)
+        legacy = (
+            type_url in FULL_STATE_TYPES
+            and not requested
+            and not explicit_wildcard
+            and (first or st.legacy_wildcard)
+        )
+        st.legacy_wildcard = legacy
+        newly_wildcard = self._set_wildcard(type_url, st, explicit_wildcard or legacy)
+        added = requested - st.names
+        self._watch_diff(type_url, st.names, requested)
+        st.names = requested
+        if not st.wildcard:
+            # The proxy dropped these (SotW: the request lists everything it wants).
+            st.held = {n: h for n, h in st.held.items() if n in requested}
+        return bool(added) or newly_wildcard
+
+    def _apply_ack(self, type_url: str, st: _TypeState, sent: _Sent) -> None:
+        if type_url in FULL_STATE_TYPES:
+            st.held = {n: _Held.of(e) for n, e in sent.entries.items()}  # full state
+        else:
+            st.held.update((n, _Held.of(e)) for n, e in sent.entries.items())
+        if not st.wildcard:
+            st.held = {n: h for n, h in st.held.items() if n in st.names}
+
+    def _evaluate(
+        self, type_url: str, st: _TypeState, force: bool
+    ) -> discovery_pb2.DiscoveryResponse | None:
+        if not st.requested:
+            return None
+        if st.outstanding is not None:
+            st.force = st.force or force  # answer once the in-flight response is resolved
+            return None
+        force = force or st.force
+        out, kept = self._targets(type_url, st)
+        for name in kept:
+            entry = st.held[name].entry
+            if entry is not None:
+                out[name] = entry
+        full_state = type_url in FULL_STATE_TYPES
+        if full_state:
+            # Make before break: keep a cluster that a route the proxy holds still names.
+            for name in self._protected(type_url):
+                held = st.held.get(name)
+                if (
+                    name not in out
+                    and held is not None
+                    and held.entry is not None
+                    and st.in_scope(name)
+                ):
+                    out[name] = held.entry
+        elif not out:
+            # SotW EDS/RDS cannot say "does not exist"; names stay watched until they appear.
+            st.force = False
+            return None
+        version = content_version(type_url, ((n, e.version) for n, e in out.items()))
+        if not force:
+            if full_state:
+                if version == st.acked_version:
+                    return None
+            elif all(
+                (h := st.held.get(n)) is not None and h.version == e.version for n, e in out.items()
+            ):
+                return None
+        if self._suppressed(type_url, st, version):
+            st.force = False
+            return None
+        nonce = self._next_nonce()
+        resp = discovery_pb2.DiscoveryResponse(
+            version_info=version,
+            type_url=type_url,
+            nonce=nonce,
+            control_plane=self._control_plane(),
+        )
+        ordered = sorted(out.items())
+        resp.resources.extend(e.any for _, e in ordered)
+        self._after_send(type_url, st, _Sent(nonce, version, dict(ordered)))
+        if type_url == ENDPOINT_TYPE:
+            st.warming.clear()  # every SotW EDS response carries all subscribed names
+        return resp
+
+
+class DeltaStream(
+    ProtocolStream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.DeltaDiscoveryResponse]
+):
+    """Incremental ADS (``DeltaAggregatedResources``)."""
+
+    kind = StreamKind.DELTA
+
+    def _handle(
+        self, type_url: str, st: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest
+    ) -> list[discovery_pb2.DeltaDiscoveryResponse]:
+        nonce = request.response_nonce
+        stale = self._is_stale(st, nonce)
+        first = not st.requested
+        st.requested = True
+        # Subscriptions are honoured even when the nonce is stale.
+        self._subscribe(type_url, st, request, first)
+        resolved = False
+        if stale:
+            self._log.debug("stale nonce: only subscriptions applied", type=TYPE_SHORT[type_url])
+        else:
+            error = _error(request)
+            resolved = self._resolve(type_url, st, nonce, error, "")
+            if type_url == ENDPOINT_TYPE and st.warming:
+                st.force_names |= {n for n in st.warming if st.in_scope(n)}
+                st.warming.clear()
+        # A first wildcard request is answered even when empty: the proxy's initial fetch
+        # completes instead of waiting for its timeout.
+        todo = {type_url: first and st.wildcard}
+        if resolved:
+            for dependent in _DEPENDENTS[type_url]:
+                todo.setdefault(dependent, False)
+        return self._evaluate_all(todo)
+
+    def _subscribe(
+        self,
+        type_url: str,
+        st: _TypeState,
+        request: discovery_pb2.DeltaDiscoveryRequest,
+        first: bool,
+    ) -> None:
+        subscribe = set(request.resource_names_subscribe)
+        unsubscribe = set(request.resource_names_unsubscribe)
+        wildcard = st.wildcard
+        if first and not subscribe and type_url in FULL_STATE_TYPES:
+            wildcard = True  # legacy wildcard
+        if WILDCARD in subscribe:
+            wildcard = True
+        if WILDCARD in unsubscribe:
+            wildcard = False
+        subscribe.discard(WILDCARD)
+        unsubscribe.discard(WILDCARD)
+        before = set(st.names)
+        for name in unsubscribe:
+            st.names.discard(name)
+            st.force_names.discard(name)
+            st.reported_absent.discard(name)
+            if not wildcard:
+                # The proxy forgets it; a later subscribe must send it again.
+                st.held.pop(name, None)
+        if first:
+            current = self._cache.resources(type_url)
+            for name, version in request.initial_resource_versions.items():
+                entry = current.get(name)
+                if entry is not None and entry.version == version:
+                    st.held[name] = _Held.of(entry)
+                else:
+                    refs = entry.refs if entry is not None else frozenset()
+                    st.held[name] = _Held(version, refs, None)
+        else:
+            for name in subscribe:
+                # A re-subscribe (e.g. a cluster re-created) expects the resource again.
+                if name in st.held:
+                    st.force_names.add(name)
+                st.reported_absent.discard(name)
+        st.names |= subscribe
+        self._watch_diff(type_url, before, st.names)
+        if wildcard and not st.wildcard:
+            self._set_wildcard(type_url, st, True)
+        elif not wildcard and st.wildcard:
+            self._set_wildcard(type_url, st, False)
+
+    def _apply_ack(self, type_url: str, st: _TypeState, sent: _Sent) -> None:
+        for name, entry in sent.entries.items():
+            if st.in_scope(name):
+                st.held[name] = _Held.of(entry)
+        for name in sent.removed:
+            st.held.pop(name, None)
+        st.reported_absent |= {n for n in sent.absent if st.in_scope(n)}
+
+    def _evaluate(
+        self, type_url: str, st: _TypeState, force: bool
+    ) -> discovery_pb2.DeltaDiscoveryResponse | None:
+        if not st.requested:
+            return None
+        if st.outstanding is not None:
+            st.force = st.force or force
+            return None
+        force = force or st.force
+        out, kept = self._targets(type_url, st)
+        upserts = {
+            n: e
+            for n, e in out.items()
+            if n in st.force_names or (h := st.held.get(n)) is None or h.version != e.version
+        }
+        protected = self._protected(type_url)
+        removed = {n for n in st.held if n not in out and n not in kept and n not in protected}
+        current = self._cache.resources(type_url)
+        absent = {
+            n
+            for n in st.names
+            if n not in current and n not in st.held and n not in st.reported_absent
+        }
+        if not upserts and not removed and not absent and not force:
+            return None
+        version = content_version(
+            type_url, ((n, e.version) for n, e in upserts.items()), removed | absent
+        )
+        if self._suppressed(type_url, st, version):
+            st.force = False
+            return None
+        nonce = self._next_nonce()
+        resp = discovery_pb2.DeltaDiscoveryResponse(
+            system_version_info=version,
+            type_url=type_url,
+            nonce=nonce,
+            control_plane=self._control_plane(),
+        )
+        ordered = sorted(upserts.items())
+        resp.resources.extend(e.delta_resource for _, e in ordered)
+        resp.removed_resources.extend(sorted(removed | absent))
+        st.force_names -= upserts.keys()
+        self._after_send(
+            type_url,
+            st,
+            _Sent(nonce, version, dict(ordered), frozenset(removed), frozenset(absent)),
+        )
+        if type_url == ENDPOINT_TYPE:
+            st.warming -= upserts.keys()
+        return resp
+
+
+def make_stream(
+    kind: StreamKind,
+    cache: Cache,
+    *,
+    identifier: str,
+    metrics: XdsMetrics | None = None,
+    journal: NackJournal | None = None,
+    clock: Callable[[], float] = time.time,
+) -> SotwStream | DeltaStream:
+    cls: type[SotwStream] | type[DeltaStream] = (
+        SotwStream if kind is StreamKind.SOTW else DeltaStream
+    )
+    return cls(cache, identifier=identifier, metrics=metrics, journal=journal, clock=clock)

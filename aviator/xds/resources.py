@@ -1,0 +1,317 @@
+"""Pure builders: weighted workloads → Envoy v3 resources, plus the xDS type URLs.
+
+Nothing here performs I/O, reads a clock or imports gRPC. Every builder is deterministic: the
+same input gives byte-identical (deterministically serialised) output, whatever the order of the
+endpoints in the input, so content hashes make stable versions.
+
+Resource naming:
+- Cluster and ClusterLoadAssignment: ``WorkloadKey.cluster_name`` (``namespace/name``).
+- Gateway mode: one Listener and one RouteConfiguration, named by :class:`GatewayConfig`.
+- gRPC proxyless clients: one API listener per workload named ``name.namespace`` and
+  ``name.namespace:port`` (the target of ``xds:///name.namespace[:port]``), sharing one
+  RouteConfiguration (:data:`GRPC_ROUTE_NAME`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
+from envoy.config.core.v3 import address_pb2, config_source_pb2, health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf.message import Message
+
+from aviator.model import Health, WeightedWorkload, WorkloadKey
+
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+
+#: The four types Aviator serves, in make-before-break order for additions: a Cluster before
+#: the endpoints that fill it, a Listener before the routes it uses (removals go in reverse).
+TYPE_ORDER: tuple[str, ...] = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
+
+#: Short names for logs and metric labels.
+TYPE_SHORT: dict[str, str] = {
+    CLUSTER_TYPE: "cds",
+    ENDPOINT_TYPE: "eds",
+    LISTENER_TYPE: "lds",
+    ROUTE_TYPE: "rds",
+}
+
+#: Types whose SotW responses carry the full state (absence means removal); the other two are
+#: answered by name and absence means nothing (xDS protocol, "Resource types").
+FULL_STATE_TYPES = frozenset({CLUSTER_TYPE, LISTENER_TYPE})
+
+HCM_FILTER = "envoy.filters.network.http_connection_manager"
+ROUTER_FILTER = "envoy.filters.http.router"
+HCM_TYPE = (
+    "type.googleapis.com/"
+    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
+
+GRPC_ROUTE_NAME = "aviator-grpc"
+
+# Outlier detection is only a backstop for pods that fail fast (connection refused, 5xx in a
+# row): Aviator's weights handle slowness. Success-rate ejection is switched off because it
+# acts on the same signal as the weigher without its hysteresis.
+CONSECUTIVE_5XX = 5
+OUTLIER_INTERVAL_S = 5
+BASE_EJECTION_TIME_S = 15
+MAX_EJECTION_TIME_S = 120
+# Never eject more than half of a cluster; with Envoy's default 50% panic threshold the rest
+# keeps serving. (Envoy still ejects one host of a tiny cluster; panic routing covers that.)
+MAX_EJECTION_PERCENT = 50
+CONNECT_TIMEOUT_S = 1
+
+_HEALTH = {
+    Health.HEALTHY: health_check_pb2.HEALTHY,
+    Health.DEGRADED: health_check_pb2.DEGRADED,
+    Health.UNHEALTHY: health_check_pb2.UNHEALTHY,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """The gateway Listener and its RouteConfiguration (gateway mode only)."""
+
+    listener_name: str = "aviator-gateway"
+    route_name: str = "aviator-gateway"
+    address: str = "0.0.0.0"  # a gateway listens on every interface by design
+    port: int = 10000
+    cluster_domain: str = "cluster.local"
+    stat_prefix: str = "aviator_gateway"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"gateway port must be in 1..65535, got {self.port}")
+        if not self.listener_name or not self.route_name:
+            raise ValueError("gateway listener and route names must not be empty")
+
+
+def _ads_config_source() -> config_source_pb2.ConfigSource:
+    # resource_api_version V3 on every ConfigSource: left out, Envoy warns and falls back.
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(),
+        resource_api_version=config_source_pb2.V3,
+    )
+
+
+def pack(message: Message) -> any_pb2.Any:
+    """Pack into an Any with deterministic serialisation (stable bytes → stable versions)."""
+    packed = any_pb2.Any()
+    packed.Pack(message, deterministic=True)
+    return packed
+
+
+def build_cluster(key: WorkloadKey) -> cluster_pb2.Cluster:
+    """An EDS-over-ADS cluster with least-request balancing and outlier detection."""
+    return cluster_pb2.Cluster(
+        name=key.cluster_name,
+        type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads_config_source()),
+        connect_timeout=duration_pb2.Duration(seconds=CONNECT_TIMEOUT_S),
+        # Least request combines Aviator's weights (slow loop) with Envoy's own per-request
+        # in-flight counts (fast loop).
+        lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,
+        outlier_detection=outlier_detection_pb2.OutlierDetection(
+            consecutive_5xx=wrappers_pb2.UInt32Value(value=CONSECUTIVE_5XX),
+            interval=duration_pb2.Duration(seconds=OUTLIER_INTERVAL_S),
+            base_ejection_time=duration_pb2.Duration(seconds=BASE_EJECTION_TIME_S),
+            max_ejection_time=duration_pb2.Duration(seconds=MAX_EJECTION_TIME_S),
+            max_ejection_percent=wrappers_pb2.UInt32Value(value=MAX_EJECTION_PERCENT),
+            enforcing_success_rate=wrappers_pb2.UInt32Value(value=0),
+        ),
+    )
+
+
+def build_load_assignment(workload: WeightedWorkload) -> endpoint_pb2.ClusterLoadAssignment:
+    """The workload's endpoints with their weights (always ≥ 1) and health.
+
+    Endpoints are sorted by address so the output does not depend on input order.
+    """
+    lb_endpoints = [
+        endpoint_components_pb2.LbEndpoint(
+            endpoint=endpoint_components_pb2.Endpoint(
+                address=address_pb2.Address(
+                    socket_address=address_pb2.SocketAddress(
+                        address=e.address.ip, port_value=e.address.port
+                    )
+                )
+            ),
+            health_status=_HEALTH[e.health],
+            # WeightedEndpoint guarantees 1..MAX_WEIGHT; Envoy rejects 0.
+            load_balancing_weight=wrappers_pb2.UInt32Value(value=e.weight),
+        )
+        for e in sorted(workload.endpoints, key=lambda e: (e.address.ip, e.address.port))
+    ]
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=workload.key.cluster_name)
+    if lb_endpoints:
+        cla.endpoints.append(endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb_endpoints))
+    return cla
+
+
+def _http_connection_manager(stat_prefix: str, route_name: str) -> hcm_pb2.HttpConnectionManager:
+    return hcm_pb2.HttpConnectionManager(
+        stat_prefix=stat_prefix,
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        rds=hcm_pb2.Rds(config_source=_ads_config_source(), route_config_name=route_name),
+        http_filters=[
+            hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=pack(router_pb2.Router()))
+        ],
+    )
+
+
+def build_listener(gateway: GatewayConfig) -> listener_pb2.Listener:
+    """The gateway listener: one HTTP connection manager taking its routes over RDS (ADS)."""
+    hcm = _http_connection_manager(gateway.stat_prefix, gateway.route_name)
+    return listener_pb2.Listener(
+        name=gateway.listener_name,
+        address=address_pb2.Address(
+            socket_address=address_pb2.SocketAddress(
+                address=gateway.address, port_value=gateway.port
+            )
+        ),
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[listener_components_pb2.Filter(name=HCM_FILTER, typed_config=pack(hcm))]
+            )
+        ],
+    )
+
+
+def build_api_listener(name: str, route_name: str = GRPC_ROUTE_NAME) -> listener_pb2.Listener:
+    """An API listener for gRPC's proxyless xDS client (target ``xds:///<name>``)."""
+    hcm = _http_connection_manager(name, route_name)
+    return listener_pb2.Listener(
+        name=name, api_listener=api_listener_pb2.ApiListener(api_listener=pack(hcm))
+    )
+
+
+def grpc_listener_names(workload: WeightedWorkload) -> tuple[str, str]:
+    """The ``xds:///`` targets a gRPC client can use for a workload: without and with port."""
+    base = f"{workload.key.name}.{workload.key.namespace}"
+    return base, f"{base}:{workload.port}"
+
+
+def host_domains(
+    key: WorkloadKey, ports: Iterable[int], cluster_domain: str = "cluster.local"
+) -> list[str]:
+    """Every Host a client may send for a workload, bare and with each port.
+
+    Envoy matches the Host header literally, port included (unless the connection manager
+    strips it), so ``name.ns:8080`` needs its own entry next to ``name.ns``.
+    """
+    names = [
+        f"{key.name}.{key.namespace}",
+        f"{key.name}.{key.namespace}.svc",
+        f"{key.name}.{key.namespace}.svc.{cluster_domain}",
+    ]
+    unique_ports = sorted(set(ports))
+    return names + [f"{n}:{p}" for n in names for p in unique_ports]
+
+
+def _virtual_host(key: WorkloadKey, domains: Sequence[str]) -> route_components_pb2.VirtualHost:
+    return route_components_pb2.VirtualHost(
+        name=key.cluster_name,
+        domains=list(domains),
+        routes=[
+            route_components_pb2.Route(
+                match=route_components_pb2.RouteMatch(prefix="/"),
+                route=route_components_pb2.RouteAction(cluster=key.cluster_name),
+            )
+        ],
+    )
+
+
+def build_route_configuration(
+    gateway: GatewayConfig, workloads: Iterable[WeightedWorkload]
+) -> route_pb2.RouteConfiguration:
+    """Routes ``Host: <name>.<namespace>[.svc[.<cluster domain>]][:port]`` to the workload.
+
+    The ports are the gateway's listener port and the workload's own port.
+    """
+    return route_pb2.RouteConfiguration(
+        name=gateway.route_name,
+        virtual_hosts=[
+            _virtual_host(
+                w.key, host_domains(w.key, (gateway.port, w.port), gateway.cluster_domain)
+            )
+            for w in sorted(workloads, key=lambda w: w.key)
+        ],
+    )
+
+
+def build_grpc_route_configuration(
+    workloads: Iterable[WeightedWorkload], name: str = GRPC_ROUTE_NAME
+) -> route_pb2.RouteConfiguration:
+    """Routes for gRPC proxyless clients: the authority is the ``xds:///`` target."""
+    return route_pb2.RouteConfiguration(
+        name=name,
+        virtual_hosts=[
+            _virtual_host(w.key, grpc_listener_names(w))
+            for w in sorted(workloads, key=lambda w: w.key)
+        ],
+    )
+
+
+def resource_name(type_url: str, message: Message) -> str:
+    """The xDS name of a resource (the CLA is named by its ``cluster_name``)."""
+    if type_url == ENDPOINT_TYPE:
+        assert isinstance(message, endpoint_pb2.ClusterLoadAssignment)
+        return str(message.cluster_name)
+    name = getattr(message, "name", None)
+    if not isinstance(name, str):
+        raise TypeError(f"{type(message).__name__} has no name field")
+    return name
+
+
+def _hcm_route_names(hcm_any: any_pb2.Any) -> set[str]:
+    if hcm_any.type_url != HCM_TYPE:
+        return set()
+    hcm = hcm_pb2.HttpConnectionManager()
+    hcm_any.Unpack(hcm)
+    return {hcm.rds.route_config_name} if hcm.HasField("rds") else set()
+
+
+def references(type_url: str, message: Message) -> frozenset[str]:
+    """Names of the resources this one depends on.
+
+    Cluster → the EDS name it subscribes to; RouteConfiguration → the clusters its routes
+    use; Listener → the RDS route configurations of its HTTP connection managers;
+    ClusterLoadAssignment → nothing.
+    """
+    refs: set[str] = set()
+    if type_url == CLUSTER_TYPE:
+        assert isinstance(message, cluster_pb2.Cluster)
+        if message.type == cluster_pb2.Cluster.EDS:
+            refs.add(message.eds_cluster_config.service_name or message.name)
+    elif type_url == ROUTE_TYPE:
+        assert isinstance(message, route_pb2.RouteConfiguration)
+        for vhost in message.virtual_hosts:
+            for route in vhost.routes:
+                if not route.HasField("route"):
+                    continue
+                if route.route.cluster:
+                    refs.add(route.route.cluster)
+                refs.update(c.name for c in route.route.weighted_clusters.clusters)
+    elif type_url == LISTENER_TYPE:
+        assert isinstance(message, listener_pb2.Listener)
+        chains = list(message.filter_chains)
+        if message.HasField("default_filter_chain"):
+            chains.append(message.default_filter_chain)
+        for chain in chains:
+            for network_filter in chain.filters:
+                refs |= _hcm_route_names(network_filter.typed_config)
+        if message.HasField("api_listener"):
+            refs |= _hcm_route_names(message.api_listener.api_listener)
+    return frozenset(refs)

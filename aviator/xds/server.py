@@ -1,0 +1,227 @@
+"""The gRPC (``grpc.aio``) ADS server: SotW and delta streams over one port.
+
+This layer only moves messages between gRPC and a :class:`~aviator.xds.protocol.ProtocolStream`
+(where every protocol rule lives), keeps the registry of open streams for the
+connected-proxies view, and the :class:`~aviator.xds.protocol.NackJournal`.
+
+Each stream runs one loop: a reader task queues requests, the cache wakes the loop through the
+stream's watches, and the loop yields the responses the state machine returns, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from prometheus_client import CollectorRegistry
+
+from aviator.xds.cache import Cache
+from aviator.xds.metrics import XdsMetrics
+from aviator.xds.protocol import (
+    DeltaStream,
+    NackJournal,
+    NackRecord,
+    ProtocolStream,
+    ProxyStatus,
+    SotwStream,
+    StreamKind,
+)
+
+log = structlog.get_logger(__name__)
+
+Req = TypeVar("Req", discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest)
+Resp = TypeVar("Resp", discovery_pb2.DiscoveryResponse, discovery_pb2.DeltaDiscoveryResponse)
+
+# Envoy's NACK messages can be long (every rejected resource's error); allow 16 MiB requests.
+_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+
+
+async def run_stream(
+    stream: ProtocolStream[Req, Resp], requests: AsyncIterator[Req]
+) -> AsyncIterator[Resp]:
+    """Drive ``stream`` with ``requests`` and cache wake-ups; yield its responses in order.
+
+    Ends when the client half-closes its side; an error reading requests is re-raised. The
+    stream stops watching the cache whatever way this ends.
+    """
+    inbox: deque[Req] = deque()
+    wake = asyncio.Event()
+    stream.set_waker(wake.set)
+    ended = False
+
+    async def read() -> None:
+        nonlocal ended
+        try:
+            async for request in requests:
+                inbox.append(request)
+                wake.set()
+        finally:
+            ended = True
+            wake.set()
+
+    reader = asyncio.create_task(read(), name=f"ads-read-{stream.stream_id}")
+    try:
+        while True:
+            await wake.wait()
+            wake.clear()
+            while inbox:
+                for response in stream.handle(inbox.popleft()):
+                    yield response
+            for response in stream.flush():
+                yield response
+            if ended and not inbox:
+                if not reader.cancelled() and (error := reader.exception()) is not None:
+                    raise error
+                return
+    finally:
+        stream.close()
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await reader
+
+
+class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
+    """``envoy.service.discovery.v3.AggregatedDiscoveryService`` over a :class:`Cache`."""
+
+    def __init__(
+        self,
+        cache: Cache,
+        *,
+        identifier: str,
+        metrics: XdsMetrics,
+        journal: NackJournal,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._cache = cache
+        self._identifier = identifier
+        self._metrics = metrics
+        self._journal = journal
+        self._clock = clock
+        self._streams: dict[int, ProtocolStream[Any, Any]] = {}
+
+    def streams(self) -> list[ProtocolStream[Any, Any]]:
+        return list(self._streams.values())
+
+    async def _serve(
+        self, stream: ProtocolStream[Req, Resp], requests: AsyncIterator[Req], peer: str
+    ) -> AsyncIterator[Resp]:
+        gauge = self._metrics.connected.labels(kind=str(stream.kind))
+        self._streams[stream.stream_id] = stream
+        gauge.inc()
+        log.info("ADS stream opened", stream=stream.stream_id, kind=str(stream.kind), peer=peer)
+        try:
+            async for response in run_stream(stream, requests):
+                yield response
+        finally:
+            gauge.dec()
+            del self._streams[stream.stream_id]
+            log.info(
+                "ADS stream closed",
+                stream=stream.stream_id,
+                kind=str(stream.kind),
+                node=stream.node_id,
+            )
+
+    async def StreamAggregatedResources(  # noqa: N802 - name fixed by the gRPC service
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+        stream = SotwStream(
+            self._cache,
+            identifier=self._identifier,
+            metrics=self._metrics,
+            journal=self._journal,
+            clock=self._clock,
+        )
+        async for response in self._serve(stream, request_iterator, context.peer()):
+            yield response
+
+    async def DeltaAggregatedResources(  # noqa: N802 - name fixed by the gRPC service
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[discovery_pb2.DeltaDiscoveryResponse]:
+        stream = DeltaStream(
+            self._cache,
+            identifier=self._identifier,
+            metrics=self._metrics,
+            journal=self._journal,
+            clock=self._clock,
+        )
+        async for response in self._serve(stream, request_iterator, context.peer()):
+            yield response
+
+
+class AdsServer:
+    """An ADS server on one address: ``await start("127.0.0.1:0")`` returns the bound port."""
+
+    def __init__(
+        self,
+        cache: Cache,
+        *,
+        identifier: str,
+        metrics_registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not identifier:
+            raise ValueError("the control plane identifier must not be empty")
+        self.cache = cache
+        self.identifier = identifier
+        self.metrics = XdsMetrics(metrics_registry)
+        self.journal = NackJournal()
+        self.servicer = AdsServicer(
+            cache, identifier=identifier, metrics=self.metrics, journal=self.journal, clock=clock
+        )
+        self._server: grpc.aio.Server | None = None
+        self._port: int | None = None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the ADS server is not started")
+        return self._port
+
+    async def start(self, address: str = "127.0.0.1:0") -> int:
+        """Listen on ``address`` (``host:port``, port 0 for any free one); return the port."""
+        if self._server is not None:
+            raise RuntimeError("the ADS server is already started")
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", _MAX_REQUEST_BYTES)])
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.servicer, server)
+        try:
+            port = int(server.add_insecure_port(address))
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen for xDS on {address}: {exc}") from exc
+        if port == 0:
+            raise OSError(f"cannot listen for xDS on {address}")
+        await server.start()
+        self._server, self._port = server, port
+        log.info("ADS server listening", address=address, port=port, identifier=self.identifier)
+        return port
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        """Stop accepting streams; end open ones after ``grace`` seconds. Idempotent."""
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop(grace)
+            log.info("ADS server stopped")
+
+    def proxies(self) -> tuple[ProxyStatus, ...]:
+        """The open streams: node id, kind, per-type subscription, versions and last NACK."""
+        return tuple(
+            sorted((s.status() for s in self.servicer.streams()), key=lambda p: p.stream_id)
+        )
+
+    def nacks(self, node_id: str | None = None) -> tuple[NackRecord, ...]:
+        """Recorded NACKs (oldest first), of one node or of all."""
+        return self.journal.all() if node_id is None else self.journal.for_node(node_id)
+
+
+__all__ = ["AdsServer", "AdsServicer", "StreamKind", "run_stream"]
