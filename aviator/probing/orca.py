@@ -102,7 +102,8 @@ class OrcaLoadReport:
 
     def __post_init__(self) -> None:
         for name in _SCALARS:
-            _check_value(name, float(getattr(self, name)))
+            # Stored as float whatever number type was given (JSON and callers pass ints).
+            object.__setattr__(self, name, _check_value(name, float(getattr(self, name))))
         for map_name in ("named_metrics", "utilization", "request_cost"):
             original: Mapping[str, float] = getattr(self, map_name)
             for key, value in original.items():
