@@ -33,6 +33,8 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from aviator.probing.agent import LoadTracker, aiohttp_middleware
+from aviator.probing.results import DEFAULT_PROBE_PATH
 from aviator.testbed.profile import (
     Distribution,
     Phase,
@@ -44,7 +46,6 @@ from aviator.testbed.profile import (
 log = structlog.get_logger(__name__)
 
 BACKEND_HEADER = "x-testbed-backend"
-DEFAULT_PROBE_PATH = "/aviator/probe"
 # Hidden jobs beyond this many per capacity slot are dropped: hidden load above 100% would
 # otherwise grow the queue without bound and never drain after the phase ends.
 _HIDDEN_BACKLOG_PER_SLOT = 4
@@ -135,7 +136,7 @@ class JobTracker(Protocol):
     The probing agent's load tracker fits this: a hidden job is another client's request.
     """
 
-    def track(self) -> contextlib.AbstractContextManager[None]: ...
+    def track(self) -> contextlib.AbstractContextManager[object]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +225,8 @@ class Backend:
 
     ``clock`` is the time source of the profile (default: the running loop's ``time()``, which
     ``looptime`` fakes in tests). :meth:`serve_one` is the whole request logic without HTTP.
+    ``on_phase`` is called with each phase as it is applied (e.g. to tell the load tracker the
+    new capacity). :func:`agent_backend` builds one with the probing agent plugged in.
     """
 
     def __init__(
@@ -232,11 +235,13 @@ class Backend:
         *,
         middlewares: Sequence[Middleware] = (),
         job_tracker: JobTracker | None = None,
+        on_phase: Callable[[Phase], None] | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.spec = spec
         self._middlewares = tuple(middlewares)
         self._job_tracker = job_tracker
+        self._on_phase = on_phase
         self._clock = clock
         self._rng = backend_rng(spec.seed, spec.name)
         self._hidden_rng = backend_rng(spec.seed, spec.name + "/hidden")
@@ -393,6 +398,8 @@ class Backend:
             log.info("backend phase", backend=self.name, elapsed_s=round(elapsed, 3), phase=phase)
         self._phase = phase
         self._gate.resize(phase.capacity)
+        if self._on_phase is not None:
+            self._on_phase(phase)
         self._phase_applied.set()
         nxt = self._profile.next_change_after(elapsed)
         return None if nxt is None else nxt - elapsed
@@ -441,9 +448,40 @@ class Backend:
         self._hidden_served += 1
 
 
+def agent_backend(
+    spec: BackendSpec,
+    *,
+    probe_path: str = DEFAULT_PROBE_PATH,
+    clock: Callable[[], float] | None = None,
+) -> Backend:
+    """A backend that reports its load with the probing agent.
+
+    The agent's middleware is the outermost one, so its RIF runs from receipt to response and
+    includes requests queued at the capacity gate (Prequal's definition); hidden jobs count as
+    requests of other clients; the tracker's capacity follows the phases, so the ORCA
+    ``application_utilization`` is RIF / current capacity. ``clock`` (default: the monotonic
+    clock for the tracker, the loop's for the profile) drives both when given.
+    """
+    tracker = LoadTracker(
+        capacity=spec.profile.phase_at(0.0).capacity, clock=clock or time.monotonic
+    )
+
+    def on_phase(phase: Phase) -> None:
+        tracker.capacity = phase.capacity
+
+    return Backend(
+        spec,
+        # web.middleware marks it new-style; without the mark aiohttp warns (deprecated form).
+        middlewares=[web.middleware(aiohttp_middleware(tracker, probe_path=probe_path))],
+        job_tracker=tracker,
+        on_phase=on_phase,
+        clock=clock,
+    )
+
+
 # -- the fleet process --------------------------------------------------------------------
 
-MiddlewareFactory = Callable[[BackendSpec], tuple[Sequence[Middleware], JobTracker | None]]
+BackendFactory = Callable[[BackendSpec], Backend]
 
 
 @dataclass(frozen=True, slots=True)
@@ -495,11 +533,6 @@ class FleetSpec:
         )
 
 
-def no_agent(spec: BackendSpec) -> tuple[Sequence[Middleware], JobTracker | None]:
-    """Middleware factory for backends without load reporting."""
-    return (), None
-
-
 def _control_app(backends: Mapping[str, Backend]) -> web.Application:
     """The fleet's control API (on its own port, so it never counts as a backend's load).
 
@@ -543,14 +576,23 @@ async def serve_fleet(
     *,
     ready: Callable[[Mapping[str, Any]], None],
     stop: asyncio.Event,
-    middleware_factory: MiddlewareFactory | None = None,
+    backend_factory: BackendFactory | None = None,
 ) -> None:
     """Run every backend of ``spec`` and the control server until ``stop`` is set.
 
     ``ready`` gets ``{"control": URL, "backends": {name: URL}}`` once all listen. Whatever
-    happens, every backend that started is stopped before this returns.
+    happens, every backend that started is stopped before this returns. ``backend_factory``
+    defaults to :func:`agent_backend` (``spec.agent``) or a plain :class:`Backend`.
     """
-    factory = middleware_factory or (default_middleware_factory(spec) if spec.agent else no_agent)
+    if backend_factory is not None:
+        factory = backend_factory
+    elif spec.agent:
+        probe_path = spec.probe_path
+
+        def factory(b: BackendSpec) -> Backend:
+            return agent_backend(b, probe_path=probe_path)
+    else:
+        factory = Backend
     loop = asyncio.get_running_loop()
     t0 = None if spec.t0_wall is None else loop.time() - (time.time() - spec.t0_wall)
     backends: dict[str, Backend] = {}
@@ -558,8 +600,7 @@ async def serve_fleet(
     try:
         origin = loop.time() if t0 is None else t0
         for bspec in spec.backends:
-            middlewares, tracker = factory(bspec)
-            backend = Backend(bspec, middlewares=middlewares, job_tracker=tracker)
+            backend = factory(bspec)
             backends[bspec.name] = backend
             await backend.start(t0=origin)
         await control.setup()
@@ -575,11 +616,6 @@ async def serve_fleet(
     finally:
         await control.cleanup()
         await asyncio.gather(*(b.stop() for b in backends.values()), return_exceptions=True)
-
-
-def default_middleware_factory(spec: FleetSpec) -> MiddlewareFactory:
-    """The probing agent's middleware for every backend (wired once the agent exists)."""
-    return no_agent
 
 
 def _load_spec(text: str) -> FleetSpec:

@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from aviator.probing.orca import ORCA_HEADER, parse_orca_header
 from aviator.testbed.backend import BACKEND_HEADER, BackendSpec, FleetSpec
 from aviator.testbed.fleet import Fleet, FleetError
 from aviator.testbed.loadgen import LoadSpec, plan, run_load_process
@@ -175,3 +176,18 @@ async def test_load_generator_process_against_the_fleet() -> None:
     assert stats["a"].received == targets.count(0)
     assert stats["b"].received == targets.count(1)
     assert sum(result.by_backend.values()) == len(times)
+
+
+async def test_fleet_backends_report_load_with_the_agent() -> None:
+    spec = FleetSpec(backends=(BackendSpec("r", Profile.constant(0.001, 3)),))
+    assert spec.agent
+    async with Fleet(spec) as fleet, aiohttp.ClientSession() as session:
+        url = fleet.backend_urls["r"]
+        async with session.get(url + "/work") as resp:
+            assert resp.status == 200
+            assert parse_orca_header(resp.headers[ORCA_HEADER]).rif is not None
+        async with session.get(url + spec.probe_path) as resp:
+            body = await resp.json()
+        assert body["rif"] == 0
+        assert body["capacity"] == 3
+        assert (await fleet.stats())["r"].received == 1
