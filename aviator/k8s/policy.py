@@ -92,7 +92,9 @@ PROBE_FIELDS: Final = frozenset({"path", "port", "timeout"})
 # Printable ASCII without spaces, starting with '/': a request path (query allowed).
 PROBE_PATH_PATTERN: Final = r"^/[!-~]*$"
 _PROBE_PATH = re.compile(PROBE_PATH_PATTERN)
-_PROBE_PATH_MAX = 1024
+PROBE_PATH_MAX_LENGTH: Final = 1024
+# The CRD's maxLength for durations: bounds the cost of its CEL duration() rules.
+DURATION_MAX_LENGTH: Final = 64
 
 _KINDS = ", ".join(f'"{k.value}"' for k in WorkloadKind)
 
@@ -239,7 +241,12 @@ def _unknown(f: Fields, obj: Mapping[str, Any], known: frozenset[str], prefix: s
 
 
 def _duration(
-    f: Fields, obj: Mapping[str, Any], key: str, path: str, what: str | None
+    f: Fields,
+    obj: Mapping[str, Any],
+    key: str,
+    path: str,
+    what: str | None,
+    bounds: tuple[Duration, Duration] | None = None,
 ) -> Duration | None:
     value = f.get(obj, key, path, what)
     if value is None:
@@ -249,6 +256,9 @@ def _duration(
             path, f'must be a duration string such as "500ms" or "1m30s", got {type_name(value)}'
         )
         return None
+    if len(value) > DURATION_MAX_LENGTH:
+        f.error(path, f"must be at most {DURATION_MAX_LENGTH} characters, got {len(value)}")
+        return None
     try:
         d = parse_duration(value)
     except DurationError as exc:
@@ -256,6 +266,9 @@ def _duration(
         return None
     if d.nanoseconds == 0:
         f.error(path, f"{value!r} is zero; durations must be positive")
+        return None
+    if bounds is not None and (err := _range_error(path, d, bounds)) is not None:
+        f.errors.append(err)
         return None
     return d
 
@@ -286,33 +299,37 @@ def _port(f: Fields, obj: Mapping[str, Any], key: str, path: str) -> int | str |
     return value
 
 
-def _bounds_errors(
-    latency: Duration | None, interval: Duration | None, timeout: Duration | None
-) -> list[FieldError]:
-    errors: list[FieldError] = []
-    for path, value, (low, high) in (
-        ("spec.latencyThreshold", latency, LATENCY_THRESHOLD_RANGE),
-        ("spec.pingInterval", interval, PING_INTERVAL_RANGE),
-    ):
-        if value is not None and not low <= value <= high:
-            errors.append(FieldError(path, f"{value} is out of range; allowed: {low} to {high}"))
-    if timeout is not None and timeout < PROBE_TIMEOUT_MIN:
-        errors.append(
-            FieldError(
-                "spec.probe.timeout",
-                f"{timeout} is too short; allowed: {PROBE_TIMEOUT_MIN} up to spec.pingInterval",
-            )
+def _range_error(
+    path: str, value: Duration, bounds: tuple[Duration, Duration]
+) -> FieldError | None:
+    low, high = bounds
+    if low <= value <= high:
+        return None
+    return FieldError(path, f"{value} is out of range; allowed: {low} to {high}")
+
+
+def _timeout_error(timeout: Duration, interval: Duration | None) -> FieldError | None:
+    if timeout < PROBE_TIMEOUT_MIN:
+        return FieldError(
+            "spec.probe.timeout",
+            f"{timeout} is too short; allowed: {PROBE_TIMEOUT_MIN} up to spec.pingInterval",
         )
-    elif timeout is not None and interval is not None and timeout > interval:
-        errors.append(
-            FieldError(
-                "spec.probe.timeout",
-                f"{timeout} is longer than "
-                f"spec.pingInterval ({interval}); a probe must end before "
-                "the next one starts",
-            )
+    if interval is not None and timeout > interval:
+        return FieldError(
+            "spec.probe.timeout",
+            f"{timeout} is longer than spec.pingInterval ({interval}); a probe must end "
+            "before the next one starts",
         )
-    return errors
+    return None
+
+
+def _bounds_errors(latency: Duration, interval: Duration, timeout: Duration) -> list[FieldError]:
+    checks = (
+        _range_error("spec.latencyThreshold", latency, LATENCY_THRESHOLD_RANGE),
+        _range_error("spec.pingInterval", interval, PING_INTERVAL_RANGE),
+        _timeout_error(timeout, interval),
+    )
+    return [e for e in checks if e is not None]
 
 
 def _target_ref(f: Fields, spec: Mapping[str, Any]) -> TargetRef | None:
@@ -349,7 +366,7 @@ def _target_ref(f: Fields, spec: Mapping[str, Any]) -> TargetRef | None:
 
 
 def _probe(
-    f: Fields, spec: Mapping[str, Any]
+    f: Fields, spec: Mapping[str, Any], interval: Duration | None
 ) -> tuple[str, int | str | None, Duration | None] | None:
     """(path, port, explicit timeout or None); None if invalid."""
     raw = f.mapping(spec, "probe", "spec.probe") or {}
@@ -358,8 +375,8 @@ def _probe(
     path = f.string(raw, "path", "spec.probe.path")
     if path is None:
         path = DEFAULT_PROBE_PATH
-    elif len(path) > _PROBE_PATH_MAX:
-        f.error("spec.probe.path", f"must be at most {_PROBE_PATH_MAX} characters")
+    elif len(path) > PROBE_PATH_MAX_LENGTH:
+        f.error("spec.probe.path", f"must be at most {PROBE_PATH_MAX_LENGTH} characters")
     elif not _PROBE_PATH.fullmatch(path):
         f.error(
             "spec.probe.path",
@@ -368,6 +385,8 @@ def _probe(
         )
     port = _port(f, raw, "port", "spec.probe.port")
     timeout = _duration(f, raw, "timeout", "spec.probe.timeout", None)
+    if timeout is not None and (err := _timeout_error(timeout, interval)) is not None:
+        f.errors.append(err)
     if len(f.errors) > before:
         return None
     return path, port, timeout
@@ -411,6 +430,7 @@ def _parse_spec(
         "latencyThreshold",
         "spec.latencyThreshold",
         'a duration such as "100ms": endpoints slower than this are "hot"',
+        LATENCY_THRESHOLD_RANGE,
     )
     interval = _duration(
         f,
@@ -418,17 +438,16 @@ def _parse_spec(
         "pingInterval",
         "spec.pingInterval",
         'a duration such as "1s": how often each pod is probed',
+        PING_INTERVAL_RANGE,
     )
     port = _port(f, spec, "port", "spec.port")
-    probe = _probe(f, spec)
+    probe = _probe(f, spec, interval)
     knobs = _weigher(f, spec)
     timeout: Duration | None = None
     if probe is not None:
         timeout = probe[2]
         if timeout is None and interval is not None:
             timeout = min(DEFAULT_PROBE_TIMEOUT, interval)
-    # Only an explicit timeout is checked here: the default is within bounds by construction.
-    f.errors.extend(_bounds_errors(latency, interval, probe[2] if probe is not None else None))
     if (
         f.errors
         or meta is None

@@ -276,7 +276,10 @@ def _resolve_one(
     selected = [pod for pod in pods_by_ns.get(ns, ()) if target.selects(pod)]
 
     missing: list[str] = []
-    for field, value in (("spec.port", port), ("spec.probe.port", probe_port)):
+    checks: list[tuple[str, int | str]] = [("spec.port", port)]
+    if p.probe.port is not None:  # else it is the traffic port, checked already
+        checks.append(("spec.probe.port", p.probe.port))
+    for field, value in checks:
         if (
             isinstance(value, str)
             and target.port_named(value) is None
