@@ -21,13 +21,15 @@ from aviator.testbed.loadgen import LoadSpec, run_load_process
 from aviator.testbed.profile import Profile
 
 
-async def measure(rates: Sequence[float], duration_s: float, backends: int) -> None:
+async def measure(
+    rates: Sequence[float], duration_s: float, backends: int, *, agent: bool = False
+) -> None:
     # Fast, wide backends: 1 ms mean service, 256 slots each, so they are not the bottleneck.
     spec = FleetSpec(
         backends=tuple(
             BackendSpec(f"b{i}", Profile.constant(0.001, 256), seed=i) for i in range(backends)
         ),
-        agent=False,
+        agent=agent,
     )
     async with Fleet(spec) as fleet:
         targets = tuple(fleet.backend_urls.values())
@@ -54,9 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rates", default="500,1000,1500,2000,3000")
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--backends", type=int, default=4)
+    parser.add_argument("--agent", action="store_true", help="backends report load (ORCA)")
     args = parser.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
-    asyncio.run(measure(rates, args.duration, args.backends))
+    asyncio.run(measure(rates, args.duration, args.backends, agent=args.agent))
     return 0
 
 

@@ -117,6 +117,26 @@ class Profile:
         """A profile from phases in any order (sorted by start time)."""
         return cls(tuple(sorted(phases, key=lambda p: p.start_s)))
 
+    @classmethod
+    def window(cls, base: Phase, start_s: float, end_s: float, **changes: Any) -> Profile:
+        """``base`` all along, except ``changes`` (Phase fields) from ``start_s`` to ``end_s``.
+
+        E.g. ``Profile.window(Phase(), 20, 40, mean_service_s=0.16)`` slows a backend 16x for
+        20 s; a moving antagonist is one window per backend at successive times.
+        """
+        if not 0 < start_s < end_s:
+            raise ValueError(f"window needs 0 < start_s < end_s, got {start_s}, {end_s}")
+        if "start_s" in changes:
+            raise ValueError("a window's changes cannot move its start (use start_s)")
+        fields = base.to_json()
+        return cls(
+            (
+                Phase(**{**fields, "start_s": 0.0}),
+                Phase(**{**fields, **changes, "start_s": start_s}),
+                Phase(**{**fields, "start_s": end_s}),
+            )
+        )
+
     def phase_at(self, elapsed_s: float) -> Phase:
         """The phase in force ``elapsed_s`` after the origin (the first one before 0)."""
         starts = [p.start_s for p in self.phases]

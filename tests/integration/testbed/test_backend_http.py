@@ -116,3 +116,42 @@ async def test_stop_does_not_wait_for_a_hanging_request(session: aiohttp.ClientS
     with pytest.raises(aiohttp.ClientError):
         await call
     assert asyncio.get_running_loop().time() < 5  # fake time: the handler was cancelled
+
+
+@pytest.mark.looptime
+async def test_serve_fleet_in_process_with_a_wall_clock_origin(
+    session: aiohttp.ClientSession,
+) -> None:
+    import time
+
+    from aviator.testbed.backend import FleetSpec, serve_fleet
+
+    profile = Profile.of([Phase(0.0, capacity=4), Phase(10.0, capacity=1)])
+    spec = FleetSpec(
+        backends=(BackendSpec("w1", profile), BackendSpec("w2", profile)),
+        agent=False,
+        t0_wall=time.time() - 15.0,  # the schedule started 15 s ago: phase 2 is in force
+    )
+    info: dict[str, object] = {}
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve_fleet(spec, ready=info.update, stop=stop))
+    for _ in range(1000):
+        if info:
+            break
+        await asyncio.sleep(0.01)
+    try:
+        control = str(info["control"])
+        async with session.get(control + "/testbed/stats") as resp:
+            stats = await resp.json()
+        assert {s["phase"]["capacity"] for s in stats.values()} == {1}
+        async with session.post(control + "/testbed/clock") as resp:
+            assert resp.status == 200
+        async with session.get(control + "/testbed/stats") as resp:
+            stats = await resp.json()
+        assert {s["phase"]["capacity"] for s in stats.values()} == {4}
+        async with session.post(control + "/testbed/phase", json={"phases": []}) as resp:
+            assert resp.status == 400
+            assert "at least one phase" in (await resp.json())["error"]
+    finally:
+        stop.set()
+        await task

@@ -97,3 +97,15 @@ def test_backend_rng_is_deterministic_and_independent_per_backend() -> None:
     assert backend_rng(3, "a").random() == a1
     assert backend_rng(3, "b").random() != a1
     assert backend_rng(4, "a").random() != a1
+
+
+def test_window_changes_a_base_phase_for_a_while() -> None:
+    base = Phase(mean_service_s=0.01, capacity=4)
+    profile = Profile.window(base, 20.0, 40.0, mean_service_s=0.16, error_rate=0.1)
+    assert profile.phase_at(10.0) == Phase(0.0, mean_service_s=0.01, capacity=4)
+    assert profile.phase_at(30.0) == Phase(20.0, mean_service_s=0.16, capacity=4, error_rate=0.1)
+    assert profile.phase_at(50.0) == Phase(40.0, mean_service_s=0.01, capacity=4)
+    with pytest.raises(ValueError, match="0 < start_s < end_s"):
+        Profile.window(base, 40.0, 20.0)
+    with pytest.raises(TypeError):
+        Profile.window(base, 1.0, 2.0, speed=3)
