@@ -3,7 +3,8 @@
 Every ``*.yaml`` / ``*.yml`` file under PATH (recursively) may hold several documents
 (``---``), each an AviatorPolicy, Deployment, StatefulSet or Pod, or a ``kind: List`` of
 them; other kinds are ignored. The directory is polled (a ``stat`` of each file every
-``interval`` seconds; a file is re-read only when its mtime, size or inode change, and
+``interval`` seconds; a file is re-read only when its mtime, size or inode change, or while
+its mtime is less than 2 s older than its last read, since mtimes are coarse; it is
 re-parsed only when its content hash changes), so edits, new files and deletions take
 effect within about one interval, without a restart.
 
@@ -42,6 +43,7 @@ import hashlib
 import json
 import os
 import stat
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -60,10 +62,10 @@ from aviator.k8s.state import ClusterObject, ClusterState, Problem, Store, decod
 
 __all__ = ["DEFAULT_INTERVAL", "DirectorySource", "SourceError", "load_directory"]
 
-log = structlog.get_logger(__name__)
-
 DEFAULT_INTERVAL: Final = 0.4  # seconds between scans: "within about a second" with margin
 SUFFIXES: Final = (".yaml", ".yml")
+# A file modified less than this before it was read is re-hashed at every scan (see _read).
+_RACY_NS: Final = 2_000_000_000
 _UID_NAMESPACE: Final = uuid.UUID("6f0d6a52-7f3e-4d0f-9a8c-5b8e2a1c0d11")  # fixed, arbitrary
 
 
@@ -112,6 +114,7 @@ class _File:
     """What one file contributes: its objects and problems, and what it was read from."""
 
     stat_key: tuple[int, int, int]  # (mtime_ns, size, inode): cheap change detection
+    read_ns: int  # file-system clock when the bytes were read (see _RACY_NS)
     digest: str  # sha256 of the bytes: a touch without a change re-parses nothing
     docs: tuple[_Doc, ...]
     problems: tuple[Problem, ...]
@@ -252,6 +255,7 @@ class DirectorySource:
         self._first_seen: dict[ObjectRef, datetime] = {}
         self._state: ClusterState | None = None
         self._root_problem: Problem | None = None
+        self.parse_count = 0  # files parsed so far (a changed digest), for tests and metrics
 
     @property
     def name(self) -> str:
@@ -308,27 +312,33 @@ class DirectorySource:
             if not stat.S_ISREG(st.st_mode):
                 return None
             key = (st.st_mtime_ns, st.st_size, st.st_ino)
-            if old is not None and old.stat_key == key:
+            # Trust an unchanged stat only if the file had been still for a while when it
+            # was read: mtimes are coarse (a kernel tick, or 1-2 s on some file systems), so
+            # a same-size rewrite in the same tick keeps the same key ("racy git" problem).
+            if old is not None and old.stat_key == key and st.st_mtime_ns + _RACY_NS < old.read_ns:
                 return old
+            read_ns = time.time_ns()
             data = path.read_bytes()
         except FileNotFoundError:
             return None  # deleted between the walk and the read: it is gone
         except OSError as exc:
-            return self._stale(path, old, (0, 0, 0), "", f"cannot read: {exc.strerror or exc}")
+            return self._stale(path, old, (0, 0, 0), 0, "", f"cannot read: {exc.strerror or exc}")
         digest = hashlib.sha256(data).hexdigest()
         if old is not None and old.digest == digest:
-            return dataclasses.replace(old, stat_key=key)
+            return dataclasses.replace(old, stat_key=key, read_ns=read_ns)
+        self.parse_count += 1
         parsed = _parse_file(source, data)
         if isinstance(parsed, Problem):
-            return self._stale(path, old, key, digest, parsed.message, parsed.line)
+            return self._stale(path, old, key, read_ns, digest, parsed.message, parsed.line)
         docs, problems = parsed
-        return _File(key, digest, docs, tuple(problems))
+        return _File(key, read_ns, digest, docs, tuple(problems))
 
     def _stale(
         self,
         path: Path,
         old: _File | None,
         key: tuple[int, int, int],
+        read_ns: int,
         digest: str,
         message: str,
         line: int | None = None,
@@ -342,7 +352,7 @@ class DirectorySource:
             kept = "none of its objects are served"
             object_problems, docs = (), ()
         problem = Problem(str(path), f"{message}; {kept}", line=line)
-        return _File(key, digest, docs, (problem, *object_problems))
+        return _File(key, read_ns, digest, docs, (problem, *object_problems))
 
     def _publish(self) -> ClusterState | None:
         objects: dict[ObjectRef, ClusterObject] = {}
@@ -391,6 +401,8 @@ class DirectorySource:
         )
 
     def _log(self, state: ClusterState) -> None:
+        # A fresh logger each time: a module-level one caches its configuration on first use.
+        log = structlog.get_logger(__name__)
         before = set(self._state.problems) if self._state is not None else set()
         for p in state.problems:
             if p not in before:
