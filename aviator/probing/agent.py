@@ -308,6 +308,7 @@ def aiohttp_middleware(
     """
     from aiohttp import web
 
+    @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path == probe_path and request.method in ("GET", "HEAD"):
             return web.Response(
