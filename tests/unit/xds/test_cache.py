@@ -1,0 +1,126 @@
+"""The cache: checked publishes, shared serialisation, targeted wake-ups, no gRPC."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from aviator.model import WorkloadKey
+from aviator.xds import resources as r
+from aviator.xds.cache import Cache
+from aviator.xds.snapshot import Snapshot, SnapshotError, build_snapshot
+from tests.unit.xds.fakes import workload
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def resources_changed(self, type_url: str) -> None:
+        self.calls.append(type_url)
+
+
+def test_cache_module_does_not_import_grpc() -> None:
+    code = (
+        "import sys; import aviator.xds.cache, aviator.xds.snapshot, aviator.xds.protocol; "
+        "bad = sorted(m for m in sys.modules if m == 'grpc' or m.startswith('grpc.')); "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_inconsistent_snapshot_raises_and_keeps_the_old_one() -> None:
+    cache = Cache()
+    good = build_snapshot([workload("a", 1)])
+    cache.publish(good)
+    bad = Snapshot.from_messages(clusters=[r.build_cluster(WorkloadKey("default", "b"))])
+    with pytest.raises(SnapshotError, match="no endpoints"):
+        cache.publish(bad)
+    assert set(cache.resources(r.CLUSTER_TYPE)) == {"default/a"}
+    assert cache.get(r.ENDPOINT_TYPE, "default/a") is good.of_type(r.ENDPOINT_TYPE)["default/a"]
+
+
+def test_unchecked_publish_is_possible_for_tests() -> None:
+    cache = Cache()
+    bad = Snapshot.from_messages(clusters=[r.build_cluster(WorkloadKey("default", "b"))])
+    cache.publish(bad, check=False)
+    assert set(cache.resources(r.CLUSTER_TYPE)) == {"default/b"}
+
+
+def test_unchanged_resources_keep_their_serialised_entry() -> None:
+    cache = Cache()
+    cache.publish(build_snapshot([workload("a", 1), workload("b", 1)]))
+    a_before = cache.get(r.ENDPOINT_TYPE, "default/a")
+    b_before = cache.get(r.ENDPOINT_TYPE, "default/b")
+    changes = cache.publish(build_snapshot([workload("a", 1), workload("b", 2)]))
+    assert cache.get(r.ENDPOINT_TYPE, "default/a") is a_before  # same Any object shared
+    b_after = cache.get(r.ENDPOINT_TYPE, "default/b")
+    assert b_after is not b_before and b_after is not None
+    assert b_after.version != b_before.version  # type: ignore[union-attr]
+    assert dict(changes.changed) == {r.ENDPOINT_TYPE: frozenset({"default/b"})}
+
+
+def test_identical_publish_changes_nothing_and_wakes_nobody() -> None:
+    cache = Cache()
+    watcher = Recorder()
+    cache.watch_all(watcher, r.CLUSTER_TYPE)
+    cache.publish(build_snapshot([workload("a", 1)]))
+    assert watcher.calls == [r.CLUSTER_TYPE]
+    changes = cache.publish(build_snapshot([workload("a", 1)]))
+    assert not changes
+    assert watcher.calls == [r.CLUSTER_TYPE]
+    assert cache.publishes == 1
+
+
+def test_a_change_wakes_only_the_watchers_of_that_name() -> None:
+    cache = Cache()
+    cache.publish(build_snapshot([workload("a", 1), workload("b", 1)]))
+    on_a, on_b, on_all_eds, on_all_cds = Recorder(), Recorder(), Recorder(), Recorder()
+    cache.watch(on_a, r.ENDPOINT_TYPE, ["default/a"])
+    cache.watch(on_b, r.ENDPOINT_TYPE, ["default/b"])
+    cache.watch_all(on_all_eds, r.ENDPOINT_TYPE)
+    cache.watch_all(on_all_cds, r.CLUSTER_TYPE)
+    cache.publish(build_snapshot([workload("a", 5), workload("b", 1)]))
+    assert on_a.calls == [r.ENDPOINT_TYPE]
+    assert on_b.calls == []
+    assert on_all_eds.calls == [r.ENDPOINT_TYPE]
+    assert on_all_cds.calls == []  # clusters did not change
+
+
+def test_watching_an_unknown_name_wakes_when_it_appears_and_when_it_goes() -> None:
+    cache = Cache()
+    watcher = Recorder()
+    cache.watch(watcher, r.ENDPOINT_TYPE, ["default/later"])
+    cache.publish(build_snapshot([workload("a", 1)]))
+    assert watcher.calls == []
+    cache.publish(build_snapshot([workload("a", 1), workload("later", 1)]))
+    assert watcher.calls == [r.ENDPOINT_TYPE]
+    cache.publish(build_snapshot([workload("a", 1)]))
+    assert watcher.calls == [r.ENDPOINT_TYPE] * 2
+
+
+def test_unwatch_and_forget() -> None:
+    cache = Cache()
+    watcher = Recorder()
+    cache.watch(watcher, r.ENDPOINT_TYPE, ["default/a", "default/b"])
+    cache.watch_all(watcher, r.CLUSTER_TYPE)
+    assert cache.watcher_count(r.ENDPOINT_TYPE, "default/a") == 1
+    cache.unwatch(watcher, r.ENDPOINT_TYPE, ["default/a"])
+    assert cache.watcher_count(r.ENDPOINT_TYPE, "default/a") == 0
+    assert cache.watcher_count(r.ENDPOINT_TYPE, "default/b") == 1
+    cache.forget(watcher)
+    assert cache.watcher_count(r.ENDPOINT_TYPE, "default/b") == 0
+    assert cache.watcher_count(r.CLUSTER_TYPE) == 0
+    cache.publish(build_snapshot([workload("a", 1), workload("b", 1)]))
+    assert watcher.calls == []
+
+
+def test_removed_type_is_a_change() -> None:
+    cache = Cache()
+    cache.publish(build_snapshot([workload("a", 1)], gateway=r.GatewayConfig()))
+    changes = cache.publish(build_snapshot([workload("a", 1)]))
+    assert set(changes.changed) == {r.LISTENER_TYPE, r.ROUTE_TYPE}
+    assert not cache.resources(r.LISTENER_TYPE)
