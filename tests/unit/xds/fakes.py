@@ -34,7 +34,10 @@ from aviator.xds.protocol import DeltaStream, NackJournal, SotwStream
 
 IDENTIFIER = "aviator-test"
 
-def workload(name: str, *weights: int, namespace: str = "default", port: int = 8080) -> WeightedWorkload:
+
+def workload(
+    name: str, *weights: int, namespace: str = "default", port: int = 8080
+) -> WeightedWorkload:
     """A workload with one endpoint per weight, at 10.0.0.<i+1>:port."""
     return WeightedWorkload(
         WorkloadKey(namespace, name),
@@ -58,7 +61,9 @@ def decode(type_url: str, any_msg: Any) -> Message:
         r.ROUTE_TYPE: route_pb2.RouteConfiguration,
     }[type_url]
     msg = cls()
-    assert any_msg.type_url == type_url, f"resource of type {any_msg.type_url} in a {type_url} response"
+    assert any_msg.type_url == type_url, (
+        f"resource of type {any_msg.type_url} in a {type_url} response"
+    )
     msg.ParseFromString(any_msg.value)
     return msg
 
@@ -66,8 +71,13 @@ def decode(type_url: str, any_msg: Any) -> Message:
 class _FakeProxy:
     kind = ""
 
-    def __init__(self, cache: Cache, node_id: str = "proxy-1", journal: NackJournal | None = None,
-                 metrics: XdsMetrics | None = None) -> None:
+    def __init__(
+        self,
+        cache: Cache,
+        node_id: str = "proxy-1",
+        journal: NackJournal | None = None,
+        metrics: XdsMetrics | None = None,
+    ) -> None:
         self.cache = cache
         self.node_id = node_id
         self.metrics = metrics or XdsMetrics()
@@ -109,7 +119,9 @@ class _FakeProxy:
                         f"route {name} names cluster {cluster} before the proxy accepted it"
                     )
         if type_url == r.CLUSTER_TYPE:
-            used = {c for rt in self.held[r.ROUTE_TYPE].values() for c in r.references(r.ROUTE_TYPE, rt)}
+            used = {
+                c for rt in self.held[r.ROUTE_TYPE].values() for c in r.references(r.ROUTE_TYPE, rt)
+            }
             for gone in held_clusters.keys() - new_state.keys():
                 assert gone not in used, f"cluster {gone} removed while a held route names it"
         if type_url == r.ENDPOINT_TYPE:
@@ -118,7 +130,9 @@ class _FakeProxy:
                 assert gone not in used, f"endpoints {gone} removed while a held cluster uses them"
         if type_url == r.ROUTE_TYPE:
             used = {
-                n for lst in self.held[r.LISTENER_TYPE].values() for n in r.references(r.LISTENER_TYPE, lst)
+                n
+                for lst in self.held[r.LISTENER_TYPE].values()
+                for n in r.references(r.LISTENER_TYPE, lst)
             }
             for gone in self.held[r.ROUTE_TYPE].keys() - new_state.keys():
                 assert gone not in used, f"route {gone} removed while a held listener uses it"
@@ -148,6 +162,12 @@ class _FakeProxy:
                 return self.inbox.pop(i)
         raise AssertionError(f"no {type_url or 'response'} received; inbox={self.inbox_types()}")
 
+    def _consume(self, resp: Any) -> None:
+        """Remove ``resp`` from the inbox (by identity) and from the in-flight table."""
+        assert self.in_flight.get(resp.type_url) == resp.nonce, "answer to a response not in flight"
+        del self.in_flight[resp.type_url]
+        self.inbox = [x for x in self.inbox if x is not resp]
+
     def inbox_types(self) -> list[str]:
         return [r.TYPE_SHORT[x.type_url] for x in self.inbox]
 
@@ -164,7 +184,9 @@ class SotwProxy(_FakeProxy):
 
     def __init__(self, cache: Cache, node_id: str = "proxy-1", **kw: Any) -> None:
         super().__init__(cache, node_id, **kw)
-        self.stream = SotwStream(cache, identifier=IDENTIFIER, metrics=self.metrics, journal=self.journal)
+        self.stream = SotwStream(
+            cache, identifier=IDENTIFIER, metrics=self.metrics, journal=self.journal
+        )
         self.version: dict[str, str] = {}  # accepted version_info per type
         self.subscribed: dict[str, list[str]] = {}
 
@@ -210,11 +232,15 @@ class SotwProxy(_FakeProxy):
             req.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
         return self._receive(self.stream.handle(req))
 
-    def ack(self, resp: discovery_pb2.DiscoveryResponse, names: Iterable[str] | None = None) -> list[Any]:
+    def ack(
+        self, resp: discovery_pb2.DiscoveryResponse, names: Iterable[str] | None = None
+    ) -> list[Any]:
         """Accept a response (apply it) and send the ACK."""
-        assert self.in_flight.get(resp.type_url) == resp.nonce, "ACK of a response not in flight"
-        del self.in_flight[resp.type_url]
-        state = {r.resource_name(resp.type_url, m): m for m in (decode(resp.type_url, a) for a in resp.resources)}
+        self._consume(resp)
+        state = {
+            r.resource_name(resp.type_url, m): m
+            for m in (decode(resp.type_url, a) for a in resp.resources)
+        }
         if resp.type_url in r.FULL_STATE_TYPES:
             self.held[resp.type_url] = state
         else:
@@ -223,8 +249,7 @@ class SotwProxy(_FakeProxy):
         return self.request(resp.type_url, names, nonce=resp.nonce)
 
     def nack(self, resp: discovery_pb2.DiscoveryResponse, message: str = "rejected") -> list[Any]:
-        assert self.in_flight.get(resp.type_url) == resp.nonce
-        del self.in_flight[resp.type_url]
+        self._consume(resp)
         self.nacked.setdefault(resp.type_url, set()).add(resp.version_info)
         return self.request(resp.type_url, nonce=resp.nonce, error=message)
 
@@ -233,7 +258,7 @@ class SotwProxy(_FakeProxy):
         for _ in range(max_rounds):
             if not self.inbox:
                 return
-            resp = self.inbox.pop(0)
+            resp = self.inbox[0]
             self.ack(resp, self._follow(resp))
         raise AssertionError("stream did not settle")
 
@@ -245,17 +270,35 @@ class EnvoyLikeSotwProxy(SotwProxy):
     """Also subscribes, like Envoy, to the EDS names of accepted clusters and RDS names of
     accepted listeners (sending those requests after the ACK that caused them)."""
 
-    def ack(self, resp: discovery_pb2.DiscoveryResponse, names: Iterable[str] | None = None) -> list[Any]:
+    def ack(
+        self, resp: discovery_pb2.DiscoveryResponse, names: Iterable[str] | None = None
+    ) -> list[Any]:
         out = super().ack(resp, names)
         if resp.type_url == r.CLUSTER_TYPE:
-            eds = sorted({e for c in self.held[r.CLUSTER_TYPE].values() for e in r.references(r.CLUSTER_TYPE, c)})
+            eds = sorted(
+                {
+                    e
+                    for c in self.held[r.CLUSTER_TYPE].values()
+                    for e in r.references(r.CLUSTER_TYPE, c)
+                }
+            )
             if eds != sorted(self.subscribed.get(r.ENDPOINT_TYPE, [])):
-                self.held[r.ENDPOINT_TYPE] = {n: m for n, m in self.held[r.ENDPOINT_TYPE].items() if n in eds}
+                self.held[r.ENDPOINT_TYPE] = {
+                    n: m for n, m in self.held[r.ENDPOINT_TYPE].items() if n in eds
+                }
                 out += self.request(r.ENDPOINT_TYPE, eds)
         if resp.type_url == r.LISTENER_TYPE:
-            rds = sorted({n for lst in self.held[r.LISTENER_TYPE].values() for n in r.references(r.LISTENER_TYPE, lst)})
+            rds = sorted(
+                {
+                    n
+                    for lst in self.held[r.LISTENER_TYPE].values()
+                    for n in r.references(r.LISTENER_TYPE, lst)
+                }
+            )
             if rds != sorted(self.subscribed.get(r.ROUTE_TYPE, [])):
-                self.held[r.ROUTE_TYPE] = {n: m for n, m in self.held[r.ROUTE_TYPE].items() if n in rds}
+                self.held[r.ROUTE_TYPE] = {
+                    n: m for n, m in self.held[r.ROUTE_TYPE].items() if n in rds
+                }
                 out += self.request(r.ROUTE_TYPE, rds)
         return out
 
@@ -271,7 +314,9 @@ class DeltaProxy(_FakeProxy):
 
     def __init__(self, cache: Cache, node_id: str = "proxy-1", **kw: Any) -> None:
         super().__init__(cache, node_id, **kw)
-        self.stream = DeltaStream(cache, identifier=IDENTIFIER, metrics=self.metrics, journal=self.journal)
+        self.stream = DeltaStream(
+            cache, identifier=IDENTIFIER, metrics=self.metrics, journal=self.journal
+        )
         self.versions: dict[str, dict[str, str]] = {t: {} for t in r.TYPE_ORDER}
         self.subscribed: dict[str, set[str]] = {}
         self.wildcard: dict[str, bool] = {}
@@ -285,9 +330,9 @@ class DeltaProxy(_FakeProxy):
         for res in resp.resources:
             # Per-resource version: hash of the serialised resource.
             assert res.version == hashlib.blake2b(res.resource.value, digest_size=8).hexdigest()
-            assert self.wildcard.get(resp.type_url) or res.name in self.subscribed.get(resp.type_url, set()), (
-                f"unsubscribed {res.name} sent"
-            )
+            assert self.wildcard.get(resp.type_url) or res.name in self.subscribed.get(
+                resp.type_url, set()
+            ), f"unsubscribed {res.name} sent"
             state[res.name] = decode(resp.type_url, res.resource)
         for name in resp.removed_resources:
             state.pop(name, None)
@@ -332,9 +377,10 @@ class DeltaProxy(_FakeProxy):
             req.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
         return self._receive(self.stream.handle(req))
 
-    def ack(self, resp: discovery_pb2.DeltaDiscoveryResponse, subscribe: Iterable[str] = ()) -> list[Any]:
-        assert self.in_flight.get(resp.type_url) == resp.nonce, "ACK of a response not in flight"
-        del self.in_flight[resp.type_url]
+    def ack(
+        self, resp: discovery_pb2.DeltaDiscoveryResponse, subscribe: Iterable[str] = ()
+    ) -> list[Any]:
+        self._consume(resp)
         for res in resp.resources:
             self.held[resp.type_url][res.name] = decode(resp.type_url, res.resource)
             self.versions[resp.type_url][res.name] = res.version
@@ -343,9 +389,10 @@ class DeltaProxy(_FakeProxy):
             self.versions[resp.type_url].pop(name, None)
         return self.request(resp.type_url, subscribe, nonce=resp.nonce)
 
-    def nack(self, resp: discovery_pb2.DeltaDiscoveryResponse, message: str = "rejected") -> list[Any]:
-        assert self.in_flight.get(resp.type_url) == resp.nonce
-        del self.in_flight[resp.type_url]
+    def nack(
+        self, resp: discovery_pb2.DeltaDiscoveryResponse, message: str = "rejected"
+    ) -> list[Any]:
+        self._consume(resp)
         self.nacked.setdefault(resp.type_url, set()).add(resp.system_version_info)
         return self.request(resp.type_url, nonce=resp.nonce, error=message)
 
@@ -353,5 +400,5 @@ class DeltaProxy(_FakeProxy):
         for _ in range(max_rounds):
             if not self.inbox:
                 return
-            self.ack(self.inbox.pop(0))
+            self.ack(self.inbox[0])
         raise AssertionError("stream did not settle")

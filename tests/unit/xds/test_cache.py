@@ -28,7 +28,9 @@ def test_cache_module_does_not_import_grpc() -> None:
         "bad = sorted(m for m in sys.modules if m == 'grpc' or m.startswith('grpc.')); "
         "print(bad); sys.exit(1 if bad else 0)"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -58,7 +60,8 @@ def test_unchanged_resources_keep_their_serialised_entry() -> None:
     changes = cache.publish(build_snapshot([workload("a", 1), workload("b", 2)]))
     assert cache.get(r.ENDPOINT_TYPE, "default/a") is a_before  # same Any object shared
     b_after = cache.get(r.ENDPOINT_TYPE, "default/b")
-    assert b_after is not b_before and b_after is not None
+    assert b_after is not b_before
+    assert b_after is not None
     assert b_after.version != b_before.version  # type: ignore[union-attr]
     assert dict(changes.changed) == {r.ENDPOINT_TYPE: frozenset({"default/b"})}
 

@@ -27,7 +27,9 @@ def _workload(*endpoints: WeightedEndpoint, port: int = 8080) -> WeightedWorkloa
     return WeightedWorkload(KEY, port, tuple(endpoints))
 
 
-def _ep(ip: str, weight: int, health: Health = Health.HEALTHY, port: int = 8080) -> WeightedEndpoint:
+def _ep(
+    ip: str, weight: int, health: Health = Health.HEALTHY, port: int = 8080
+) -> WeightedEndpoint:
     return WeightedEndpoint(EndpointAddress(ip, port), weight, health)
 
 
@@ -47,7 +49,8 @@ def test_cluster_outlier_detection_is_a_bounded_backstop() -> None:
     assert od.consecutive_5xx.value == r.CONSECUTIVE_5XX > 0
     assert od.base_ejection_time.seconds > 0
     assert 0 < od.max_ejection_percent.value < 100  # never ejects the whole cluster
-    assert od.HasField("enforcing_success_rate") and od.enforcing_success_rate.value == 0
+    assert od.HasField("enforcing_success_rate")
+    assert od.enforcing_success_rate.value == 0
 
 
 def test_load_assignment_carries_weights_and_health() -> None:
@@ -106,7 +109,9 @@ def test_load_assignment_bytes_do_not_depend_on_endpoint_order(
 
 
 def test_listener_uses_rds_over_ads_and_the_router() -> None:
-    gateway = r.GatewayConfig(listener_name="gw", route_name="gw-routes", address="127.0.0.1", port=10080)
+    gateway = r.GatewayConfig(
+        listener_name="gw", route_name="gw-routes", address="127.0.0.1", port=10080
+    )
     listener = r.build_listener(gateway)
     assert listener.name == "gw"
     assert listener.address.socket_address.address == "127.0.0.1"

@@ -9,7 +9,13 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 
 from aviator.model import WorkloadKey
 from aviator.xds import resources as r
-from aviator.xds.snapshot import ResourceEntry, Snapshot, SnapshotError, build_snapshot, content_version
+from aviator.xds.snapshot import (
+    ResourceEntry,
+    Snapshot,
+    SnapshotError,
+    build_snapshot,
+    content_version,
+)
 from tests.unit.xds.fakes import workload
 
 
@@ -25,7 +31,11 @@ def test_build_snapshot_has_a_cluster_and_endpoints_per_workload() -> None:
 def test_gateway_snapshot_is_consistent() -> None:
     gateway = r.GatewayConfig()
     snap = build_snapshot([workload("a", 1)], gateway=gateway, grpc_api_listeners=True)
-    assert set(snap.of_type(r.LISTENER_TYPE)) == {gateway.listener_name, "a.default", "a.default:8080"}
+    assert set(snap.of_type(r.LISTENER_TYPE)) == {
+        gateway.listener_name,
+        "a.default",
+        "a.default:8080",
+    }
     assert set(snap.of_type(r.ROUTE_TYPE)) == {gateway.route_name, r.GRPC_ROUTE_NAME}
     assert snap.problems() == []
 
@@ -47,10 +57,15 @@ def test_every_broken_reference_is_reported() -> None:
     zero = r.build_load_assignment(workload("zero", 1))
     zero.endpoints[0].lb_endpoints[0].load_balancing_weight.value = 0
     snap = Snapshot.from_messages(
-        clusters=[r.build_cluster(WorkloadKey("default", "lonely")), r.build_cluster(WorkloadKey("default", "zero"))],
+        clusters=[
+            r.build_cluster(WorkloadKey("default", "lonely")),
+            r.build_cluster(WorkloadKey("default", "zero")),
+        ],
         endpoints=[cla, zero],
         listeners=[r.build_listener(gateway)],
-        routes=[r.build_route_configuration(r.GatewayConfig(route_name="other"), [workload("ghost", 1)])],
+        routes=[
+            r.build_route_configuration(r.GatewayConfig(route_name="other"), [workload("ghost", 1)])
+        ],
     )
     with pytest.raises(SnapshotError) as exc:
         snap.check()
@@ -81,8 +96,10 @@ def test_entry_serialises_once_and_versions_by_content_hash() -> None:
 
 
 def test_entry_rejects_wrong_type_and_missing_name() -> None:
-    with pytest.raises(TypeError, match="is not a envoy.config.cluster.v3.Cluster"):
-        ResourceEntry.from_message(r.CLUSTER_TYPE, endpoint_pb2.ClusterLoadAssignment(cluster_name="x"))
+    with pytest.raises(TypeError, match=r"is not a envoy\.config\.cluster\.v3\.Cluster"):
+        ResourceEntry.from_message(
+            r.CLUSTER_TYPE, endpoint_pb2.ClusterLoadAssignment(cluster_name="x")
+        )
     with pytest.raises(ValueError, match="without a name"):
         ResourceEntry.from_message(r.ENDPOINT_TYPE, endpoint_pb2.ClusterLoadAssignment())
 

@@ -218,7 +218,9 @@ def test_nack_names_added_in_the_nack_are_still_answered() -> None:
     (resp,) = proxy.request(r.ENDPOINT_TYPE, ["default/a"])
     proxy.in_flight.pop(r.ENDPOINT_TYPE)
     proxy.nacked.setdefault(r.ENDPOINT_TYPE, set()).add(resp.version_info)
-    (more,) = proxy.request(r.ENDPOINT_TYPE, ["default/a", "default/b"], nonce=resp.nonce, error="bad a")
+    (more,) = proxy.request(
+        r.ENDPOINT_TYPE, ["default/a", "default/b"], nonce=resp.nonce, error="bad a"
+    )
     assert proxy.names(more) == ["default/a", "default/b"]  # other content, other version
 
 
@@ -401,7 +403,9 @@ def test_status_view_and_close() -> None:
     assert status.node_id == "node-x"
     assert status.kind is StreamKind.SOTW
     (cds,) = status.types
-    assert cds.wildcard and cds.waiting_for_ack and cds.sent_version == resp.version_info
+    assert cds.wildcard
+    assert cds.waiting_for_ack
+    assert cds.sent_version == resp.version_info
     assert resp.control_plane.identifier == "aviator-test"
     assert cache.watcher_count(r.CLUSTER_TYPE) == 1
     proxy.stream.close()
@@ -413,8 +417,11 @@ def test_status_view_and_close() -> None:
 def test_unsupported_type_is_ignored() -> None:
     proxy = SotwProxy(_cache(workload("a", 1)))
     secret = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
-    assert proxy.stream.handle(
-        __import__("envoy.service.discovery.v3.discovery_pb2", fromlist=["x"]).DiscoveryRequest(
-            type_url=secret
+    assert (
+        proxy.stream.handle(
+            __import__("envoy.service.discovery.v3.discovery_pb2", fromlist=["x"]).DiscoveryRequest(
+                type_url=secret
+            )
         )
-    ) == []
+        == []
+    )
