@@ -84,12 +84,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _envoy_messages(output: str, levels: Sequence[str]) -> list[str]:
-    """The messages of Envoy log lines at ``levels``, without time/thread/source prefixes."""
+    """The messages of Envoy log lines at ``levels``, without time/thread/source prefixes.
+
+    Runs of whitespace become one space: protobuf randomises the spacing of its error texts
+    (``no  such field``) so that nobody matches them exactly.
+    """
     found = []
     for line in output.splitlines():
         match = _LOG_LINE.match(line)
         if match and match["level"] in levels:
-            found.append(match["msg"])
+            found.append(" ".join(match["msg"].split()))
     return found
 
 
@@ -214,6 +218,7 @@ class EnvoyProcess:
         self._admin: EnvoyAdmin | None = None
         self._admin_url: str | None = None
         self._returncode: int | None = None
+        self._serving = False  # start() succeeded: an exit before stop() is unexpected
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -277,6 +282,7 @@ class EnvoyProcess:
         except BaseException:
             await self.stop()
             raise
+        self._serving = True
 
     async def stop(self) -> None:
         """Stop Envoy (SIGTERM, then SIGKILL after ``stop_timeout``) and wait for it to exit.
@@ -300,7 +306,7 @@ class EnvoyProcess:
                     with contextlib.suppress(ProcessLookupError):
                         proc.kill()
                     await proc.wait()
-            else:
+            elif self._serving:
                 log.warning(
                     "envoy.exited_early", pid=proc.pid, code=proc.returncode, log=self.log_tail(10)
                 )
@@ -313,6 +319,7 @@ class EnvoyProcess:
             _running.pop(proc.pid, None)
             self._proc = None
             self._admin = None
+            self._serving = False
             self._cleanup_dir()
         log.info("envoy.stopped", pid=proc.pid, code=self._returncode)
 
@@ -328,9 +335,12 @@ class EnvoyProcess:
         assert proc is not None
         while True:
             if proc.returncode is not None:
+                await proc.wait()  # the log is complete once the process is reaped
+                text = self.log_text()
+                reasons = "; ".join(_envoy_messages(text, ("critical", "error")))
                 raise EnvoyStartError(
-                    f"envoy exited with code {proc.returncode} while starting; "
-                    f"log tail:\n{self.log_tail()}"
+                    f"envoy exited with code {proc.returncode} while starting: {reasons}\n"
+                    f"log tail:\n{_tail(text, 30)}"
                 )
             url = self._read_admin_url()
             if url is not None:

