@@ -49,7 +49,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 import yaml
@@ -452,3 +452,9 @@ def load_directory(root: str | os.PathLike[str]) -> ClusterState:
     state = DirectorySource(root).scan()
     assert state is not None  # the first scan always produces a state
     return state
+
+
+if TYPE_CHECKING:
+    from aviator.k8s.state import StateSource
+
+    _conforms: StateSource = DirectorySource(".")  # mypy checks the protocol is met
