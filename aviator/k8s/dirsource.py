@@ -19,6 +19,7 @@ structlog warning naming file, document, object and field):
 * **A file whose YAML no longer parses** (or is not UTF-8) keeps serving the objects of
   its last good version. An editor's half-saved file must not drop pods from Envoy; the
   problem says the file is stale until fixed. A file that never parsed serves nothing.
+* **A file or subdirectory that cannot be read** (permissions) keeps its last objects too.
 * **The same object in two places**: the first one (by file path, then document order)
   wins, the others are reported.
 * **PATH itself disappears** after a good start: the last state keeps being served, with a
@@ -45,7 +46,7 @@ import os
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -254,7 +255,7 @@ class DirectorySource:
         self._files: dict[Path, _File] = {}
         self._first_seen: dict[ObjectRef, datetime] = {}
         self._state: ClusterState | None = None
-        self._root_problem: Problem | None = None
+        self._dir_problems: tuple[Problem, ...] = ()
         self.parse_count = 0  # files parsed so far (a changed digest), for tests and metrics
 
     @property
@@ -275,33 +276,54 @@ class DirectorySource:
         directory cannot be read.
         """
         try:
-            paths = sorted(self._walk())
+            paths, unreadable = self._walk()
         except OSError as exc:
             if self._state is None:
                 raise SourceError(
                     f"cannot read directory {self.root}: {exc.strerror or exc}"
                 ) from exc
-            self._root_problem = Problem(
-                str(self.root),
-                f"cannot read the directory ({exc.strerror or exc}); "
-                "serving the last state read from it",
+            self._dir_problems = (
+                Problem(
+                    str(self.root),
+                    f"cannot read the directory ({exc.strerror or exc}); "
+                    "serving the last state read from it",
+                ),
             )
         else:
-            self._root_problem = None
-            self._files = {p: f for p in paths if (f := self._read(p)) is not None}
+            # The files of a subdirectory that cannot be listed now keep their last objects,
+            # as a file that cannot be read does.
+            kept = {
+                p: f
+                for p, f in self._files.items()
+                if any(p.is_relative_to(d) for d, _ in unreadable)
+            }
+            self._dir_problems = tuple(
+                Problem(
+                    str(d),
+                    f"cannot read the directory ({why}); serving the last objects read from it",
+                )
+                for d, why in unreadable
+            )
+            self._files = kept | {p: f for p in paths if (f := self._read(p)) is not None}
         return self._publish()
 
-    def _walk(self) -> Iterator[Path]:
+    def _walk(self) -> tuple[list[Path], list[tuple[Path, str]]]:
+        """Manifest files under the root, sorted, and the subdirectories that failed."""
         if not self.root.is_dir():
             raise NotADirectoryError(20, "not a directory (or missing)", str(self.root))
         errors: list[OSError] = []
+        paths: list[Path] = []
         for dirpath, dirnames, filenames in os.walk(self.root, onerror=errors.append):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in filenames:
-                if not name.startswith(".") and name.endswith(SUFFIXES):
-                    yield Path(dirpath, name)
+            paths.extend(
+                Path(dirpath, name)
+                for name in filenames
+                if not name.startswith(".") and name.endswith(SUFFIXES)
+            )
         if errors and errors[0].filename == str(self.root):
             raise errors[0]
+        failed = [(Path(e.filename), str(e.strerror or e)) for e in errors if e.filename]
+        return sorted(paths), failed
 
     def _read(self, path: Path) -> _File | None:
         """The file's contribution (re-parsed only if its content changed); None if gone."""
@@ -379,8 +401,7 @@ class DirectorySource:
                     continue
                 origin[ref] = (path, d)
                 objects[ref] = d.obj
-        if self._root_problem is not None:
-            problems.insert(0, self._root_problem)
+        problems[:0] = self._dir_problems
         now = self._wall_clock()
         self._first_seen = {ref: self._first_seen.get(ref, now) for ref in objects}
         state = ClusterState.build((self._stamp(obj) for obj in objects.values()), problems)

@@ -368,6 +368,34 @@ def test_a_vanished_directory_keeps_the_last_state(manifests: Path, tmp_path: Pa
     assert back.version == good.version
 
 
+def test_an_unreadable_subdirectory_keeps_its_last_objects(
+    manifests: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = DirectorySource(manifests)
+    good = scan(source)
+    apps = manifests / "apps"
+    real_scandir = os.scandir
+
+    def scandir(path: Any) -> Any:  # root cannot chmod its way out of reading: fake it
+        if Path(path) == apps:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    denied = scan(source)
+    assert names(denied) == names(good)
+    assert denied.problems == (
+        Problem(
+            str(apps),
+            "cannot read the directory (Permission denied); serving the last objects read from it",
+        ),
+    )
+    monkeypatch.undo()
+    back = scan(source)
+    assert back.problems == ()
+    assert back.version == good.version
+
+
 def test_first_seen_time_keeps_the_older_policy_winning(manifests: Path) -> None:
     now = [T0]
     source = DirectorySource(manifests, wall_clock=lambda: now[0])
