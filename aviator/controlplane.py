@@ -1,0 +1,434 @@
+"""The composition root: one function of the whole control plane.
+
+``ControlPlane`` builds every component (source, store, prober, estimator, weigher state,
+publisher, cache, ADS server, admin server) and owns every long-running task in one
+``asyncio.TaskGroup``. A task that ends on its own is an error and stops the whole control
+plane; :meth:`ControlPlane.stop` is the graceful way out.
+
+The flow on each change:
+
+- a new ``ClusterState`` → resolve (pure) → probe targets (``Prober.set_targets``) and the
+  set of served workloads → a new snapshot;
+- every ``reweigh_interval`` → estimator stats at ``now`` → ``weigh`` per workload (pure; the
+  previous result carries hysteresis) → a new snapshot only if some weights changed;
+- snapshots go through the debounced ``Publisher`` to the ``Cache``, which wakes only the ADS
+  streams subscribed to what changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import prometheus_client
+import structlog
+
+from aviator.admin import AdminServer
+from aviator.k8s.dirsource import DirectorySource
+from aviator.k8s.resolve import PolicyResolution, resolve_state, serving
+from aviator.k8s.state import ClusterState, StateSource, Store
+from aviator.model import WeightedWorkload, WorkloadKey
+from aviator.probing.estimator import Estimator
+from aviator.probing.prober import Prober, TransportFactory
+from aviator.probing.results import ProbeKey, ProbeOutcome, ProbeResult, ProbeTarget
+from aviator.probing.weigher import WeighResult, weigh
+from aviator.xds.cache import Cache
+from aviator.xds.publisher import Publisher
+from aviator.xds.resources import GatewayConfig
+from aviator.xds.server import AdsServer
+from aviator.xds.snapshot import SnapshotError, build_snapshot
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_XDS_ADDRESS = "127.0.0.1:18000"
+DEFAULT_ADMIN_ADDRESS = "127.0.0.1:18001"
+DEFAULT_PORT = 8080  # traffic port when a policy names a port no endpoint resolved
+
+
+class ControlPlaneError(Exception):
+    """The control plane cannot start or keep running (bad address, source failure)."""
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` → (host, port); ValueError says what is wrong."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"port must be a number in {address!r}") from None
+    if not 0 <= port < 65536:
+        raise ValueError(f"port must be in 0..65535 in {address!r}")
+    return host, port
+
+
+def make_source(spec: str) -> StateSource:
+    """``dir:PATH`` → a directory source. ValueError for anything else."""
+    kind, sep, arg = spec.partition(":")
+    if kind == "dir" and sep and arg:
+        if not os.path.isdir(arg):
+            raise ValueError(f"--source {spec}: {arg!r} is not a directory")
+        return DirectorySource(arg)
+    if kind == "kubernetes":
+        raise ValueError("--source kubernetes is not available in this build yet; use dir:PATH")
+    raise ValueError(f"--source must be dir:PATH, got {spec!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything ``aviator run`` is told, parsed once."""
+
+    source: str
+    xds_address: str = DEFAULT_XDS_ADDRESS
+    admin_address: str = DEFAULT_ADMIN_ADDRESS
+    gateway: GatewayConfig | None = dataclasses.field(default_factory=GatewayConfig)
+    identifier: str = dataclasses.field(
+        default_factory=lambda: f"aviator/{socket.gethostname()}/{uuid.uuid4().hex[:8]}"
+    )
+    reweigh_interval: float = 0.1  # how often estimates become weights (pushes are rarer)
+    publish_quiet: float = 0.05
+    publish_max_delay: float = 0.25
+    max_probes_in_flight: int = 256
+
+    def __post_init__(self) -> None:
+        split_host_port(self.xds_address)
+        split_host_port(self.admin_address)
+        if not self.reweigh_interval > 0:
+            raise ValueError("reweigh_interval must be > 0")
+
+
+@dataclass(slots=True)
+class _Served:
+    """One served workload: its resolution and its last weights."""
+
+    resolution: PolicyResolution
+    weights: WeighResult | None = None
+
+
+class ControlPlane:
+    """Owns every component; ``await run()`` until :meth:`stop` or a failure."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        source: StateSource | None = None,
+        transport_factory: TransportFactory | None = None,
+        registry: prometheus_client.CollectorRegistry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry or prometheus_client.CollectorRegistry()
+        self.source = source or make_source(settings.source)
+        self.store = Store()
+        self.cache = Cache()
+        self.publisher = Publisher(
+            self.cache, quiet=settings.publish_quiet, max_delay=settings.publish_max_delay
+        )
+        self.ads = AdsServer(
+            self.cache, identifier=settings.identifier, metrics_registry=self.registry
+        )
+        self.estimator: Estimator[ProbeKey] = Estimator()
+        self.prober: Prober[ProbeKey] = Prober(
+            self._on_probe,
+            max_in_flight=settings.max_probes_in_flight,
+            transport_factory=transport_factory,
+        )
+        self.admin = AdminServer(
+            registry=self.registry,
+            ready=self.readiness,
+            views={
+                "policies": self.policies_view,
+                "endpoints": self.endpoints_view,
+                "proxies": self.proxies_view,
+                "problems": self.problems_view,
+            },
+        )
+        self._state: ClusterState | None = None
+        self._resolutions: tuple[PolicyResolution, ...] = ()
+        self._served: dict[WorkloadKey, _Served] = {}
+        self._reported: dict[str, str] = {}  # what was last logged per object, to log changes
+        self._stop = asyncio.Event()
+        self.xds_port: int | None = None
+        self.admin_port: int | None = None
+        self._probes = prometheus_client.Counter(
+            "aviator_probes", "Probe results by outcome", ["outcome"], registry=self.registry
+        )
+        self._weight_changes = prometheus_client.Counter(
+            "aviator_weight_changes", "Workloads whose weights changed", registry=self.registry
+        )
+        self._policies = prometheus_client.Gauge(
+            "aviator_policies", "Policies by serving state", ["serving"], registry=self.registry
+        )
+        self._endpoints = prometheus_client.Gauge(
+            "aviator_endpoints", "Endpoints served", registry=self.registry
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self, *, started: asyncio.Event | None = None) -> None:
+        """Start the servers, run every task, stop everything on :meth:`stop` or failure."""
+        host, port = split_host_port(self.settings.admin_address)
+        try:
+            self.xds_port = await self.ads.start(self.settings.xds_address)
+            self.admin_port = await self.admin.start(host, port)
+        except OSError as exc:
+            await self.ads.stop(0)
+            raise ControlPlaneError(str(exc)) from exc
+        log.info(
+            "control plane started",
+            source=self.source.name,
+            xds_port=self.xds_port,
+            admin_port=self.admin_port,
+        )
+        if started is not None:
+            started.set()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(self.source.run(self.store), name="source"),
+                    tg.create_task(self._follow_state(), name="reconcile"),
+                    tg.create_task(self.prober.run(), name="prober"),
+                    tg.create_task(self._reweigh_loop(), name="weigher"),
+                    tg.create_task(self.publisher.run(), name="publisher"),
+                ]
+                stop = tg.create_task(self._stop.wait(), name="stop")
+                done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task is not stop and task.exception() is None:
+                        log.error("a control-plane task ended unexpectedly", task=task.get_name())
+                await self.prober.close()
+                for task in tasks:
+                    task.cancel()
+        finally:
+            self.publisher.publish_now()
+            await self.admin.stop()
+            await self.ads.stop(0.5)
+            log.info("control plane stopped")
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish (signal handlers call this)."""
+        self._stop.set()
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        reasons = []
+        if not self.store.synced:
+            reasons.append(f"source {self.source.name} not read yet")
+        if self.xds_port is None:
+            reasons.append("xDS server not listening")
+        return not reasons, reasons
+
+    # -- state → targets → snapshot --------------------------------------------------------
+
+    async def _follow_state(self) -> None:
+        async for state in self.store.updates():
+            self.apply_state(state)
+
+    def apply_state(self, state: ClusterState) -> None:
+        """Resolve ``state``, retarget the prober and publish the new set of workloads."""
+        self._state = state
+        self._resolutions = resolve_state(state)
+        self._report(state)
+        now_serving = serving(self._resolutions)
+        served: dict[WorkloadKey, _Served] = {}
+        for key, resolution in now_serving.items():
+            old = self._served.get(key)
+            served[key] = _Served(resolution, old.weights if old is not None else None)
+        self._served = served
+        targets = self._probe_targets()
+        self.prober.set_targets(targets)
+        self.estimator.retain(targets)
+        self._policies.labels(serving="true").set(len(served))
+        self._policies.labels(serving="false").set(len(self._resolutions) - len(served))
+        self._endpoints.set(sum(len(s.resolution.endpoints) for s in served.values()))
+        self.reweigh(asyncio.get_running_loop().time(), force=True)
+
+    def _probe_targets(self) -> dict[ProbeKey, ProbeTarget]:
+        targets: dict[ProbeKey, ProbeTarget] = {}
+        for key, s in self._served.items():
+            policy = s.resolution.policy
+            assert policy is not None  # serving resolutions carry their policy
+            for e in s.resolution.endpoints:
+                targets[ProbeKey(key, e.address)] = ProbeTarget(
+                    ip=e.address.ip,
+                    port=e.probe_port,
+                    path=policy.probe.path,
+                    interval_s=policy.ping_interval.seconds,
+                    timeout_s=policy.probe.timeout.seconds,
+                )
+        return targets
+
+    def _on_probe(self, key: ProbeKey, result: ProbeResult) -> None:
+        self._probes.labels(outcome=result.outcome.value).inc()
+        self.estimator.observe(key, result, result.finished_at)
+        if result.outcome is not ProbeOutcome.OK:
+            log.debug("probe failed", target=str(key), outcome=result.outcome, detail=result.detail)
+
+    async def _reweigh_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.settings.reweigh_interval)
+            self.reweigh(loop.time())
+
+    def reweigh(self, now: float, *, force: bool = False) -> bool:
+        """Weigh every served workload at ``now``; submit a snapshot if anything changed."""
+        changed = force
+        for key, s in self._served.items():
+            policy = s.resolution.policy
+            assert policy is not None
+            stats = {
+                e.address: self.estimator.stats(ProbeKey(key, e.address), now)
+                for e in s.resolution.endpoints
+            }
+            result = weigh(
+                stats,
+                knobs=policy.weigher,
+                latency_threshold_s=policy.latency_threshold.seconds,
+                previous=s.weights,
+            )
+            if result.changed:
+                self._weight_changes.inc()
+                changed = True
+            s.weights = result
+        if changed:
+            self._submit()
+        return changed
+
+    def workloads(self) -> list[WeightedWorkload]:
+        out = []
+        for key, s in sorted(self._served.items()):
+            endpoints = s.weights.as_tuple() if s.weights is not None else ()
+            port = s.resolution.port
+            if not isinstance(port, int):
+                port = endpoints[0].address.port if endpoints else DEFAULT_PORT
+            out.append(WeightedWorkload(key, port, endpoints))
+        return out
+
+    def _submit(self) -> None:
+        try:
+            snapshot = build_snapshot(self.workloads(), gateway=self.settings.gateway)
+        except SnapshotError as exc:
+            log.error("cannot build a snapshot, keeping the last one", problems=exc.problems)
+            return
+        self.publisher.submit(snapshot)
+
+    def _report(self, state: ClusterState) -> None:
+        """Log each problem and each policy's conditions once, when they change."""
+        seen: dict[str, str] = {}
+        for problem in state.problems:
+            seen[f"problem {problem}"] = ""
+        for r in self._resolutions:
+            text = "; ".join(f"{c.type}={c.status.value} {c.reason.value}" for c in r.conditions)
+            seen[str(r.ref)] = text
+        for what, text in seen.items():
+            if self._reported.get(what) == text:
+                continue
+            if what.startswith("problem "):
+                log.warning("source problem", problem=what.removeprefix("problem "))
+                continue
+            r = next(r for r in self._resolutions if str(r.ref) == what)
+            bad = [c for c in r.conditions if c.status.value != "True"]
+            if bad:
+                for c in bad:
+                    log.warning(
+                        "policy not serving",
+                        policy=what,
+                        condition=c.type,
+                        reason=c.reason.value,
+                        message=c.message,
+                    )
+            else:
+                log.info("policy serving", policy=what, endpoints=len(r.endpoints))
+        self._reported = seen
+
+    # -- views -----------------------------------------------------------------------------
+
+    def policies_view(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "policy": str(r.ref),
+                "serving": r.serving,
+                "target": str(r.target.ref) if r.target is not None else None,
+                "port": r.port,
+                "conditions": [
+                    {
+                        "type": c.type,
+                        "status": c.status.value,
+                        "reason": c.reason.value,
+                        "message": c.message,
+                    }
+                    for c in r.conditions
+                ],
+                "pods": r.pods,
+                "endpoints": len(r.endpoints),
+                "notReady": list(r.not_ready),
+                "spec": r.policy.spec_dict() if r.policy is not None else None,
+            }
+            for r in self._resolutions
+        ]
+
+    def endpoints_view(self) -> list[dict[str, Any]]:
+        now = asyncio.get_running_loop().time()
+        out = []
+        for key, s in sorted(self._served.items()):
+            weights: Mapping[Any, Any] = s.weights.endpoints if s.weights is not None else {}
+            hot = s.weights.hot if s.weights is not None else frozenset()
+            for e in s.resolution.endpoints:
+                st = self.estimator.stats(ProbeKey(key, e.address), now)
+                we = weights.get(e.address)
+                out.append(
+                    {
+                        "workload": key.cluster_name,
+                        "address": str(e.address),
+                        "pod": e.pod,
+                        "zone": e.zone,
+                        "weight": we.weight if we is not None else None,
+                        "health": we.health.value if we is not None else None,
+                        "hot": e.address in hot,
+                        "latency_ms": _ms(st.latency_s) if st else None,
+                        "probe_latency_ms": _ms(st.probe_latency_s) if st else None,
+                        "reported_latency_ms": _ms(st.reported_latency_s) if st else None,
+                        "rif": st.rif if st else None,
+                        "error_rate": round(st.error_rate, 4) if st else None,
+                        "samples": st.samples if st else 0,
+                        "age_s": round(st.age_s, 3) if st else None,
+                    }
+                )
+        return out
+
+    def proxies_view(self) -> dict[str, Any]:
+        return {
+            "identifier": self.settings.identifier,
+            "proxies": [dataclasses.asdict(p) for p in self.ads.proxies()],
+            "nacks": [dataclasses.asdict(n) for n in self.ads.nacks()],
+        }
+
+    def problems_view(self) -> list[str]:
+        return [str(p) for p in self._state.problems] if self._state is not None else []
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+async def run_until_signalled(control_plane: ControlPlane) -> None:
+    """Run until SIGINT/SIGTERM, then stop gracefully."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, control_plane.stop)
+    try:
+        await control_plane.run()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
