@@ -30,6 +30,7 @@ from aviator.k8s.objects import (
 from aviator.k8s.policy import InvalidPolicy, PolicyEntry, parse_policy_entry
 
 __all__ = [
+    "EMPTY_STATE",
     "KINDS",
     "ClusterObject",
     "ClusterState",
