@@ -1,0 +1,405 @@
+"""``aviator bench latency``: tail latency of Aviator against Envoy's own balancers.
+
+Backends with private capacity report ORCA load; a fleet of Envoy sidecars (``--sidecars``,
+default 3) shares an open-loop Poisson load; each request has a 5 s deadline from its intended
+send time. For every *case* (a scenario at one load) and every repetition, each policy runs
+once, in an order rotated per repetition (interleaved, so drift of the machine hits every
+policy alike), on a fresh fleet, fresh Envoys and, for Aviator, a fresh control plane.
+
+Writes ``latency.json`` (every run and the summaries), ``latency.md`` (tables, goals) and PNG
+plots (``latency-<case>-percentiles.png``, ``-share.png``, ``-p99.png``) into ``--out``
+(default ``docs/benchmarks``). The JSON is rewritten after every run, so an interrupted
+benchmark keeps what it measured.
+
+Capacity: ``Σ slots_i / mean_service_i`` (lowest over the run, see
+:mod:`aviator.bench.scenarios`); offered rate = ``--load * capacity``. The default fleet
+(6 backends of 4 slots, 20 ms mean) has 1,200 req/s nominal capacity, within what one load
+generator process sustains on a 2-core machine; every run checks that the achieved send rate
+matched the offered one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import structlog
+
+from aviator.bench.controlplane import ControlPlaneSettings
+from aviator.bench.plots import percentile_plot, representative, share_plot, timeline_plot
+from aviator.bench.policies import POLICIES, Policy, parse_policies
+from aviator.bench.records import RunRecord
+from aviator.bench.report import case_key, evaluate_goals, markdown, summarize
+from aviator.bench.runner import run_once
+from aviator.bench.scenarios import (
+    QUICK_SHAPE,
+    SCENARIOS,
+    FleetShape,
+    RunPlan,
+    parse_scenarios,
+    plan,
+)
+
+__all__ = ["Case", "Settings", "configure", "run", "settings_from_args"]
+
+log = structlog.get_logger(__name__)
+
+LABELS: Final = {name: p.label for name, p in POLICIES.items()}
+_DEFAULTS: Final = {"duration": 30.0, "repeat": 5}
+_QUICK: Final = {"duration": 5.0, "repeat": 1}
+
+
+def _loads(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--load takes numbers like 0.7 or 0.7,0.9: {text!r}"
+        ) from None
+    if not values or any(not 0 < v <= 2 for v in values):
+        raise argparse.ArgumentTypeError(f"each load must be in (0, 2]: {text!r}")
+    return tuple(dict.fromkeys(values))
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--scenario",
+        default="all",
+        help=f"scenario name, comma list, or all (default): {', '.join(SCENARIOS)}",
+    )
+    parser.add_argument(
+        "--policies",
+        default=",".join(POLICIES),
+        help=f"comma list of policies in run order (default {','.join(POLICIES)})",
+    )
+    parser.add_argument(
+        "--load",
+        type=_loads,
+        default=(0.7,),
+        help="offered load as a fraction of capacity; a comma list runs each (default 0.7)",
+    )
+    parser.add_argument("--repeat", type=int, help="repetitions per case (default 5; quick 1)")
+    parser.add_argument("--duration", type=float, help="seconds of load per run (default 30)")
+    parser.add_argument("--warmup", type=float, help="unmeasured seconds at the start of a run")
+    parser.add_argument("--out", default="docs/benchmarks", help="output directory")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny run (4 small backends, 5 s, 1 repetition)"
+    )
+    parser.add_argument("--sidecars", type=int, default=3, help="Envoy sidecars (default 3)")
+    parser.add_argument("--backends", type=int, help="backends (default 6; quick 4)")
+    parser.add_argument("--slots", type=int, help="requests each backend serves at once")
+    parser.add_argument("--mean-ms", type=float, help="mean service time in ms (default 20)")
+    parser.add_argument("--deadline", type=float, default=5.0, help="request deadline in s")
+    parser.add_argument("--seed", type=int, default=1, help="base seed (arrivals, service)")
+    parser.add_argument(
+        "--ping-interval-ms", type=int, default=100, help="Aviator: spec.pingInterval"
+    )
+    parser.add_argument(
+        "--latency-threshold-ms", type=int, default=100, help="Aviator: spec.latencyThreshold"
+    )
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    """A scenario at one load: the unit whose policies are compared side by side."""
+
+    key: str
+    plan: RunPlan
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    cases: tuple[Case, ...]
+    policies: tuple[Policy, ...]
+    repeat: int
+    sidecars: int
+    deadline_s: float
+    seed: int
+    shape: FleetShape
+    control_plane: ControlPlaneSettings
+    out: Path
+    plots: bool
+    quick: bool
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Validate the options into :class:`Settings`; ValueError with the reason otherwise."""
+    quick = bool(args.quick)
+    base = _QUICK if quick else _DEFAULTS
+    duration = float(args.duration if args.duration is not None else base["duration"])
+    repeat = int(args.repeat if args.repeat is not None else base["repeat"])
+    warmup = (
+        float(args.warmup)
+        if args.warmup is not None
+        else (1.5 if quick else min(5.0, duration / 5))
+    )
+    if repeat < 1:
+        raise ValueError(f"--repeat must be >= 1, got {repeat}")
+    if args.sidecars < 1:
+        raise ValueError(f"--sidecars must be >= 1, got {args.sidecars}")
+    if not args.deadline > 0:
+        raise ValueError(f"--deadline must be > 0, got {args.deadline}")
+    default_shape = QUICK_SHAPE if quick else FleetShape()
+    shape = FleetShape(
+        backends=args.backends or default_shape.backends,
+        capacity=args.slots or default_shape.capacity,
+        mean_service_s=(args.mean_ms / 1000.0) if args.mean_ms else default_shape.mean_service_s,
+    )
+    scenarios = parse_scenarios(args.scenario)
+    cases: list[Case] = []
+    for scenario in scenarios:
+        # A ramp brings its own loads: run it once, whatever --load lists.
+        loads = args.load[:1] if scenario.ramp else args.load
+        for load in loads:
+            p = plan(scenario, shape, load=load, duration_s=duration, warmup_s=warmup)
+            cases.append(Case(case_key(scenario.name, p.load, scenario.ramp is not None), p))
+    return Settings(
+        cases=tuple(cases),
+        policies=parse_policies(args.policies),
+        repeat=repeat,
+        sidecars=args.sidecars,
+        deadline_s=float(args.deadline),
+        seed=int(args.seed),
+        shape=shape,
+        control_plane=ControlPlaneSettings(
+            ping_interval_ms=args.ping_interval_ms,
+            latency_threshold_ms=args.latency_threshold_ms,
+            probe_timeout_ms=min(args.ping_interval_ms, 100),
+        ),
+        out=Path(args.out),
+        plots=not args.no_plots,
+        quick=quick,
+    )
+
+
+def _envoy_version() -> str:
+    from aviator.envoy.process import find_envoy
+
+    try:
+        out = subprocess.run(
+            [str(find_envoy()), "--version"], capture_output=True, text=True, timeout=10
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unknown ({exc})"
+    # "<path>  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL"
+    match = re.search(r"version: \S+?/(\d+\.\d+\.\d+)/", out)
+    return match[1] if match else out.strip() or "unknown"
+
+
+def _file_key(case: str) -> str:
+    return case.replace("@", "-")
+
+
+def _run_line(case: str, r: RunRecord) -> str:
+    if r.load is None:
+        return f"{case:<16} rep {r.repeat}  {r.policy:<8} FAILED: {r.error}"
+    lr = r.load
+    ratio = lr.achieved_rate / lr.offered_rate if lr.offered_rate else 1.0
+    return (
+        f"{case:<16} rep {r.repeat}  {r.policy:<8} offered {lr.offered_rate:7.1f}/s "
+        f"achieved/offered {ratio:5.3f}  p50 {lr.latency_all.p50_ms:7.1f}  "
+        f"p99 {lr.latency_all.p99_ms:7.1f}  p99.9 {lr.latency_all.p999_ms:7.1f} ms  "
+        f"errors {sum(lr.errors.values()):5d}  kept up {'yes' if lr.keeping_up else 'NO'}  "
+        f"({r.wall_s:.0f} s)"
+    )
+
+
+def _document(
+    settings: Settings,
+    records: Sequence[RunRecord],
+    started: str,
+    envoy_version: str,
+    plots: dict[str, list[str]],
+    complete: bool,
+) -> tuple[dict[str, Any], str]:
+    ramps = [c.plan.scenario.name for c in settings.cases if c.plan.scenario.ramp]
+    summary = summarize(records, ramps)
+    goals = evaluate_goals(summary, settings.sidecars)
+    shape = settings.shape
+    setup = [
+        f"{started}, {os.cpu_count()} CPUs ({platform.machine()}), Python "
+        f"{platform.python_version()}, Envoy {envoy_version}"
+        + ("" if complete else " — **incomplete: interrupted or still running**"),
+        f"{shape.backends} backends × {shape.capacity} slots, mean service "
+        f"{shape.mean_service_s * 1000:g} ms (exponential, sd = mean, sleeping): nominal "
+        f"capacity {shape.nominal_capacity:.0f} req/s; each backend reports ORCA load "
+        "(RIF, RIF/slots, rps) in `endpoint-load-metrics`",
+        f"{settings.sidecars} Envoy 1.40 sidecars (`--concurrency 1`), requests split round "
+        "robin across them; open-loop Poisson load from one process, latency from the "
+        f"intended send time (HDR histograms), deadline {settings.deadline_s:g} s",
+        f"{settings.repeat} repetition(s) per case; per repetition every policy runs once, "
+        "order rotated, everything restarted between runs; "
+        f"{settings.cases[0].plan.duration_s:g} s of load per run, the first "
+        f"{settings.cases[0].plan.warmup_s:g} s unmeasured",
+        "policies: "
+        + "; ".join(f"**{p.label}** (`{p.name}`): {p.description}" for p in settings.policies),
+        f"Aviator knobs: pingInterval {settings.control_plane.ping_interval_ms} ms, "
+        f"latencyThreshold {settings.control_plane.latency_threshold_ms} ms",
+    ]
+    notes = {
+        c.key: (
+            f"{c.plan.scenario.title}: {c.plan.scenario.description}. Capacity "
+            f"{c.plan.capacity:.0f} req/s, mean offered {c.plan.mean_rate:.0f} req/s"
+            + (
+                f" (ramp {c.plan.scenario.ramp[0]:.0%} → {c.plan.scenario.ramp[1]:.0%})."
+                if c.plan.scenario.ramp
+                else f" ({c.plan.load:.0%})."
+            )
+        )
+        for c in settings.cases
+    }
+    page = markdown(
+        summary,
+        goals,
+        title="Latency benchmark: Aviator against Envoy's own balancers",
+        setup=setup,
+        case_notes=notes,
+        plots=plots,
+        labels=LABELS,
+    )
+    doc = {
+        "benchmark": "latency",
+        "started": started,
+        "complete": complete,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "arch": platform.machine(),
+            "python": platform.python_version(),
+            "envoy": envoy_version,
+        },
+        "settings": {
+            "policies": [p.name for p in settings.policies],
+            "repeat": settings.repeat,
+            "sidecars": settings.sidecars,
+            "deadline_s": settings.deadline_s,
+            "seed": settings.seed,
+            "quick": settings.quick,
+            "shape": shape.to_json(),
+            "control_plane": settings.control_plane.to_json(),
+        },
+        "cases": {
+            c.key: {**c.plan.to_json(), "scenario_spec": c.plan.scenario.to_json()}
+            for c in settings.cases
+        },
+        "summary": {
+            case: {p: s.to_json() for p, s in by_policy.items()}
+            for case, by_policy in summary.items()
+        },
+        "goals": [g.to_json() for g in goals],
+        "runs": [r.to_json() for r in records],
+    }
+    return doc, page
+
+
+def _write(settings: Settings, doc: dict[str, Any], page: str | None) -> None:
+    settings.out.mkdir(parents=True, exist_ok=True)
+    tmp = settings.out / "latency.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(settings.out / "latency.json")
+    if page is not None:
+        (settings.out / "latency.md").write_text(page)
+
+
+def _plot(settings: Settings, records: Sequence[RunRecord]) -> dict[str, list[str]]:
+    ramps = [c.plan.scenario.name for c in settings.cases if c.plan.scenario.ramp]
+    summary = summarize(records, ramps)
+    written: dict[str, list[str]] = {}
+    for case in settings.cases:
+        summaries = summary.get(case.key)
+        if not summaries:
+            continue
+        mine = [
+            r
+            for r in records
+            if case_key(r.scenario, r.load_fraction, r.scenario in ramps) == case.key
+        ]
+        reps = {
+            p.name: rep
+            for p in settings.policies
+            if (rep := representative([r for r in mine if r.policy == p.name])) is not None
+        }
+        stem = f"latency-{_file_key(case.key)}"
+        title = f"{case.plan.scenario.title} ({case.key})"
+        names = [f"{stem}-percentiles.png", f"{stem}-share.png", f"{stem}-p99.png"]
+        percentile_plot(settings.out / names[0], title, summaries, LABELS)
+        backends = [f"b{i}" for i in range(settings.shape.backends)]
+        share_plot(settings.out / names[1], f"traffic share: {title}", reps, backends, LABELS)
+        timeline_plot(settings.out / names[2], f"p99 per second: {title}", reps, LABELS)
+        written[case.key] = names
+    return written
+
+
+async def _run_all(settings: Settings) -> list[RunRecord]:
+    records: list[RunRecord] = []
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    envoy_version = _envoy_version()
+    total = len(settings.cases) * settings.repeat * len(settings.policies)
+    print(
+        f"aviator bench latency: {len(settings.cases)} case(s) × {settings.repeat} "
+        f"repetition(s) × {len(settings.policies)} policies = {total} runs "
+        f"of {settings.cases[0].plan.duration_s:g} s; output in {settings.out}",
+        flush=True,
+    )
+    try:
+        for index, case in enumerate(settings.cases):
+            print(
+                f"-- {case.key}: capacity {case.plan.capacity:.0f} req/s, "
+                f"offered {case.plan.mean_rate:.0f} req/s",
+                flush=True,
+            )
+            for rep in range(settings.repeat):
+                # Same seed for every policy of a repetition: same arrivals, same profiles.
+                seed = settings.seed * 10_000 + index * 100 + rep
+                k = rep % len(settings.policies)
+                order = settings.policies[k:] + settings.policies[:k]
+                for policy in order:
+                    record = await run_once(
+                        case.plan,
+                        policy,
+                        repeat=rep,
+                        seed=seed,
+                        sidecars=settings.sidecars,
+                        deadline_s=settings.deadline_s,
+                        control_plane=settings.control_plane,
+                    )
+                    records.append(record)
+                    print(_run_line(case.key, record), flush=True)
+                    doc, _ = _document(settings, records, started, envoy_version, {}, False)
+                    _write(settings, doc, None)
+    finally:
+        plots = _plot(settings, records) if settings.plots and records else {}
+        complete = len(records) == total
+        doc, page = _document(settings, records, started, envoy_version, plots, complete)
+        _write(settings, doc, page)
+    for goal in doc["goals"]:
+        status = {True: "met", False: "NOT MET", None: "not measured"}[goal["met"]]
+        print(f"goal [{goal['case']}] {goal['goal']}: {goal['measured']} → {status}")
+    print(f"wrote {settings.out / 'latency.json'} and {settings.out / 'latency.md'}")
+    return records
+
+
+def run(args: argparse.Namespace) -> int:
+    """0 when every run completed (whatever the goals say), 1 when a run failed, 2 for bad
+    options."""
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        print(f"aviator bench latency: {exc}")
+        return 2
+    records = asyncio.run(_run_all(settings))
+    failed = [r for r in records if not r.ok]
+    if failed:
+        print(f"{len(failed)} run(s) failed; see the 'error' of each in latency.json")
+        return 1
+    return 0

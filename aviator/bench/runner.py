@@ -1,0 +1,227 @@
+"""One run of the latency benchmark: fresh fleet, fresh sidecars (and a fresh control plane for
+Aviator), one open-loop load, then everything stopped. I/O shell around the pure plan.
+
+Order of a run (:func:`run_once`):
+
+1. the backend fleet in its own process (each backend reports ORCA load);
+2. for a control-plane policy, ``aviator run`` on a directory describing the fleet;
+3. ``sidecars`` Envoys (``--concurrency 1``), each waiting until it holds every backend;
+4. the backends' profile clocks restart, and the load generator (its own process) starts
+   ``LEAD_S`` later, so that profile time and load time coincide (:func:`shift_profile`);
+5. while the load runs, the first sidecar's view of the cluster (per-host weight, health,
+   requests in flight) is sampled every ``SAMPLE_EVERY_S``: how CSWRR's ORCA-fed weights
+   and Aviator's EDS weights actually move;
+6. afterwards: the load result, the backends' own counters and the sidecars' cluster stats;
+   then sidecars, control plane and fleet are stopped, whatever happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import structlog
+
+from aviator.bench.controlplane import ControlPlane, ControlPlaneSettings
+from aviator.bench.policies import WORKLOAD, Policy, sidecar_bootstrap, workload_host
+from aviator.bench.records import RunRecord, WeightSample
+from aviator.bench.scenarios import RunPlan, shift_profile
+from aviator.envoy.errors import EnvoyAdminError
+from aviator.envoy.process import EnvoyProcess, free_port
+from aviator.model import EndpointAddress
+from aviator.testbed.backend import BackendSpec, FleetSpec
+from aviator.testbed.fleet import Fleet
+from aviator.testbed.loadgen import LoadResult, LoadSpec, run_load_process
+
+__all__ = ["LEAD_S", "run_once"]
+
+log = structlog.get_logger(__name__)
+
+# Seconds between restarting the backends' clocks and the first arrival: time for the load
+# generator's process to start (Python + aiohttp imports) before its first intended send.
+LEAD_S: Final = 2.0
+SAMPLE_EVERY_S: Final = 1.0
+# Sidecar cluster counters summed over the fleet of sidecars.
+_CLUSTER_STATS: Final = (
+    "upstream_rq_total",
+    "upstream_rq_5xx",
+    "upstream_rq_pending_overflow",
+    "upstream_cx_total",
+    "outlier_detection.ejections_enforced_total",
+)
+_READY_TIMEOUT_S: Final = 30.0
+
+
+def _endpoint(url: str) -> EndpointAddress:
+    parts = urlsplit(url)
+    if parts.hostname is None or parts.port is None:
+        raise ValueError(f"backend URL without host or port: {url}")
+    return EndpointAddress(parts.hostname, parts.port)
+
+
+@contextlib.asynccontextmanager
+async def _sidecars(
+    policy: Policy,
+    count: int,
+    endpoints: Sequence[EndpointAddress],
+    xds: tuple[str, int] | None,
+) -> AsyncIterator[list[tuple[EnvoyProcess, int]]]:
+    """``count`` running sidecars as (process, listener port); all stopped on exit."""
+    envoys: list[tuple[EnvoyProcess, int]] = []
+    try:
+        for i in range(count):
+            port = free_port()
+            config = sidecar_bootstrap(
+                policy, node_id=f"bench-sidecar-{i}", listen_port=port, endpoints=endpoints, xds=xds
+            )
+            envoy = EnvoyProcess(config, log_level="error")
+            await envoy.start()
+            envoys.append((envoy, port))
+        yield envoys
+    finally:
+        await asyncio.gather(*(e.stop() for e, _ in envoys), return_exceptions=True)
+
+
+async def _wait_for_hosts(envoy: EnvoyProcess, expected: set[str]) -> None:
+    """Until the sidecar is LIVE and holds every backend of the workload as a healthy host."""
+    async with asyncio.timeout(_READY_TIMEOUT_S):
+        await envoy.wait_live()
+        while True:
+            try:
+                hosts = await envoy.admin.hosts(WORKLOAD.cluster_name)
+            except EnvoyAdminError:
+                hosts = []
+            if {h.address for h in hosts if h.healthy} >= expected:
+                return
+            await asyncio.sleep(0.1)
+
+
+async def _sample_weights(
+    envoy: EnvoyProcess, names: Mapping[str, str], start_wall: float, out: list[WeightSample]
+) -> None:
+    """Append one :class:`WeightSample` per ``SAMPLE_EVERY_S`` of load time until cancelled."""
+    n = 0
+    while True:
+        n += 1
+        await asyncio.sleep(max(start_wall + n * SAMPLE_EVERY_S - time.time(), 0.0))
+        try:
+            hosts = await envoy.admin.hosts(WORKLOAD.cluster_name)
+        except EnvoyAdminError as exc:
+            log.debug("weight sample failed", error=str(exc))
+            continue
+        t = time.time() - start_wall
+        seen = [h for h in hosts if h.address in names]
+        out.append(
+            WeightSample(
+                t=t,
+                weight={names[h.address]: h.weight for h in seen},
+                health={names[h.address]: "EJECTED" if h.flags else h.eds_health for h in seen},
+                active={names[h.address]: h.rq_active for h in seen},
+            )
+        )
+
+
+async def _sidecar_stats(envoys: Sequence[EnvoyProcess]) -> dict[str, int]:
+    totals = dict.fromkeys(_CLUSTER_STATS, 0)
+    prefix = f"cluster.{WORKLOAD.cluster_name}."
+    for envoy in envoys:
+        try:
+            stats = await envoy.admin.stats(r"^cluster\.bench/bench\.")
+        except EnvoyAdminError as exc:
+            log.warning("sidecar stats unavailable", error=str(exc))
+            continue
+        for name in _CLUSTER_STATS:
+            totals[name] += stats.get(prefix + name, 0)
+    return totals
+
+
+async def run_once(
+    run: RunPlan,
+    policy: Policy,
+    *,
+    repeat: int,
+    seed: int,
+    sidecars: int = 3,
+    deadline_s: float = 5.0,
+    control_plane: ControlPlaneSettings | None = None,
+) -> RunRecord:
+    """Run ``policy`` through ``run`` once, on a fresh fleet and fresh proxies.
+
+    Failures of the machinery (a process that does not start, a control plane that is not
+    there) end the run with ``error`` set; the processes are stopped either way.
+    """
+    if sidecars < 1:
+        raise ValueError(f"sidecars must be >= 1, got {sidecars}")
+    began = time.monotonic()
+    weights: list[WeightSample] = []
+    backend_stats: dict[str, dict[str, Any]] = {}
+    sidecar_stats: dict[str, int] = {}
+    result: LoadResult | None = None
+    error: str | None = None
+    rate = run.mean_rate
+    fleet_spec = FleetSpec(
+        backends=tuple(
+            BackendSpec(f"b{i}", shift_profile(profile, LEAD_S), seed=seed * 1000 + i)
+            for i, profile in enumerate(run.profiles)
+        ),
+        agent=True,
+    )
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            fleet = await stack.enter_async_context(Fleet(fleet_spec))
+            urls = fleet.backend_urls
+            endpoints = [_endpoint(u) for u in urls.values()]
+            names = {str(_endpoint(u)): name for name, u in urls.items()}
+            xds: tuple[str, int] | None = None
+            if policy.needs_control_plane:
+                ports = {n: _endpoint(u).port for n, u in urls.items()}
+                cp = await stack.enter_async_context(ControlPlane(ports, settings=control_plane))
+                xds = cp.xds_address
+            envoys = await stack.enter_async_context(_sidecars(policy, sidecars, endpoints, xds))
+            await asyncio.gather(*(_wait_for_hosts(e, set(names)) for e, _ in envoys))
+            spec = LoadSpec(
+                targets=tuple(f"http://127.0.0.1:{port}" for _, port in envoys),
+                duration_s=run.duration_s,
+                steps=run.steps,
+                host=workload_host(),
+                seed=seed,
+                deadline_s=deadline_s,
+                warmup_s=run.warmup_s,
+                # Open loop past saturation keeps thousands of requests outstanding.
+                connection_limit=4096,
+            )
+            await fleet.restart_clock()
+            start_wall = time.time() + LEAD_S
+            sampler = asyncio.create_task(_sample_weights(envoys[0][0], names, start_wall, weights))
+            try:
+                result = await run_load_process(spec, start_wall=start_wall)
+            finally:
+                sampler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampler
+            backend_stats = {n: s.to_json() for n, s in (await fleet.stats()).items()}
+            sidecar_stats = await _sidecar_stats([e for e, _ in envoys])
+    except Exception as exc:  # reported in the record and the output, never hidden
+        error = f"{type(exc).__name__}: {exc}"
+        log.error(
+            "benchmark run failed", policy=policy.name, scenario=run.scenario.name, error=error
+        )
+    return RunRecord(
+        scenario=run.scenario.name,
+        load_fraction=run.load,
+        policy=policy.name,
+        repeat=repeat,
+        seed=seed,
+        sidecars=sidecars,
+        offered_rate=rate,
+        load=result,
+        weights=tuple(weights),
+        backend_stats=backend_stats,
+        sidecar_stats=sidecar_stats,
+        wall_s=time.monotonic() - began,
+        error=error,
+    )
