@@ -9,7 +9,8 @@ endpoint per backend, exactly as a Service's named ``targetPort`` would.
 
 :class:`ControlPlane` writes those manifests into a directory and runs::
 
-    python -m aviator run --source dir:DIR --xds-address 127.0.0.1:P --admin-address 127.0.0.1:Q
+    python -m aviator run --source dir:DIR --xds-address 127.0.0.1:P --admin-address 127.0.0.1:Q \
+        --gateway-port 0
 
 It is ready when ``GET /readyz`` on the admin address answers 200 (sources synced, xDS
 listening). It is stopped with SIGTERM (SIGKILL after a grace period) and never outlives the
@@ -237,6 +238,9 @@ class ControlPlane:
             f"{self.xds_address[0]}:{self.xds_address[1]}",
             "--admin-address",
             f"{admin[0]}:{admin[1]}",
+            # Sidecars only: no gateway listener over LDS.
+            "--gateway-port",
+            "0",
         ]
         with self.log_path.open("wb") as out:
             self._proc = await asyncio.create_subprocess_exec(
