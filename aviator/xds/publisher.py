@@ -21,6 +21,10 @@ from aviator.xds.snapshot import Snapshot, SnapshotError
 
 log = structlog.get_logger(__name__)
 
+# Deadlines closer than this count as reached: a timer shorter than the clock's resolution
+# may fire without the clock moving, and the loop would spin.
+_RESOLUTION = 1e-3
+
 
 class Publisher:
     def __init__(self, cache: Cache, *, quiet: float = 0.1, max_delay: float = 1.0) -> None:
@@ -69,7 +73,7 @@ class Publisher:
             while self._pending is not None:
                 deadline = min(self._last_at + self._quiet, self._first_at + self._max_delay)
                 delay = deadline - loop.time()
-                if delay <= 0:
+                if delay <= _RESOLUTION:
                     break
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._event.wait(), delay)
