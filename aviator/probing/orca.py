@@ -101,19 +101,29 @@ class OrcaLoadReport:
     request_cost: Mapping[str, float] = field(default_factory=lambda: _EMPTY)
 
     def __post_init__(self) -> None:
+        # On the prober's hot path: one cheap range test per value, precise errors only on
+        # failure. `0 <= v < inf` is False for NaN, negatives and infinity alike.
         for name in _SCALARS:
-            # Stored as float whatever number type was given (JSON and callers pass ints).
-            object.__setattr__(self, name, _check_value(name, float(getattr(self, name))))
+            value = getattr(self, name)
+            if type(value) is not float:  # JSON and callers pass ints: store floats
+                value = float(value)
+                object.__setattr__(self, name, value)
+            if not 0.0 <= value < math.inf:
+                _check_value(name, value)
         for map_name in ("named_metrics", "utilization", "request_cost"):
             original: Mapping[str, float] = getattr(self, map_name)
-            for key, value in original.items():
+            if original is _EMPTY:
+                continue
+            frozen: dict[str, float] = {}
+            for key, raw in original.items():
+                value = float(raw)
                 if not key:
                     raise OrcaParseError(f"ORCA {map_name} key is empty")
-                _check_value(f"{map_name}.{key}", float(value))
-            # Freeze a private copy so the report stays a value.
-            object.__setattr__(
-                self, map_name, MappingProxyType({k: float(v) for k, v in original.items()})
-            )
+                if not 0.0 <= value < math.inf:
+                    _check_value(f"{map_name}.{key}", value)
+                frozen[key] = value
+            # A private read-only copy, so the report stays a value.
+            object.__setattr__(self, map_name, MappingProxyType(frozen))
 
     @property
     def rif(self) -> float | None:
@@ -128,48 +138,51 @@ class OrcaLoadReport:
 
 
 def _parse_number(name: str, text: str) -> float:
+    """The value of one TEXT pair; range checks happen once, in OrcaLoadReport."""
     if not text:
-        raise OrcaParseError(f"ORCA metric {name or '?'} has an empty value")
+        raise OrcaParseError(f"ORCA metric {name} has an empty value")
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise OrcaParseError(
             f"ORCA metric {name} has a value that is not a number: {text!r}"
         ) from None
-    return _check_value(name, value)
 
 
 def _parse_text(body: str) -> OrcaLoadReport:
     scalars: dict[str, float] = {}
-    maps: dict[str, dict[str, float]] = {"named_metrics": {}, "utilization": {}}
+    named: dict[str, float] = {}
+    utilization: dict[str, float] = {}
     seen: set[str] = set()
     for raw in body.split(","):
         item = raw.strip()
         if not item:
             continue
         # Envoy splits each pair on the first ':' (older parsers) or '=' (newer ones).
-        cut = min((i for i in (item.find(":"), item.find("=")) if i >= 0), default=-1)
-        name, value = (item[:cut].strip(), item[cut + 1 :].strip()) if cut >= 0 else (item, "")
+        colon, equals = item.find(":"), item.find("=")
+        cut = colon if equals < 0 or 0 <= colon < equals else equals
+        if cut < 0:
+            name, value = item, ""
+        else:
+            name, value = item[:cut].rstrip(), item[cut + 1 :].lstrip()
         if not name:
             raise OrcaParseError(f"ORCA metric name is empty in {item!r}")
         if name in seen:
             raise OrcaParseError(f"{ORCA_HEADER} contains duplicate metric: {name}")
         seen.add(name)
         number = _parse_number(name, value)
-        if name in _SCALARS:
+        if name.startswith("named_metrics."):
+            named[name[14:]] = number
+        elif name in _SCALARS:
             scalars[name] = number
-            continue
-        prefix, dot, key = name.partition(".")
-        if dot and prefix in maps:
-            if not key:
-                raise OrcaParseError(f"ORCA {prefix} key is empty")
-            maps[prefix][key] = number
-            continue
-        raise OrcaParseError(f"unsupported ORCA metric name: {name}")
+        elif name.startswith("utilization."):
+            utilization[name[12:]] = number
+        else:
+            raise OrcaParseError(f"unsupported ORCA metric name: {name}")
     return OrcaLoadReport(
         **scalars,  # type: ignore[arg-type]  # keys are exactly the scalar field names
-        named_metrics=maps["named_metrics"],
-        utilization=maps["utilization"],
+        named_metrics=named,
+        utilization=utilization,
     )
 
 
