@@ -215,6 +215,9 @@ async def _measure(args: argparse.Namespace, ports: list[int]) -> dict[str, Any]
         "cpu_user_s": usage1.ru_utime - usage0.ru_utime,
         "cpu_system_s": usage1.ru_stime - usage0.ru_stime,
         "cpu_s_per_probe": cpu / probes if probes else None,
+        # What one core would sustain if the prober had it to itself: on a shared machine the
+        # achieved rate is lower whenever cpu_utilisation is below 1.
+        "probes_per_cpu_s": probes / cpu if cpu > 0 else None,
         "cpu_utilisation": cpu / wall,
         "outcomes": dict(window),
         "rtt_ms_p50": pct(0.5),
@@ -238,6 +241,8 @@ def _print(f: dict[str, Any]) -> None:
     if per_probe is not None:
         print(f"  CPU s / probe         {per_probe:.6f}  ({per_probe * 1e6:.0f} µs)")
     print(f"  CPU utilisation       {f['cpu_utilisation'] * 100:.1f} % of one core")
+    if f["probes_per_cpu_s"] is not None:
+        print(f"  probes per CPU second {f['probes_per_cpu_s']:,.0f}  (one whole core's worth)")
     print(
         "  outcomes              " + ", ".join(f"{k}={v}" for k, v in sorted(f["outcomes"].items()))
     )

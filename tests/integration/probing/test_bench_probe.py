@@ -39,6 +39,7 @@ def test_short_run_prints_and_writes_sane_figures(
     assert math.isclose(figures["probes_per_s"], figures["probes"] / figures["duration_s"])
     assert 0 < figures["cpu_s_per_probe"] < 1
     assert figures["cpu_s"] == pytest.approx(figures["cpu_s_per_probe"] * figures["probes"])
+    assert figures["probes_per_cpu_s"] == pytest.approx(1 / figures["cpu_s_per_probe"])
     assert 0 < figures["rtt_ms_p50"] <= figures["rtt_ms_p99"]
 
 
