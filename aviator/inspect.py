@@ -1,0 +1,455 @@
+"""``aviator inspect``: per endpoint, what an Envoy holds beside what Aviator measured.
+
+Envoy's side comes from its admin ``/clusters`` (weight, EDS health, Envoy's own health flags,
+request counters); Aviator's from its admin ``/debug/endpoints`` (latency, RIF and error-rate
+estimates, the weight and health it publishes). The two are joined on (cluster, address):
+Aviator names a workload's cluster ``namespace/name`` and its endpoints ``ip:port``, as Envoy
+shows them. An endpoint only one side has is shown too (a push in flight, or an Envoy that
+talks to another control plane).
+
+:func:`join` and :func:`render_table` are pure; :func:`collect` does the two reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from aviator.cli import UsageError
+from aviator.envoy.admin import EnvoyAdmin, HostStatus
+from aviator.envoy.errors import EnvoyAdminError
+
+__all__ = [
+    "AviatorAdminError",
+    "EndpointRow",
+    "Report",
+    "collect",
+    "fetch_aviator_endpoints",
+    "join",
+    "render_table",
+]
+
+# Clusters Aviator publishes are named after their workload: namespace/name.
+_AVIATOR_CLUSTER = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+class AviatorAdminError(Exception):
+    """Aviator's admin endpoint could not be read (unreachable, HTTP error, not its shape)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointRow:
+    """One endpoint. Envoy's fields are None when Envoy does not hold it; Aviator's when
+    Aviator was not asked or does not serve it.
+
+    ``share`` is this endpoint's part of its cluster's ``rq_total`` in Envoy (requests since
+    the host was added), None when the cluster has served nothing.
+    """
+
+    cluster: str
+    address: str
+    # What Envoy holds.
+    envoy_weight: int | None = None
+    envoy_health: str | None = None
+    envoy_flags: tuple[str, ...] = ()
+    rq_total: int | None = None
+    rq_active: int | None = None
+    rq_error: int | None = None
+    share: float | None = None
+    # What Aviator measured and publishes.
+    pod: str | None = None
+    latency_ms: float | None = None
+    rif: float | None = None
+    error_rate: float | None = None
+    samples: int | None = None
+    aviator_weight: int | None = None
+    aviator_health: str | None = None
+    hot: bool | None = None
+
+    @property
+    def in_envoy(self) -> bool:
+        return self.envoy_weight is not None
+
+    @property
+    def in_aviator(self) -> bool:
+        return self.pod is not None or self.aviator_weight is not None
+
+    @property
+    def weight_match(self) -> bool | None:
+        """Envoy's weight == Aviator's; None when either side has no weight to compare."""
+        if self.envoy_weight is None or self.aviator_weight is None:
+            return None
+        return self.envoy_weight == self.aviator_weight
+
+    @property
+    def health_match(self) -> bool | None:
+        """Envoy's EDS health is the health Aviator publishes (None: nothing to compare)."""
+        if self.envoy_health is None or self.aviator_health is None:
+            return None
+        return self.envoy_health == self.aviator_health
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cluster": self.cluster,
+            "address": self.address,
+            "envoy": None
+            if not self.in_envoy
+            else {
+                "weight": self.envoy_weight,
+                "health": self.envoy_health,
+                "flags": list(self.envoy_flags),
+                "rq_total": self.rq_total,
+                "rq_active": self.rq_active,
+                "rq_error": self.rq_error,
+                "share": self.share,
+            },
+            "aviator": None
+            if not self.in_aviator
+            else {
+                "pod": self.pod,
+                "latency_ms": self.latency_ms,
+                "rif": self.rif,
+                "error_rate": self.error_rate,
+                "samples": self.samples,
+                "weight": self.aviator_weight,
+                "health": self.aviator_health,
+                "hot": self.hot,
+            },
+            "weight_match": self.weight_match,
+            "health_match": self.health_match,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Everything ``aviator inspect`` shows. ``aviator_admin`` None: Envoy's side only."""
+
+    envoy_admin: str
+    aviator_admin: str | None
+    rows: tuple[EndpointRow, ...]
+
+    @property
+    def compared(self) -> int:
+        return sum(1 for r in self.rows if r.weight_match is not None)
+
+    @property
+    def matching(self) -> int:
+        return sum(1 for r in self.rows if r.weight_match)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "envoy_admin": self.envoy_admin,
+            "aviator_admin": self.aviator_admin,
+            "endpoints": [r.to_json() for r in self.rows],
+            "weights": {"compared": self.compared, "equal": self.matching},
+        }
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def join(
+    hosts: Iterable[HostStatus],
+    aviator: Iterable[Mapping[str, Any]] | None,
+    *,
+    clusters: Sequence[str] = (),
+    all_clusters: bool = False,
+) -> list[EndpointRow]:
+    """Join Envoy's hosts with Aviator's endpoint rows on (cluster, address), sorted.
+
+    Shown clusters: those named in ``clusters`` if any; else every cluster if
+    ``all_clusters``; else the clusters Aviator serves plus Envoy's clusters named like
+    Aviator's (``namespace/name``), which leaves out static ones such as ``aviator-xds``.
+    """
+    envoy_hosts = list(hosts)
+    aviator_rows = list(aviator or ())
+    by_key: dict[tuple[str, str], Mapping[str, Any]] = {
+        (str(r["workload"]), str(r["address"])): r for r in aviator_rows
+    }
+    served = {cluster for cluster, _ in by_key}
+
+    def shown(cluster: str) -> bool:
+        if clusters:
+            return cluster in clusters
+        return all_clusters or cluster in served or bool(_AVIATOR_CLUSTER.match(cluster))
+
+    totals: dict[str, int] = {}
+    for h in envoy_hosts:
+        totals[h.cluster] = totals.get(h.cluster, 0) + h.rq_total
+    rows: dict[tuple[str, str], EndpointRow] = {}
+    for h in envoy_hosts:
+        if not shown(h.cluster):
+            continue
+        total = totals[h.cluster]
+        rows[(h.cluster, h.address)] = EndpointRow(
+            cluster=h.cluster,
+            address=h.address,
+            envoy_weight=h.weight,
+            envoy_health=h.eds_health,
+            envoy_flags=h.flags,
+            rq_total=h.rq_total,
+            rq_active=h.rq_active,
+            rq_error=h.rq_error,
+            share=h.rq_total / total if total else None,
+            **_aviator_fields(by_key.get((h.cluster, h.address))),
+        )
+    for key, a in by_key.items():
+        if key not in rows and shown(key[0]):
+            rows[key] = EndpointRow(cluster=key[0], address=key[1], **_aviator_fields(a))
+    return [rows[k] for k in sorted(rows)]
+
+
+def _aviator_fields(row: Mapping[str, Any] | None) -> dict[str, Any]:
+    if row is None:
+        return {}
+    return {
+        "pod": row.get("pod"),
+        "latency_ms": _opt_float(row.get("latency_ms")),
+        "rif": _opt_float(row.get("rif")),
+        "error_rate": _opt_float(row.get("error_rate")),
+        "samples": _opt_int(row.get("samples")),
+        "aviator_weight": _opt_int(row.get("weight")),
+        "aviator_health": row.get("health"),
+        "hot": row.get("hot"),
+    }
+
+
+# -- text --------------------------------------------------------------------------------------
+
+
+def _cell(value: Any, fmt: str = "") -> str:
+    if value is None:
+        return "-"
+    return format(value, fmt)
+
+
+def _match_text(row: EndpointRow) -> str:
+    if not row.in_envoy:
+        return "not in Envoy"
+    if not row.in_aviator:
+        return "not in Aviator"
+    match = row.weight_match
+    if match is None:
+        return "no weight yet"
+    text = "yes" if match else "NO"
+    if row.health_match is False:
+        text += " (health differs)"
+    return text
+
+
+def render_table(report: Report) -> str:
+    """The report as an aligned text table with a closing line about the weights."""
+    with_aviator = report.aviator_admin is not None
+    header = ["cluster", "address", "weight", "health", "flags", "rq_total", "share", "active"]
+    header += ["errors"]
+    if with_aviator:
+        header += ["pod", "latency", "RIF", "err%", "av.weight", "av.health", "equal"]
+    table = [header]
+    for r in report.rows:
+        line = [
+            r.cluster,
+            r.address,
+            _cell(r.envoy_weight),
+            _cell(r.envoy_health),
+            ",".join(r.envoy_flags) or ("-" if r.in_envoy else ""),
+            _cell(r.rq_total),
+            "-" if r.share is None else f"{r.share * 100:.0f}%",
+            _cell(r.rq_active),
+            _cell(r.rq_error),
+        ]
+        if with_aviator:
+            health = r.aviator_health or "-"
+            if r.hot:
+                health += " hot"
+            line += [
+                _cell(r.pod),
+                "-" if r.latency_ms is None else f"{r.latency_ms:.1f} ms",
+                _cell(r.rif, ".1f"),
+                "-" if r.error_rate is None else f"{r.error_rate * 100:.1f}%",
+                _cell(r.aviator_weight),
+                health,
+                _match_text(r),
+            ]
+        table.append(line)
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    numeric = {"weight", "rq_total", "share", "active", "errors", "latency", "RIF", "err%"}
+    numeric.add("av.weight")
+    lines = []
+    for row in table:
+        cells = [
+            c.rjust(w) if h in numeric else c.ljust(w)
+            for c, w, h in zip(row, widths, header, strict=True)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    lines.append(_closing(report))
+    return "\n".join(lines)
+
+
+def _closing(report: Report) -> str:
+    clusters = len({r.cluster for r in report.rows})
+    head = f"{len(report.rows)} endpoints in {clusters} cluster{'s' if clusters != 1 else ''}"
+    if not report.rows:
+        return "no endpoints of Aviator's clusters in this Envoy (--all shows every cluster)"
+    if report.aviator_admin is None:
+        return f"{head} (Envoy only: add --aviator-admin to compare with Aviator)"
+    differ = [r for r in report.rows if r.weight_match is False]
+    text = f"{head}; Envoy's weight equals Aviator's for {report.matching} of {report.compared}"
+    if differ:
+        text += " (a push may be in flight: run again; a lasting difference means Envoy "
+        text += "did not apply Aviator's update, see /debug/proxies for NACKs)"
+    return text
+
+
+# -- I/O ---------------------------------------------------------------------------------------
+
+
+def _url(text: str, flag: str) -> str:
+    if "://" not in text:
+        text = f"http://{text}"
+    if not text.startswith(("http://", "https://")) or len(text.split("://", 1)[1]) == 0:
+        raise UsageError(f"{flag} must be an http(s) URL like http://127.0.0.1:9901, got {text!r}")
+    return text.rstrip("/")
+
+
+async def fetch_aviator_endpoints(
+    url: str, *, request_timeout_s: float = 5.0
+) -> list[dict[str, Any]]:
+    """Aviator's ``/debug/endpoints`` rows; :class:`AviatorAdminError` on any failure."""
+    target = f"{url.rstrip('/')}/debug/endpoints"
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=request_timeout_s)) as http,
+            http.get(target) as response,
+        ):
+            text = await response.text()
+            status = response.status
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise AviatorAdminError(f"GET {target}: {type(exc).__name__}: {exc}") from exc
+    if status != 200:
+        raise AviatorAdminError(f"GET {target}: HTTP {status} (is this Aviator's admin address?)")
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        raise AviatorAdminError(f"GET {target}: body is not JSON: {exc}") from exc
+    if not isinstance(body, list) or not all(
+        isinstance(r, dict) and "workload" in r and "address" in r for r in body
+    ):
+        raise AviatorAdminError(f"GET {target}: not a list of endpoints (is this Aviator?)")
+    return body
+
+
+async def collect(
+    envoy_admin: str,
+    aviator_admin: str | None = None,
+    *,
+    clusters: Sequence[str] = (),
+    all_clusters: bool = False,
+    request_timeout_s: float = 5.0,
+) -> Report:
+    """Read both admin endpoints (at once) and join them.
+
+    Raises :class:`~aviator.envoy.errors.EnvoyAdminError` or :class:`AviatorAdminError`.
+    """
+    async with EnvoyAdmin(envoy_admin, timeout=request_timeout_s) as admin:
+        if aviator_admin is None:
+            hosts = await admin.clusters()
+            aviator = None
+        else:
+            hosts, aviator = await asyncio.gather(
+                admin.clusters(),
+                fetch_aviator_endpoints(aviator_admin, request_timeout_s=request_timeout_s),
+            )
+    rows = join(hosts, aviator, clusters=clusters, all_clusters=all_clusters)
+    return Report(envoy_admin, aviator_admin, tuple(rows))
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--envoy-admin",
+        required=True,
+        metavar="URL",
+        help="Envoy's admin address, e.g. http://127.0.0.1:9901",
+    )
+    parser.add_argument(
+        "--aviator-admin",
+        metavar="URL",
+        help="Aviator's admin address (aviator run --admin-address), e.g. http://127.0.0.1:18001",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--cluster",
+        action="append",
+        default=[],
+        metavar="NAMESPACE/NAME",
+        help="show only this cluster (repeatable)",
+    )
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        dest="all_clusters",
+        help="show every cluster, also those Aviator does not publish",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=5.0, metavar="SECONDS", help="per request (default 5)"
+    )
+
+
+def _failure(what: str, url: str, exc: Exception) -> str:
+    """One line: why ``what`` at ``url`` could not be read."""
+    cause = exc.__cause__
+    if isinstance(cause, aiohttp.ClientConnectorError):
+        code = cause.os_error.errno
+        # Refused/unreachable carry a positive errno; name lookups a negative gaierror code.
+        reason = os.strerror(code) if code and code > 0 else None
+        reason = reason or cause.os_error.strerror or str(cause.os_error)
+        return f"cannot reach {what} at {url}: {reason}"
+    if isinstance(cause, TimeoutError):
+        return f"{what} at {url} did not answer in time (--timeout)"
+    return f"cannot read {what} at {url}: {' '.join(str(exc).split())}"
+
+
+def run(args: argparse.Namespace) -> int:
+    envoy_admin = _url(args.envoy_admin, "--envoy-admin")
+    aviator_admin = (
+        None if args.aviator_admin is None else _url(args.aviator_admin, "--aviator-admin")
+    )
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout must be > 0, got {args.timeout:g}")
+    try:
+        report = asyncio.run(
+            collect(
+                envoy_admin,
+                aviator_admin,
+                clusters=args.cluster,
+                all_clusters=args.all_clusters,
+                request_timeout_s=args.timeout,
+            )
+        )
+    except EnvoyAdminError as exc:
+        message = _failure("Envoy's admin", envoy_admin, exc)
+        print(f"aviator inspect: {message}", file=sys.stderr)
+        return 1
+    except AviatorAdminError as exc:
+        assert aviator_admin is not None
+        message = _failure("Aviator's admin", aviator_admin, exc)
+        print(f"aviator inspect: {message}", file=sys.stderr)
+        return 1
+    if args.json:
+        sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
+    else:
+        sys.stdout.write(render_table(report) + "\n")
+    return 0
