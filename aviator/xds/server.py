@@ -105,15 +105,31 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         self._journal = journal
         self._clock = clock
         self._streams: dict[int, ProtocolStream[Any, Any]] = {}
+        self._tasks: dict[int, asyncio.Task[Any]] = {}
 
     def streams(self) -> list[ProtocolStream[Any, Any]]:
         return list(self._streams.values())
+
+    async def drain(self, within: float) -> None:
+        """Wait (at most ``within`` s) for the handlers of ended RPCs to finish their cleanup.
+
+        grpc.aio cancels the handlers on stop but does not wait for them; after this, the
+        connected-proxies view and the gauge are exact.
+        """
+        tasks = [t for t in self._tasks.values() if not t.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=within)
+        for stream_id, stream in list(self._streams.items()):  # handlers that never cleaned up
+            stream.close()
+            self._streams.pop(stream_id, None)
 
     async def _serve(
         self, stream: ProtocolStream[Req, Resp], requests: AsyncIterator[Req], peer: str
     ) -> AsyncIterator[Resp]:
         gauge = self._metrics.connected.labels(kind=str(stream.kind))
         self._streams[stream.stream_id] = stream
+        if (task := asyncio.current_task()) is not None:
+            self._tasks[stream.stream_id] = task
         gauge.inc()
         log.info("ADS stream opened", stream=stream.stream_id, kind=str(stream.kind), peer=peer)
         try:
@@ -121,7 +137,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                 yield response
         finally:
             gauge.dec()
-            del self._streams[stream.stream_id]
+            self._streams.pop(stream.stream_id, None)
+            self._tasks.pop(stream.stream_id, None)
             log.info(
                 "ADS stream closed",
                 stream=stream.stream_id,
@@ -193,14 +210,20 @@ class AdsServer:
         """Listen on ``address`` (``host:port``, port 0 for any free one); return the port."""
         if self._server is not None:
             raise RuntimeError("the ADS server is already started")
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", _MAX_REQUEST_BYTES)])
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", _MAX_REQUEST_BYTES),
+                # gRPC sets SO_REUSEPORT by default: a second control plane on the same port
+                # would silently share the traffic instead of failing to start.
+                ("grpc.so_reuseport", 0),
+            ]
+        )
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.servicer, server)
         try:
             port = int(server.add_insecure_port(address))
         except RuntimeError as exc:
+            await server.stop(None)
             raise OSError(f"cannot listen for xDS on {address}: {exc}") from exc
-        if port == 0:
-            raise OSError(f"cannot listen for xDS on {address}")
         await server.start()
         self._server, self._port = server, port
         log.info("ADS server listening", address=address, port=port, identifier=self.identifier)
@@ -211,6 +234,7 @@ class AdsServer:
         server, self._server = self._server, None
         if server is not None:
             await server.stop(grace)
+            await self.servicer.drain(within=1.0)
             log.info("ADS server stopped")
 
     def proxies(self) -> tuple[ProxyStatus, ...]:
