@@ -1,0 +1,154 @@
+"""``aviator inspect`` against a real Envoy fed by a real control plane (the demo's stack)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from aviator.cli import main
+from aviator.demo import (
+    HOST_HEADER,
+    WORKLOAD,
+    DemoStack,
+    demo_backends,
+    pick_addresses,
+    write_objects,
+)
+from aviator.envoy.process import free_port
+from aviator.inspect import Report, collect
+from tests.envoy_fixtures import poll_until
+
+pytestmark = pytest.mark.envoy
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[DemoStack]:
+    backends = demo_backends(pick_addresses(3, first="127.0.0.150"), slowdown=None)
+    write_objects(tmp_path / "source", backends)
+    async with DemoStack(
+        backends,
+        source_dir=tmp_path / "source",
+        gateway_port=free_port(),
+        envoy_dir=tmp_path / "envoy",
+    ) as running:
+        await running.wait_serving()
+        # Traffic, so that each pod reports its own latency (10, 15, 25 ms) and the weights
+        # differ: a table of equal weights would not show which side a number came from.
+        async with aiohttp.ClientSession() as http:
+
+            async def one() -> None:
+                async with http.get(running.gateway_url, headers={"Host": HOST_HEADER}) as r:
+                    assert r.status == 200
+
+            for _ in range(20):
+                await asyncio.gather(*(one() for _ in range(10)))
+        yield running
+
+
+async def cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "aviator",
+        "inspect",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def settled(stack: DemoStack) -> tuple[Report, dict[str, int]]:
+    """An inspect report read while neither Envoy's nor Aviator's weights moved, with them."""
+    cluster = WORKLOAD.cluster_name
+
+    async def check() -> tuple[Report, dict[str, int]] | None:
+        envoy_before = {h.address: h.weight for h in await stack.envoy.admin.hosts(cluster)}
+        aviator = {r["address"]: r["weight"] for r in stack.control_plane.endpoints_view()}
+        report = await collect(stack.envoy.admin_url, stack.aviator_admin_url)
+        envoy_after = {h.address: h.weight for h in await stack.envoy.admin.hosts(cluster)}
+        still = {r["address"]: r["weight"] for r in stack.control_plane.endpoints_view()}
+        if envoy_before == envoy_after == aviator == still:
+            return report, envoy_before
+        return None
+
+    return await poll_until(check, within=20, interval=0.2)
+
+
+async def test_report_carries_envoys_real_weights_equal_to_aviators(stack: DemoStack) -> None:
+    report, envoy_weights = await settled(stack)
+    rows = {r.address: r for r in report.rows}
+    assert set(rows) == {f"{b.host}:{b.port}" for b in stack.backends}
+    assert {r.cluster for r in report.rows} == {WORKLOAD.cluster_name}  # no aviator-xds
+    for address, row in rows.items():
+        assert row.envoy_weight == envoy_weights[address]
+        assert row.aviator_weight == row.envoy_weight
+        assert row.weight_match is True
+        assert row.envoy_health == row.aviator_health == "HEALTHY"
+        assert row.pod in {b.name for b in stack.backends}
+        assert row.samples is not None
+        assert row.samples > 0
+    assert len(set(envoy_weights.values())) > 1, envoy_weights
+    assert sum(r.rq_total or 0 for r in report.rows) >= 200  # the fixture's requests
+    assert (report.compared, report.matching) == (3, 3)
+
+
+async def test_cli_table_and_json(stack: DemoStack) -> None:
+    _, envoy_weights = await settled(stack)
+    envoy, aviator = stack.envoy.admin_url, stack.aviator_admin_url
+
+    code, out, err = await cli("--envoy-admin", envoy, "--aviator-admin", aviator, "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert {e["address"]: e["envoy"]["weight"] for e in doc["endpoints"]} == envoy_weights
+    for e in doc["endpoints"]:
+        assert e["aviator"]["weight"] == e["envoy"]["weight"]
+        assert e["weight_match"] is True
+    assert doc["weights"] == {"compared": 3, "equal": 3}
+
+    code, out, err = await cli("--envoy-admin", envoy, "--aviator-admin", aviator)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[-1] == "3 endpoints in 1 cluster; Envoy's weight equals Aviator's for 3 of 3"
+    for address, weight in envoy_weights.items():
+        line = next(line for line in lines if address in line)
+        cells = line.split()
+        assert cells[2] == str(weight)  # Envoy's weight column
+        assert cells[-1] == "yes"
+
+    code, out, err = await cli("--envoy-admin", envoy, "--all")
+    assert code == 0, err
+    assert "aviator-xds" in out  # the static cluster to the control plane
+    assert "add --aviator-admin" in out.splitlines()[-1]
+
+
+async def test_cli_one_line_errors_for_admin_urls(stack: DemoStack) -> None:
+    envoy = stack.envoy.admin_url
+    closed = f"http://127.0.0.1:{free_port()}"
+    code, out, err = await cli("--envoy-admin", envoy, "--aviator-admin", closed)
+    assert (code, out) == (1, "")
+    assert err == f"aviator inspect: cannot reach Aviator's admin at {closed}: Connection refused\n"
+    # Envoy's admin given as Aviator's: it answers, but not as Aviator does.
+    code, out, err = await cli("--envoy-admin", envoy, "--aviator-admin", envoy)
+    assert (code, out) == (1, "")
+    assert err.count("\n") == 1
+    assert "HTTP 404 (is this Aviator's admin address?)" in err
+
+
+def test_unreachable_envoy_admin_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    assert main(["inspect", "--envoy-admin", closed]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert (
+        captured.err
+        == f"aviator inspect: cannot reach Envoy's admin at {closed}: Connection refused\n"
+    )
