@@ -18,7 +18,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
-from envoy.config.core.v3 import address_pb2, config_source_pb2, health_check_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    config_source_pb2,
+    extension_pb2,
+    health_check_pb2,
+)
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -26,6 +32,8 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.load_balancing_policies.least_request.v3 import least_request_pb2
+from envoy.extensions.load_balancing_policies.round_robin.v3 import round_robin_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
@@ -60,6 +68,9 @@ HCM_TYPE = (
 )
 
 GRPC_ROUTE_NAME = "aviator-grpc"
+
+LEAST_REQUEST_POLICY = "envoy.load_balancing_policies.least_request"
+ROUND_ROBIN_POLICY = "envoy.load_balancing_policies.round_robin"
 
 # Outlier detection is only a backstop for pods that fail fast (connection refused, 5xx in a
 # row): Aviator's weights handle slowness. Success-rate ejection is switched off because it
@@ -113,6 +124,14 @@ def pack(message: Message) -> any_pb2.Any:
     return packed
 
 
+def _lb_policy(name: str, config: Message) -> cluster_pb2.LoadBalancingPolicy.Policy:
+    return cluster_pb2.LoadBalancingPolicy.Policy(
+        typed_extension_config=extension_pb2.TypedExtensionConfig(
+            name=name, typed_config=pack(config)
+        )
+    )
+
+
 def build_cluster(key: WorkloadKey) -> cluster_pb2.Cluster:
     """An EDS-over-ADS cluster with least-request balancing and outlier detection."""
     return cluster_pb2.Cluster(
@@ -121,8 +140,15 @@ def build_cluster(key: WorkloadKey) -> cluster_pb2.Cluster:
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads_config_source()),
         connect_timeout=duration_pb2.Duration(seconds=CONNECT_TIMEOUT_S),
         # Least request combines Aviator's weights (slow loop) with Envoy's own per-request
-        # in-flight counts (fast loop).
-        lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,
+        # in-flight counts (fast loop). Given as the typed policy list rather than the legacy
+        # lb_policy enum: each client takes the first policy it supports, so gRPC's proxyless
+        # client (which rejects LEAST_REQUEST in the enum) falls back to round robin.
+        load_balancing_policy=cluster_pb2.LoadBalancingPolicy(
+            policies=[
+                _lb_policy(LEAST_REQUEST_POLICY, least_request_pb2.LeastRequest()),
+                _lb_policy(ROUND_ROBIN_POLICY, round_robin_pb2.RoundRobin()),
+            ]
+        ),
         outlier_detection=outlier_detection_pb2.OutlierDetection(
             consecutive_5xx=wrappers_pb2.UInt32Value(value=CONSECUTIVE_5XX),
             interval=duration_pb2.Duration(seconds=OUTLIER_INTERVAL_S),
@@ -156,7 +182,16 @@ def build_load_assignment(workload: WeightedWorkload) -> endpoint_pb2.ClusterLoa
     ]
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=workload.key.cluster_name)
     if lb_endpoints:
-        cla.endpoints.append(endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb_endpoints))
+        cla.endpoints.append(
+            endpoint_components_pb2.LocalityLbEndpoints(
+                lb_endpoints=lb_endpoints,
+                # gRPC's xDS client rejects a locality without the (empty) locality field and
+                # drops one without a weight; Envoy ignores locality weights unless
+                # locality-weighted balancing is on.
+                locality=base_pb2.Locality(),
+                load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
+            )
+        )
     return cla
 
 

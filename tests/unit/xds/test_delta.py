@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from envoy.config.cluster.v3 import cluster_pb2
-
 from aviator.model import WorkloadKey
 from aviator.xds import resources as r
 from aviator.xds.cache import Cache
@@ -199,7 +197,7 @@ def test_warming_after_cluster_change_resends_endpoints() -> None:
     proxy.ack(proxy.request(r.ENDPOINT_TYPE, ["default/a"])[0])
     snap = build_snapshot([workload("a", 1)])
     cluster = r.build_cluster(WorkloadKey("default", "a"))
-    cluster.lb_policy = cluster_pb2.Cluster.ROUND_ROBIN
+    cluster.connect_timeout.seconds = 2
     entries = [e for t, es in snap.resources.items() for e in es.values() if t != r.CLUSTER_TYPE]
     cache.publish(
         Snapshot.from_entries([*entries, ResourceEntry.from_message(r.CLUSTER_TYPE, cluster)])

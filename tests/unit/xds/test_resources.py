@@ -7,6 +7,8 @@ from envoy.config.core.v3 import config_source_pb2, health_check_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.load_balancing_policies.least_request.v3 import least_request_pb2
+from envoy.extensions.load_balancing_policies.round_robin.v3 import round_robin_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -40,7 +42,11 @@ def test_cluster_is_eds_over_ads_v3_with_least_request() -> None:
     eds = cluster.eds_cluster_config.eds_config
     assert eds.HasField("ads")
     assert eds.resource_api_version == config_source_pb2.V3
-    assert cluster.lb_policy == cluster_pb2.Cluster.LEAST_REQUEST
+    # Least request first; round robin for clients without it (gRPC proxyless).
+    policies = [p.typed_extension_config for p in cluster.load_balancing_policy.policies]
+    assert [p.name for p in policies] == [r.LEAST_REQUEST_POLICY, r.ROUND_ROBIN_POLICY]
+    assert policies[0].typed_config.Is(least_request_pb2.LeastRequest.DESCRIPTOR)
+    assert policies[1].typed_config.Is(round_robin_pb2.RoundRobin.DESCRIPTOR)
     assert cluster.connect_timeout.seconds > 0
 
 
@@ -63,6 +69,9 @@ def test_load_assignment_carries_weights_and_health() -> None:
     )
     assert cla.cluster_name == "shop/api"
     (locality,) = cla.endpoints
+    # gRPC's client needs the locality field present and a locality weight.
+    assert locality.HasField("locality")
+    assert locality.load_balancing_weight.value == 1
     got = [
         (
             e.endpoint.address.socket_address.address,

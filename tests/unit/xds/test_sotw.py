@@ -5,8 +5,6 @@ Each test names the XDS-CHECKLIST.md item it covers.
 
 from __future__ import annotations
 
-from envoy.config.cluster.v3 import cluster_pb2
-
 from aviator.model import WorkloadKey
 from aviator.xds import resources as r
 from aviator.xds.cache import Cache
@@ -272,7 +270,7 @@ def test_unsubscribed_names_stop_updates() -> None:
 def _changed_cluster_snapshot() -> Snapshot:
     snap = build_snapshot([workload("a", 1)])
     cluster = r.build_cluster(WorkloadKey("default", "a"))
-    cluster.lb_policy = cluster_pb2.Cluster.ROUND_ROBIN  # same endpoints, other cluster
+    cluster.connect_timeout.seconds = 2  # same endpoints, other cluster
     entries = [e for t, es in snap.resources.items() for e in es.values() if t != r.CLUSTER_TYPE]
     return Snapshot.from_entries([*entries, ResourceEntry.from_message(r.CLUSTER_TYPE, cluster)])
 
