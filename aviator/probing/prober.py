@@ -105,17 +105,25 @@ class AiohttpProbeTransport:
 
 
 def aiohttp_transport_factory(
-    *, keepalive_timeout_s: float = 60.0, user_agent: str = "aviator-prober"
+    *,
+    keepalive_timeout_s: float = 60.0,
+    user_agent: str = "aviator-prober",
+    session_factory: Callable[[ProbeTarget], Any] | None = None,
 ) -> TransportFactory:
     """Transports over aiohttp: one ``ClientSession`` + ``TCPConnector`` per target.
 
     A session per target makes "target removed" mean "its connections closed" (aiohttp has
     no per-host close); keep-alive outlives the probe interval so every probe reuses the
     connection. No cookies, no decompression: a probe is as cheap as HTTP/1.1 gets.
+    ``session_factory(target)`` replaces the default session (it is called inside the running
+    loop and the session is closed with its target); the prober still enforces the timeout.
     """
 
     def factory(target: ProbeTarget) -> ProbeTransport:
         import aiohttp
+
+        if session_factory is not None:
+            return AiohttpProbeTransport(session_factory(target))
 
         connector = aiohttp.TCPConnector(
             limit=2,  # one probe at a time per target; 2 so a closing socket never blocks
@@ -284,7 +292,21 @@ class Prober(Generic[K]):
                     await asyncio.sleep(delay)
                 woke_at = clock()
                 result = await self._probe_once(transport, slot)
-                slot.failures = 0 if result.ok else slot.failures + 1
+                if result.ok:
+                    if slot.failures:
+                        log.info("probe target recovered", key=str(key), after=slot.failures)
+                    slot.failures = 0
+                else:
+                    if not slot.failures:  # log transitions, not every failed probe
+                        log.info(
+                            "probe target failing",
+                            key=str(key),
+                            url=slot.target.url,
+                            outcome=result.outcome.value,
+                            status=result.status,
+                            detail=result.detail,
+                        )
+                    slot.failures += 1
                 self._deliver(key, result)
                 next_at = woke_at + self._next_period(slot)
         finally:

@@ -17,7 +17,7 @@ from aiohttp import web
 from aviator.model import EndpointAddress
 from aviator.probing.agent import LoadTracker, setup_aiohttp
 from aviator.probing.estimator import Estimator
-from aviator.probing.prober import Prober
+from aviator.probing.prober import Prober, aiohttp_transport_factory
 from aviator.probing.results import ProbeOutcome, ProbeResult, ProbeTarget
 from aviator.probing.weigher import weigh
 from tests.integration.probing.servers import aiohttp_server, free_socket
@@ -203,3 +203,32 @@ async def test_prober_estimator_weigher_rank_a_slow_backend_below_a_fast_one() -
     result = weigh(stats)
     weights = {a.ip: e.weight for a, e in result.endpoints.items()}
     assert weights["127.0.0.9"] > weights["127.0.0.10"]
+
+
+async def test_a_custom_session_factory_is_used_and_closed() -> None:
+    seen_headers: list[str] = []
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def probe(request: web.Request) -> web.Response:
+        seen_headers.append(request.headers.get("X-Probe-Tenant", ""))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/aviator/probe", probe)
+
+    def session_factory(target: ProbeTarget) -> aiohttp.ClientSession:
+        session = aiohttp.ClientSession(headers={"X-Probe-Tenant": f"t-{target.port}"})
+        sessions.append(session)
+        return session
+
+    sink = Sink()
+    prober: Prober[str] = Prober(
+        sink, transport_factory=aiohttp_transport_factory(session_factory=session_factory)
+    )
+    async with aiohttp_server(app, host="127.0.0.11") as port:
+        prober.set_targets({"a": ProbeTarget("127.0.0.11", port, interval_s=0.02)})
+        async with probing(prober):
+            await sink.until(lambda: len(sink.results["a"]) >= 3)
+    assert set(seen_headers) == {f"t-{port}"}
+    assert len(sessions) == 1
+    assert sessions[0].closed
