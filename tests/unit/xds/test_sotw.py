@@ -5,6 +5,8 @@ Each test names the XDS-CHECKLIST.md item it covers.
 
 from __future__ import annotations
 
+import pytest
+
 from aviator.model import WorkloadKey
 from aviator.xds import resources as r
 from aviator.xds.cache import Cache
@@ -423,3 +425,22 @@ def test_unsupported_type_is_ignored() -> None:
         )
         == []
     )
+
+
+def test_streams_share_the_serialised_resources(monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = _cache(workload("a", 1), workload("b", 2))
+    calls: list[object] = []
+    original = ResourceEntry.from_message
+    monkeypatch.setattr(
+        ResourceEntry, "from_message", classmethod(lambda cls, *a: calls.append(a) or original(*a))
+    )
+    proxies = [SotwProxy(cache, f"p{i}") for i in range(5)]
+    bodies = set()
+    for proxy in proxies:
+        (resp,) = proxy.request(r.ENDPOINT_TYPE, ["default/a", "default/b"])
+        bodies.add(b"".join(x.value for x in resp.resources))
+    assert calls == []  # nothing serialised while answering: done once, at snapshot build
+    assert len(bodies) == 1
+    entry = cache.get(r.ENDPOINT_TYPE, "default/a")
+    assert entry is not None
+    assert proxies[0].received[0].resources[0].value == entry.any.value
