@@ -38,6 +38,7 @@ __all__ = [
     "ProbeSink",
     "ProbeTransport",
     "Prober",
+    "TransportFactory",
     "aiohttp_transport_factory",
 ]
 
