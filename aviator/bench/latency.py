@@ -7,9 +7,9 @@ once, in an order rotated per repetition (interleaved, so drift of the machine h
 policy alike), on a fresh fleet, fresh Envoys and, for Aviator, a fresh control plane.
 
 Writes ``latency.json`` (every run and the summaries), ``latency.md`` (tables, goals) and PNG
-plots (``latency-<case>-percentiles.png``, ``-share.png``, ``-p99.png``) into ``--out``
-(default ``docs/benchmarks``). The JSON is rewritten after every run, so an interrupted
-benchmark keeps what it measured.
+plots (``latency-<case>-percentiles.png``, ``-share.png``, ``-p99.png``, ``-weights.png``)
+into ``--out`` (default ``docs/benchmarks``). The JSON is rewritten after every run, so an
+interrupted benchmark keeps what it measured.
 
 Capacity: ``Σ slots_i / mean_service_i`` (lowest over the run, see
 :mod:`aviator.bench.scenarios`); offered rate = ``--load * capacity``. The default fleet
@@ -36,7 +36,13 @@ from typing import Any, Final
 import structlog
 
 from aviator.bench.controlplane import ControlPlaneSettings
-from aviator.bench.plots import percentile_plot, representative, share_plot, timeline_plot
+from aviator.bench.plots import (
+    percentile_plot,
+    representative,
+    share_plot,
+    timeline_plot,
+    weights_plot,
+)
 from aviator.bench.policies import POLICIES, Policy, parse_policies
 from aviator.bench.records import RunRecord
 from aviator.bench.report import case_key, evaluate_goals, markdown, summarize
@@ -331,11 +337,17 @@ def _plot(settings: Settings, records: Sequence[RunRecord]) -> dict[str, list[st
         }
         stem = f"latency-{_file_key(case.key)}"
         title = f"{case.plan.scenario.title} ({case.key})"
-        names = [f"{stem}-percentiles.png", f"{stem}-share.png", f"{stem}-p99.png"]
+        names = [
+            f"{stem}-percentiles.png",
+            f"{stem}-share.png",
+            f"{stem}-p99.png",
+            f"{stem}-weights.png",
+        ]
         percentile_plot(settings.out / names[0], title, summaries, LABELS)
         backends = [f"b{i}" for i in range(settings.shape.backends)]
         share_plot(settings.out / names[1], f"traffic share: {title}", reps, backends, LABELS)
         timeline_plot(settings.out / names[2], f"p99 per second: {title}", reps, LABELS)
+        weights_plot(settings.out / names[3], f"endpoint weights: {title}", reps, backends, LABELS)
         written[case.key] = names
     return written
 

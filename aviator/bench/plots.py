@@ -1,7 +1,9 @@
 """PNG plots of the latency benchmark (matplotlib, Agg backend: no display needed).
 
 Per case: the percentiles of each policy (median bars, min-max whiskers, log scale), the
-traffic share of each backend over time per policy, and p99 per second per policy.
+traffic share of each backend over time per policy, p99 per second per policy, and the
+endpoint weights the first sidecar held over time (what CSWRR computed from ORCA, what
+Aviator pushed over EDS).
 matplotlib is imported inside the functions, so importing this module costs nothing.
 """
 
@@ -15,7 +17,7 @@ from aviator.bench.records import RunRecord
 from aviator.bench.report import PERCENTILE_LABELS, PERCENTILES, PolicySummary
 from aviator.testbed.loadgen import NO_BACKEND
 
-__all__ = ["percentile_plot", "representative", "share_plot", "timeline_plot"]
+__all__ = ["percentile_plot", "representative", "share_plot", "timeline_plot", "weights_plot"]
 
 
 def _pyplot() -> Any:
@@ -131,5 +133,40 @@ def timeline_plot(
     ax.grid(which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def weights_plot(
+    path: Path,
+    title: str,
+    runs: Mapping[str, RunRecord],
+    backends: Sequence[str],
+    labels: Mapping[str, str],
+) -> None:
+    """Each backend's share of the total endpoint weight in the first sidecar, per second,
+    one panel per policy (equal shares = the policy sets no weights)."""
+    plt = _pyplot()
+    names = [n for n, r in runs.items() if r.weights]
+    fig, axes = plt.subplots(
+        len(names), 1, figsize=(8, 1.9 * max(len(names), 1) + 0.6), sharex=True, squeeze=False
+    )
+    for ax, name in zip(axes[:, 0], names, strict=True):
+        samples = runs[name].weights
+        ts = [s.t for s in samples]
+        for backend in backends:
+            shares = [
+                s.weight.get(backend, 0) / total if (total := sum(s.weight.values())) else 0.0
+                for s in samples
+            ]
+            ax.plot(ts, shares, label=backend, drawstyle="steps-post")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("weight share")
+        ax.set_title(labels.get(name, name), fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel("second of the run (load time)")
+    handles, texts = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, texts, loc="lower center", fontsize=8, ncol=len(backends))
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -5,7 +5,7 @@ Order of a run (:func:`run_once`):
 
 1. the backend fleet in its own process (each backend reports ORCA load);
 2. for a control-plane policy, ``aviator run`` on a directory describing the fleet;
-3. ``sidecars`` Envoys (``--concurrency 1``), each waiting until it holds every backend;
+3. ``sidecars`` Envoys (``--concurrency 1``), each waited for until it holds every backend;
 4. the backends' profile clocks restart, and the load generator (its own process) starts
    ``LEAD_S`` later, so that profile time and load time coincide (:func:`shift_profile`);
 5. while the load runs, the first sidecar's view of the cluster (per-host weight, health,
@@ -87,7 +87,8 @@ async def _sidecars(
 
 
 async def _wait_for_hosts(envoy: EnvoyProcess, expected: set[str]) -> None:
-    """Until the sidecar is LIVE and holds every backend of the workload as a healthy host."""
+    """Until the sidecar is LIVE and holds every backend of the workload (for Aviator: the
+    first EDS answer arrived; its health is Aviator's business)."""
     async with asyncio.timeout(_READY_TIMEOUT_S):
         await envoy.wait_live()
         while True:
@@ -95,17 +96,22 @@ async def _wait_for_hosts(envoy: EnvoyProcess, expected: set[str]) -> None:
                 hosts = await envoy.admin.hosts(WORKLOAD.cluster_name)
             except EnvoyAdminError:
                 hosts = []
-            if {h.address for h in hosts if h.healthy} >= expected:
+            if {h.address for h in hosts} >= expected:
                 return
             await asyncio.sleep(0.1)
 
 
 async def _sample_weights(
-    envoy: EnvoyProcess, names: Mapping[str, str], start_wall: float, out: list[WeightSample]
+    envoy: EnvoyProcess,
+    names: Mapping[str, str],
+    start_wall: float,
+    until_s: float,
+    out: list[WeightSample],
 ) -> None:
-    """Append one :class:`WeightSample` per ``SAMPLE_EVERY_S`` of load time until cancelled."""
+    """Append one :class:`WeightSample` per ``SAMPLE_EVERY_S`` of load time up to ``until_s``
+    (the end of the arrivals; the drain after it is not sampled)."""
     n = 0
-    while True:
+    while (n + 1) * SAMPLE_EVERY_S <= until_s:
         n += 1
         await asyncio.sleep(max(start_wall + n * SAMPLE_EVERY_S - time.time(), 0.0))
         try:
@@ -196,13 +202,15 @@ async def run_once(
             )
             await fleet.restart_clock()
             start_wall = time.time() + LEAD_S
-            sampler = asyncio.create_task(_sample_weights(envoys[0][0], names, start_wall, weights))
+            sampler = asyncio.create_task(
+                _sample_weights(envoys[0][0], names, start_wall, run.duration_s, weights)
+            )
             try:
                 result = await run_load_process(spec, start_wall=start_wall)
             finally:
                 sampler.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sampler
+                # Not `suppress(CancelledError)`: that would also swallow our own cancellation.
+                await asyncio.gather(sampler, return_exceptions=True)
             backend_stats = {n: s.to_json() for n, s in (await fleet.stats()).items()}
             sidecar_stats = await _sidecar_stats([e for e, _ in envoys])
     except Exception as exc:  # reported in the record and the output, never hidden

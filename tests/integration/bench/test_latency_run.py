@@ -112,7 +112,7 @@ def test_quick_run_writes_consistent_results(tmp_path: Path) -> None:
     assert "| client-side WRR (ORCA) |" in page
     assert "| Aviator |" in page
     assert "## Goals" in page
-    for suffix in ("percentiles", "share", "p99"):
+    for suffix in ("percentiles", "share", "p99", "weights"):
         png = tmp_path / f"latency-fastfail-50-{suffix}.png"
         assert png.read_bytes()[:8] == PNG
         assert f"]({png.name})" in page
