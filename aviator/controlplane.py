@@ -236,7 +236,7 @@ class ControlPlane:
         """Resolve ``state``, retarget the prober and publish the new set of workloads."""
         self._state = state
         self._resolutions = resolve_state(state)
-        self._report(state)
+        self._report()
         now_serving = serving(self._resolutions)
         served: dict[WorkloadKey, _Served] = {}
         for key, resolution in now_serving.items():
@@ -320,33 +320,26 @@ class ControlPlane:
             return
         self.publisher.submit(snapshot)
 
-    def _report(self, state: ClusterState) -> None:
-        """Log each problem and each policy's conditions once, when they change."""
+    def _report(self) -> None:
+        """Log each policy's conditions once, when they change (the source logs its own
+        problems: broken files and objects)."""
         seen: dict[str, str] = {}
-        for problem in state.problems:
-            seen[f"problem {problem}"] = ""
         for r in self._resolutions:
-            text = "; ".join(f"{c.type}={c.status.value} {c.reason.value}" for c in r.conditions)
-            seen[str(r.ref)] = text
-        for what, text in seen.items():
-            if self._reported.get(what) == text:
+            ref = str(r.ref)
+            seen[ref] = "; ".join(f"{c.type}={c.status} {c.reason}" for c in r.conditions)
+            if self._reported.get(ref) == seen[ref]:
                 continue
-            if what.startswith("problem "):
-                log.warning("source problem", problem=what.removeprefix("problem "))
-                continue
-            r = next(r for r in self._resolutions if str(r.ref) == what)
             bad = [c for c in r.conditions if c.status.value != "True"]
-            if bad:
-                for c in bad:
-                    log.warning(
-                        "policy not serving",
-                        policy=what,
-                        condition=c.type,
-                        reason=c.reason.value,
-                        message=c.message,
-                    )
-            else:
-                log.info("policy serving", policy=what, endpoints=len(r.endpoints))
+            for c in bad:
+                log.warning(
+                    "policy not serving",
+                    policy=ref,
+                    condition=c.type,
+                    reason=c.reason.value,
+                    message=c.message,
+                )
+            if not bad:
+                log.info("policy serving", policy=ref, endpoints=len(r.endpoints))
         self._reported = seen
 
     # -- views -----------------------------------------------------------------------------
