@@ -48,7 +48,7 @@ import yaml
 
 from aviator import log as aviator_log
 from aviator.cli import UsageError
-from aviator.controlplane import ControlPlane, ControlPlaneError, Settings
+from aviator.controlplane import ControlPlane, Settings
 from aviator.demo_view import (
     Completion,
     DemoPod,
@@ -372,29 +372,28 @@ class DemoStack:
         if task is None:
             return
         self.control_plane.stop()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), 10.0)
-        except TimeoutError:
+        done, _ = await asyncio.wait([task], timeout=10.0)
+        if not done:
+            log.warning("the control plane did not stop within 10 s; cancelling it")
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        except ControlPlaneError:
-            pass  # already reported by check_running(), or the run is ending anyway
+        # Its failure, if any, was reported by check_running() or is already propagating.
+        await asyncio.gather(task, return_exceptions=True)
 
     def check_running(self) -> None:
         """Raise :class:`DemoError` if the control plane or Envoy has stopped on its own."""
         task = self._cp_task
         if task is not None and task.done():
-            exc = task.exception() if not task.cancelled() else None
-            raise DemoError(f"the control plane stopped: {exc or 'no reason given'}")
+            exc = None if task.cancelled() else task.exception()
+            raise DemoError(f"the control plane stopped: {_reason(exc)}")
         if self._envoy is not None and self._envoy.returncode is not None:
-            raise DemoError(
-                f"Envoy exited with code {self._envoy.returncode}; log tail:\n"
-                + self._envoy.log_tail(10)
-            )
+            code = self._envoy.returncode
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            tail = self._envoy.log_tail(10).strip() or "(its log is empty)"
+            raise DemoError(f"Envoy {how}; log tail:\n{tail}")
 
     async def wait_serving(self, within: float = READY_TIMEOUT_S) -> None:
-        """Wait until Envoy holds every backend with Aviator's weights and a request through the
-        gateway reaches a backend. Raises :class:`DemoError` after ``within`` seconds."""
+        """Wait until Aviator has measured every backend, Envoy holds them all, and a request
+        through the gateway reaches one. Raises :class:`DemoError` after ``within`` seconds."""
         cluster = WORKLOAD.cluster_name
         expected = {f"{b.host}:{b.port}" for b in self.backends}
         last = "nothing checked yet"
@@ -436,6 +435,15 @@ class DemoStack:
                 f"(is port {self.gateway_port} busy?)"
             )
         return ""
+
+
+def _reason(exc: BaseException | None) -> str:
+    """The messages of ``exc``, with exception groups (the control plane's TaskGroup) opened."""
+    if exc is None:
+        return "no reason given"
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_reason(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
 
 
 # -- load ------------------------------------------------------------------------------------

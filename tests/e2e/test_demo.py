@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -71,8 +72,10 @@ def share(doc: dict[str, Any], pod: str, phase: str) -> float:
 async def test_demo_runs_shows_traffic_leaving_and_leaves_nothing_behind(
     tmp_path: Path,
 ) -> None:
-    proc = await start_demo(tmp_path, "--duration", "15", "--rate", "150", "--interval", "1")
-    code, out, err = await finish(proc, 90)
+    # Something already listens on the first address's port 8080: the demo skips it.
+    with socket.create_server(("127.0.0.120", 8080)):
+        proc = await start_demo(tmp_path, "--duration", "15", "--rate", "150", "--interval", "1")
+        code, out, err = await finish(proc, 90)
     assert code == 0, f"exit {code}\nstdout:\n{out}\nstderr:\n{err}"
 
     doc = json.loads((tmp_path / "summary.json").read_text())
@@ -82,6 +85,12 @@ async def test_demo_runs_shows_traffic_leaving_and_leaves_nothing_behind(
     assert during < before, doc["verdict"]
     assert doc["traffic_left"] == (during <= before / 2)
     assert not doc["interrupted"]
+    assert [b["address"] for b in doc["backends"]] == [
+        "127.0.0.121:8080",
+        "127.0.0.122:8080",
+        "127.0.0.123:8080",
+    ]
+    assert "skipped busy addresses" in err
     assert doc["requests"] > 0
     assert doc["ok"] + sum(doc["errors"].values()) == doc["requests"]
     assert sum(p["requests"] for p in doc["pods"]) <= doc["requests"]
