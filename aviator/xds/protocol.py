@@ -19,7 +19,8 @@ decided here, per stream and per type URL (rules from XDS-CHECKLIST.md):
 - **Warming**: after a CDS response that adds or changes EDS clusters, the next EDS request is
   answered even if it looks like an ACK (Envoy re-requests endpoints for a changed cluster with
   a request identical to its last ACK; silence leaves the cluster warming until
-  ``initial_fetch_timeout``).
+  ``initial_fetch_timeout``). Delta: Envoy sends no request at all for an EDS name it already
+  subscribes to, so the endpoints of a changed cluster follow the CDS response unasked.
 - **Make before break**: a RouteConfiguration is held back until the proxy has ACKed every
   cluster it names; a Cluster stays (SotW) or is not removed (delta) while a route the proxy
   holds still names it; a CLA is not removed while a held cluster uses it, nor a route while a
@@ -243,6 +244,7 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
         self._wake = wake or (lambda: None)
         self._types: dict[str, _TypeState] = {}
         self._dirty: set[str] = set()
+        self._follow_up: set[str] = set()  # types to evaluate later in the current pass
         self._nonces = itertools.count(1)
         self._closed = False
         self._log = log.bind(stream=self.stream_id, kind=str(self.kind))
@@ -320,10 +322,16 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
     # -- shared helpers ---------------------------------------------------------------------
 
     def _evaluate_all(self, todo: Mapping[str, bool]) -> list[Resp]:
+        pending = dict(todo)
         out: list[Resp] = []
         for type_url in TYPE_ORDER:  # clusters first, then endpoints, listeners, routes
-            if type_url in todo and (st := self._types.get(type_url)) is not None:
-                resp = self._evaluate(type_url, st, todo[type_url])
+            # A response may call for a later type in the same pass (delta: a cluster change
+            # needs its endpoints resent, right after the clusters).
+            for follow_up in self._follow_up:
+                pending.setdefault(follow_up, False)
+            self._follow_up.clear()
+            if type_url in pending and (st := self._types.get(type_url)) is not None:
+                resp = self._evaluate(type_url, st, pending[type_url])
                 if resp is not None:
                     out.append(resp)
         return out
@@ -658,6 +666,24 @@ class DeltaStream(
             self._set_wildcard(type_url, st, True)
         elif not wildcard and st.wildcard:
             self._set_wildcard(type_url, st, False)
+
+    def _after_send(self, type_url: str, st: _TypeState, sent: _Sent) -> None:
+        super()._after_send(type_url, st, sent)
+        eds = self._types.get(ENDPOINT_TYPE)
+        if type_url != CLUSTER_TYPE or eds is None:
+            return
+        # Warming, delta flavour: Envoy does NOT re-request the endpoints of a changed cluster
+        # whose EDS name it already subscribes to (the new cluster's watch joins the existing
+        # subscription, so nothing goes on the wire: envoyproxy/envoy#47302, go-control-plane
+        # #1001/#1035), and it holds the CDS ACK until the cluster is warm. Waiting for a
+        # request leaves the cluster warming until initial_fetch_timeout (15 s, seen with Envoy
+        # 1.40): resend those endpoints unasked, right after the clusters. Names not
+        # subscribed yet (new clusters) are asked for by Envoy and answered as usual.
+        resend = {n for n in eds.warming if eds.in_scope(n)}
+        if resend:
+            eds.force_names |= resend
+            eds.warming -= resend
+            self._follow_up.add(ENDPOINT_TYPE)
 
     def _apply_ack(self, type_url: str, st: _TypeState, sent: _Sent) -> None:
         for name, entry in sent.entries.items():

@@ -202,9 +202,13 @@ def test_warming_after_cluster_change_resends_endpoints() -> None:
     cache.publish(
         Snapshot.from_entries([*entries, ResourceEntry.from_message(r.CLUSTER_TYPE, cluster)])
     )
-    (_cds,) = proxy.flush()
-    (eds,) = proxy.request(r.ENDPOINT_TYPE)  # a plain request, no subscription change
+    # Envoy's delta client sends no EDS request for a name it already subscribes to (and holds
+    # the CDS ACK until the cluster is warm): the CLA follows the clusters unasked.
+    cds, eds = proxy.flush()
+    assert (cds.type_url, eds.type_url) == (r.CLUSTER_TYPE, r.ENDPOINT_TYPE)
     assert proxy.names(eds) == ["default/a"]
+    proxy.ack(eds)
+    assert proxy.request(r.ENDPOINT_TYPE) == []  # sent once, not again on the next request
 
 
 def test_cla_removal_waits_for_the_cluster_removal_ack() -> None:
