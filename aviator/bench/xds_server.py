@@ -1,0 +1,216 @@
+"""The ADS server process of ``aviator bench xds``, and the fleet both sides replay.
+
+Run as ``python -m aviator.bench.xds_server``; commands arrive one JSON object per line on
+stdin (see :mod:`aviator.bench.xds_child`):
+
+- ``{"op": "setup", "workloads": W, "per_workload": P}``: build the fleet, publish its
+  snapshot, listen on a free loopback port; reply ``{"port": ..., <usage>}``.
+- ``{"op": "change", "seq": k, "which": "one" | "all"}``: apply change ``k`` of the fleet,
+  rebuild the snapshot from every workload (as the control plane does on every weight change)
+  and publish it; reply with the server-side timestamps: ``t_change`` (``time.time()`` when
+  the command was read: the start of the measured interval), build and publish seconds, and the
+  CPU time at ``t_change``.
+- ``{"op": "quiet", "timeout": s}``: wait until every push sent has been ACKed or NACKed;
+  reply with the CPU time then (so a change's CPU cost includes the ACKs it caused).
+- ``{"op": "usage"}``: CPU seconds, resident and peak resident MB, open streams.
+
+The server is the production one (``aviator.xds``), with the production log setup at
+``info`` (the bench's own log file), fed directly: no debounce, so the figures are the fan-out
+alone (``aviator run`` adds its publish debounce, ``publish_quiet`` .. ``publish_max_delay``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aviator.model import EndpointAddress, Health, WeightedEndpoint, WeightedWorkload, WorkloadKey
+
+NAMESPACE = "bench"
+PORT = 8080
+IDENTIFIER = "aviator-bench"
+MAX_SEQ = 999  # weights of change k and k + 1000 coincide: a run stays below that
+
+
+@dataclass(frozen=True, slots=True)
+class FleetShape:
+    """``workloads`` workloads of ``per_workload`` endpoints each."""
+
+    workloads: int
+    per_workload: int
+
+    def __post_init__(self) -> None:
+        if self.workloads < 1 or self.per_workload < 1:
+            raise ValueError(f"need at least one workload and one endpoint each, got {self}")
+        if self.endpoints >= 1 << 24:
+            raise ValueError(f"at most {(1 << 24) - 1} endpoints (10.x.y.z), got {self.endpoints}")
+
+    @property
+    def endpoints(self) -> int:
+        return self.workloads * self.per_workload
+
+    @classmethod
+    def for_endpoints(cls, endpoints: int, per_workload: int) -> FleetShape:
+        """The shape with ``endpoints`` in total (rounded up to whole workloads)."""
+        if endpoints < 1 or per_workload < 1:
+            raise ValueError(f"need endpoints >= 1 and per_workload >= 1, got {endpoints}")
+        per = min(per_workload, endpoints)
+        return cls(-(-endpoints // per), per)
+
+
+def weight(seq: int, workload: int, endpoint: int) -> int:
+    """The weight of one endpoint after change ``seq`` touched its workload (0: initial).
+
+    For a given workload, two changes give the same pattern only if their ``seq`` differ by a
+    multiple of 1000 (761 is prime to 1000): every change below :data:`MAX_SEQ` is material.
+    """
+    return 1 + (seq * 761 + workload * 40503 + endpoint * 97) % 1000
+
+
+def _ip(index: int) -> str:
+    return f"10.{(index >> 16) & 255}.{(index >> 8) & 255}.{index & 255}"
+
+
+class Fleet:
+    """The workloads and their current weights. The server and the coordinator each hold one
+    and apply the same changes, so the coordinator knows what every stream should receive."""
+
+    def __init__(self, shape: FleetShape) -> None:
+        self.shape = shape
+        self._workloads = [self._build(w, 0) for w in range(shape.workloads)]
+
+    def _build(self, w: int, seq: int) -> WeightedWorkload:
+        per = self.shape.per_workload
+        return WeightedWorkload(
+            WorkloadKey(NAMESPACE, f"w{w:05d}"),
+            PORT,
+            tuple(
+                WeightedEndpoint(
+                    EndpointAddress(_ip(w * per + j + 1), PORT), weight(seq, w, j), Health.HEALTHY
+                )
+                for j in range(per)
+            ),
+        )
+
+    def workloads(self) -> list[WeightedWorkload]:
+        return list(self._workloads)
+
+    def target(self, seq: int) -> int:
+        """The workload a one-workload change ``seq`` touches (spread over the fleet)."""
+        return (seq * 7919) % self.shape.workloads
+
+    def change(self, seq: int, which: str) -> list[WeightedWorkload]:
+        """Apply change ``seq`` (``which``: ``one`` workload or ``all``); return the changed
+        workloads, sorted by cluster name."""
+        if not 1 <= seq <= MAX_SEQ:
+            raise ValueError(f"change numbers run from 1 to {MAX_SEQ}, got {seq}")
+        if which == "one":
+            targets = [self.target(seq)]
+        elif which == "all":
+            targets = list(range(self.shape.workloads))
+        else:
+            raise ValueError(f"which must be 'one' or 'all', got {which!r}")
+        for w in targets:
+            self._workloads[w] = self._build(w, seq)
+        return sorted((self._workloads[w] for w in targets), key=lambda x: x.key)
+
+
+def cla_bytes(workload: WeightedWorkload) -> bytes:
+    """The serialised ClusterLoadAssignment the server sends for ``workload``: the bytes a
+    client finds inside the response that carries it (the snapshot serialises the same way)."""
+    from aviator.xds.resources import build_load_assignment
+
+    data: bytes = build_load_assignment(workload).SerializeToString(deterministic=True)
+    return data
+
+
+# -- the server process --------------------------------------------------------------------------
+
+
+def _counter_total(counter: Any) -> float:
+    return float(
+        sum(
+            s.value
+            for metric in counter.collect()
+            for s in metric.samples
+            if s.name.endswith("_total")
+        )
+    )
+
+
+async def _serve() -> None:
+    from aviator.bench.xds_child import ParentLink, proc_usage, raise_nofile_limit
+    from aviator.log import configure
+    from aviator.xds.cache import Cache
+    from aviator.xds.server import AdsServer
+    from aviator.xds.snapshot import build_snapshot
+
+    link = await ParentLink.open()
+    configure("info")
+    raise_nofile_limit()
+    cache = Cache()
+    server: AdsServer | None = None
+    fleet: Fleet | None = None
+    try:
+        async for command in link.commands():
+            op = command["op"]
+            if op == "setup":
+                fleet = Fleet(FleetShape(int(command["workloads"]), int(command["per_workload"])))
+                cache.publish(build_snapshot(fleet.workloads()))
+                server = AdsServer(cache, identifier=IDENTIFIER)
+                port = await server.start("127.0.0.1:0")
+                link.send({"port": port, **proc_usage()})
+            elif op == "change":
+                t_change, cpu = time.time(), time.process_time()
+                assert fleet is not None, "setup first"
+                fleet.change(int(command["seq"]), str(command["which"]))
+                t0 = time.perf_counter()
+                snapshot = build_snapshot(fleet.workloads())
+                t1 = time.perf_counter()
+                changes = cache.publish(snapshot)
+                t2 = time.perf_counter()
+                link.send(
+                    {
+                        "seq": command["seq"],
+                        "t_change": t_change,
+                        "cpu_s": cpu,
+                        "build_s": t1 - t0,
+                        "publish_s": t2 - t1,
+                        "changed": sum(len(n) for n in changes.changed.values()),
+                    }
+                )
+            elif op == "quiet":
+                assert server is not None, "setup first"
+                quiet = await _wait_quiet(server, float(command.get("timeout", 10.0)))
+                link.send({"quiet": quiet, **proc_usage()})
+            elif op == "usage":
+                streams = len(server.servicer.streams()) if server is not None else 0
+                link.send({"streams": streams, **proc_usage()})
+            else:
+                link.send({"error": f"unknown command {op!r}"})
+    finally:
+        if server is not None:
+            await server.stop(0)
+
+
+async def _wait_quiet(server: Any, within: float) -> bool:
+    """Wait until every response sent was answered (ACK or NACK); False after ``within`` seconds."""
+    metrics = server.metrics
+    deadline = time.monotonic() + within
+    while True:
+        answered = _counter_total(metrics.acks) + _counter_total(metrics.nacks)
+        if answered >= _counter_total(metrics.pushes):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.001)
+
+
+def main() -> None:
+    asyncio.run(_serve())
+
+
+if __name__ == "__main__":
+    main()
