@@ -236,12 +236,13 @@ def _document(
     setup = [
         f"{started}, {os.cpu_count()} CPUs ({platform.machine()}), Python "
         f"{platform.python_version()}, Envoy {envoy_version}"
+        + (" — `--quick` (a smoke run, not a measurement)" if settings.quick else "")
         + ("" if complete else " — **incomplete: interrupted or still running**"),
         f"{shape.backends} backends × {shape.capacity} slots, mean service "
         f"{shape.mean_service_s * 1000:g} ms (exponential, sd = mean, sleeping): nominal "
         f"capacity {shape.nominal_capacity:.0f} req/s; each backend reports ORCA load "
         "(RIF, RIF/slots, rps) in `endpoint-load-metrics`",
-        f"{settings.sidecars} Envoy 1.40 sidecars (`--concurrency 1`), requests split round "
+        f"{settings.sidecars} Envoy sidecars (`--concurrency 1`), requests split round "
         "robin across them; open-loop Poisson load from one process, latency from the "
         f"intended send time (HDR histograms), deadline {settings.deadline_s:g} s",
         f"{settings.repeat} repetition(s) per case; per repetition every policy runs once, "
