@@ -1,14 +1,15 @@
 """The ``aviator`` command.
 
-Each subcommand lives in its own module exposing ``configure(parser)`` and ``run(args) -> int``;
-modules are imported only when their subcommand runs, so ``aviator bootstrap`` never pays for
-the benchmark's plotting libraries.
+Each subcommand lives in its own module exposing ``configure(parser)`` and ``run(args) -> int``.
+Every module is imported to build the parser (for ``--help``), so modules keep heavy imports
+(plotting, gRPC) inside functions where they can.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Aviator starts subprocesses (Envoy, backends) while gRPC threads run; gRPC's fork
+    # handlers then only print a warning. Must be set before grpc is first imported.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
     parser = build_parser()
     args = parser.parse_args(argv)
     log.configure(args.log_level, json=args.log_json)

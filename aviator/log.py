@@ -8,6 +8,17 @@ import sys
 import structlog
 
 
+class _Stderr:
+    """Writes to whatever ``sys.stderr`` is at the time of the call, so a logger cached
+    before stderr was swapped (pytest's capture, a daemoniser) never writes to a closed file."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(level: str = "info", *, json: bool = False) -> None:
     """Route structlog (and stdlib logging) to stderr as key=value lines or JSON."""
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
@@ -23,6 +34,6 @@ def configure(level: str = "info", *, json: bool = False) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
