@@ -99,7 +99,9 @@ class LoadTracker:
         clock: Callable[[], float] = time.monotonic,
         samples_per_bucket: int = 32,
         min_samples: int = 8,
-        max_sample_age_s: float = 60.0,
+        # Prequal wants *recent* latencies: a minute-old fast sample at RIF 0 hid a 10x
+        # slowdown for ~9 s in the demo. 5 s keeps enough samples at modest traffic.
+        max_sample_age_s: float = 5.0,
         rate_window_s: float = 10.0,
     ) -> None:
         if capacity is not None and not (math.isfinite(capacity) and capacity > 0):
