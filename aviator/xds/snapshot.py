@@ -12,8 +12,9 @@ it): a failed check raises :class:`SnapshotError` and the caller keeps the old s
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -22,7 +23,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from aviator.model import WeightedWorkload
+from aviator.model import WeightedWorkload, WorkloadKey
 from aviator.xds import resources as r
 
 _EMPTY: Mapping[str, ResourceEntry] = MappingProxyType({})
@@ -199,25 +200,101 @@ def build_snapshot(
     grpc_api_listeners: bool = False,
 ) -> Snapshot:
     """One Cluster and one ClusterLoadAssignment per workload; in gateway mode a Listener and
-    its RouteConfiguration; optionally API listeners for gRPC proxyless clients."""
-    workloads = list(workloads)
-    keys = [w.key for w in workloads]
-    if len(set(keys)) != len(keys):
-        raise SnapshotError(
-            [f"workload {k} appears twice" for k in sorted(set(keys)) if keys.count(k) > 1]
-        )
-    clusters = [r.build_cluster(w.key) for w in workloads]
-    endpoints = [r.build_load_assignment(w) for w in workloads]
-    listeners: list[Message] = []
-    routes: list[Message] = []
-    if gateway is not None:
-        listeners.append(r.build_listener(gateway))
-        routes.append(r.build_route_configuration(gateway, workloads))
-    if grpc_api_listeners:
-        listeners.extend(
-            r.build_api_listener(name) for w in workloads for name in r.grpc_listener_names(w)
-        )
-        routes.append(r.build_grpc_route_configuration(workloads))
-    return Snapshot.from_messages(
-        clusters=clusters, endpoints=endpoints, listeners=listeners, routes=routes
+    its RouteConfiguration; optionally API listeners for gRPC proxyless clients.
+
+    Builds everything from scratch; a producer that publishes again and again should keep a
+    :class:`SnapshotBuilder`, which rebuilds only what changed.
+    """
+    return SnapshotBuilder().build(
+        workloads, gateway=gateway, grpc_api_listeners=grpc_api_listeners
     )
+
+
+class SnapshotBuilder:
+    """:func:`build_snapshot` that remembers its previous build.
+
+    A workload equal to the one it was given last time keeps its entries: its Cluster and CLA
+    are neither rebuilt nor serialised again, so a weight change to one workload costs one CLA
+    whatever the size of the fleet (measured with ``aviator bench xds``: a full rebuild of
+    1,000 workloads took about 100 ms of CPU per change). The output is identical to
+    :func:`build_snapshot`'s. Only the entries of the last build are kept (memory follows the
+    fleet), and a build that raises leaves them as they were. Not thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._clusters: dict[WorkloadKey, ResourceEntry] = {}
+        self._clas: dict[WorkloadKey, tuple[WeightedWorkload, ResourceEntry]] = {}
+        # Listeners and routes, by everything they are built from.
+        self._others: dict[tuple[object, ...], ResourceEntry] = {}
+
+    def build(
+        self,
+        workloads: Iterable[WeightedWorkload],
+        *,
+        gateway: r.GatewayConfig | None = None,
+        grpc_api_listeners: bool = False,
+    ) -> Snapshot:
+        workloads = list(workloads)
+        keys = [w.key for w in workloads]
+        if len(set(keys)) != len(keys):
+            raise SnapshotError(
+                [f"workload {k} appears twice" for k in sorted(set(keys)) if keys.count(k) > 1]
+            )
+        clusters: dict[WorkloadKey, ResourceEntry] = {}
+        clas: dict[WorkloadKey, tuple[WeightedWorkload, ResourceEntry]] = {}
+        for w in workloads:
+            cluster = self._clusters.get(w.key)
+            if cluster is None:
+                cluster = ResourceEntry.from_message(r.CLUSTER_TYPE, r.build_cluster(w.key))
+            clusters[w.key] = cluster
+            previous = self._clas.get(w.key)
+            if previous is not None and (previous[0] is w or previous[0] == w):
+                clas[w.key] = previous
+            else:
+                cla = ResourceEntry.from_message(r.ENDPOINT_TYPE, r.build_load_assignment(w))
+                clas[w.key] = (w, cla)
+        # A list, not a dict: a name built twice must still fail as a duplicate.
+        others: list[tuple[tuple[object, ...], ResourceEntry]] = []
+
+        def other(key: tuple[object, ...], type_url: str, build: Callable[[], Message]) -> None:
+            entry = self._others.get(key)
+            if entry is None:
+                entry = ResourceEntry.from_message(type_url, build())
+            others.append((key, entry))
+
+        # Routes depend on the workloads' keys and ports only, not on their endpoints.
+        shape = tuple(sorted((w.key, w.port) for w in workloads))
+        if gateway is not None:
+            gw = gateway
+            other(("listener", gw), r.LISTENER_TYPE, lambda: r.build_listener(gw))
+            other(
+                ("route", gw, shape),
+                r.ROUTE_TYPE,
+                lambda: r.build_route_configuration(gw, workloads),
+            )
+        if grpc_api_listeners:
+            for w in workloads:
+                for name in r.grpc_listener_names(w):
+                    other(
+                        ("api-listener", name),
+                        r.LISTENER_TYPE,
+                        functools.partial(r.build_api_listener, name),
+                    )
+            other(
+                ("grpc-route", shape),
+                r.ROUTE_TYPE,
+                lambda: r.build_grpc_route_configuration(workloads),
+            )
+        by_type: dict[str, list[ResourceEntry]] = {t: [] for t in r.TYPE_ORDER}
+        for _, entry in others:
+            by_type[entry.type_url].append(entry)
+        snapshot = Snapshot.from_entries(
+            [
+                *clusters.values(),
+                *(cla for _, cla in clas.values()),
+                *by_type[r.LISTENER_TYPE],
+                *by_type[r.ROUTE_TYPE],
+            ]
+        )
+        self._clusters, self._clas, self._others = clusters, clas, dict(others)
+        return snapshot
