@@ -43,7 +43,7 @@ from aviator.xds.cache import Cache
 from aviator.xds.publisher import Publisher
 from aviator.xds.resources import GatewayConfig
 from aviator.xds.server import AdsServer
-from aviator.xds.snapshot import SnapshotError, build_snapshot
+from aviator.xds.snapshot import SnapshotBuilder, SnapshotError
 
 log = structlog.get_logger(__name__)
 
@@ -130,6 +130,7 @@ class ControlPlane:
         self.source = source or make_source(settings.source)
         self.store = Store()
         self.cache = Cache()
+        self._builder = SnapshotBuilder()  # rebuilds only the workloads that changed
         self.publisher = Publisher(
             self.cache, quiet=settings.publish_quiet, max_delay=settings.publish_max_delay
         )
@@ -314,7 +315,7 @@ class ControlPlane:
 
     def _submit(self) -> None:
         try:
-            snapshot = build_snapshot(self.workloads(), gateway=self.settings.gateway)
+            snapshot = self._builder.build(self.workloads(), gateway=self.settings.gateway)
         except SnapshotError as exc:
             log.error("cannot build a snapshot, keeping the last one", problems=exc.problems)
             return

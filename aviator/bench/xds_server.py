@@ -6,7 +6,8 @@ stdin (see :mod:`aviator.bench.xds_child`):
 - ``{"op": "setup", "workloads": W, "per_workload": P}``: build the fleet, publish its
   snapshot, listen on a free loopback port; reply ``{"port": ..., <usage>}``.
 - ``{"op": "change", "seq": k, "which": "one" | "all"}``: apply change ``k`` of the fleet,
-  rebuild the snapshot from every workload (as the control plane does on every weight change)
+  rebuild the snapshot from every workload (with a ``SnapshotBuilder``, as the control plane
+  does on every weight change: only changed workloads are rebuilt)
   and publish it; reply with the server-side timestamps: ``t_change`` (``time.time()`` when
   the command was read: the start of the measured interval), build and publish seconds, and the
   CPU time at ``t_change``.
@@ -145,12 +146,13 @@ async def _serve() -> None:
     from aviator.log import configure
     from aviator.xds.cache import Cache
     from aviator.xds.server import AdsServer
-    from aviator.xds.snapshot import build_snapshot
+    from aviator.xds.snapshot import SnapshotBuilder
 
     link = await ParentLink.open()
     configure("info")
     raise_nofile_limit()
     cache = Cache()
+    builder = SnapshotBuilder()  # as the control plane builds them
     server: AdsServer | None = None
     fleet: Fleet | None = None
     try:
@@ -158,7 +160,7 @@ async def _serve() -> None:
             op = command["op"]
             if op == "setup":
                 fleet = Fleet(FleetShape(int(command["workloads"]), int(command["per_workload"])))
-                cache.publish(build_snapshot(fleet.workloads()))
+                cache.publish(builder.build(fleet.workloads()))
                 server = AdsServer(cache, identifier=IDENTIFIER)
                 port = await server.start("127.0.0.1:0")
                 link.send({"port": port, **proc_usage()})
@@ -167,7 +169,7 @@ async def _serve() -> None:
                 assert fleet is not None, "setup first"
                 fleet.change(int(command["seq"]), str(command["which"]))
                 t0 = time.perf_counter()
-                snapshot = build_snapshot(fleet.workloads())
+                snapshot = builder.build(fleet.workloads())
                 t1 = time.perf_counter()
                 changes = cache.publish(snapshot)
                 t2 = time.perf_counter()
