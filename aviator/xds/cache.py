@@ -10,7 +10,9 @@ Invariants:
 - an unchanged resource keeps its :class:`ResourceEntry` object (and so its packed ``Any``)
   across publishes: one serialisation per resource version, shared by every stream;
 - a change to one resource wakes only the watchers of that name, plus the wildcard watchers
-  of its type (Contour #6743: every endpoint change fanned out to every subscription).
+  of its type (Contour #6743: every endpoint change fanned out to every subscription);
+- until the first publish the cache is not :attr:`Cache.ready`; the first publish wakes every
+  watcher.
 """
 
 from __future__ import annotations
@@ -53,6 +55,16 @@ class Cache:
         self._by_name: dict[str, dict[str, set[Watcher]]] = {}
         self._wildcard: dict[str, set[Watcher]] = {}
         self._publishes = 0
+        self._ready = False
+
+    @property
+    def ready(self) -> bool:
+        """True once a snapshot was published (an empty one counts).
+
+        Before that the cache does not know what exists, which is not the same as "nothing
+        exists": streams answer no request until then (see ``aviator.xds.protocol``).
+        """
+        return self._ready
 
     @property
     def snapshot(self) -> Snapshot:
@@ -105,12 +117,16 @@ class Cache:
                 changed[type_url] = frozenset(names)
         self._snapshot = Snapshot(MappingProxyType(merged))
         result = Changes(MappingProxyType(changed))
+        first, self._ready = not self._ready, True
         if result:
             self._publishes += 1
             log.debug(
                 "snapshot published",
                 changed={TYPE_SHORT.get(t, t): len(n) for t, n in changed.items()},
             )
+        if first:
+            self._notify_all()  # requests held back until now are owed an answer
+        elif result:
             self._notify(changed)
         return result
 
@@ -121,6 +137,19 @@ class Cache:
             for name in names:
                 woken.update(by_name.get(name, ()))
             for watcher in woken:
+                watcher.resources_changed(type_url)
+
+    def _notify_all(self) -> None:
+        woken: dict[Watcher, set[str]] = {}
+        for type_url, watchers in self._wildcard.items():
+            for watcher in watchers:
+                woken.setdefault(watcher, set()).add(type_url)
+        for type_url, by_name in self._by_name.items():
+            for watchers in by_name.values():
+                for watcher in watchers:
+                    woken.setdefault(watcher, set()).add(type_url)
+        for watcher, type_urls in woken.items():
+            for type_url in type_urls:
                 watcher.resources_changed(type_url)
 
     # -- watching ----------------------------------------------------------------------------

@@ -25,6 +25,9 @@ decided here, per stream and per type URL (rules from XDS-CHECKLIST.md):
   cluster it names; a Cluster stays (SotW) or is not removed (delta) while a route the proxy
   holds still names it; a CLA is not removed while a held cluster uses it, nor a route while a
   held listener uses it.
+- **Nothing before the first snapshot**: until the cache is ready no request is answered (an
+  empty answer would make Envoy drop everything it holds); owed answers go out on the first
+  publish.
 - **Wildcard**: an empty first CDS/LDS request (legacy) or ``*``. Names requested but unknown
   are remembered (watched in the cache) and sent when they appear; delta reports them once in
   ``removed_resources`` so the client need not wait for its fetch timeout.
@@ -322,6 +325,15 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
     # -- shared helpers ---------------------------------------------------------------------
 
     def _evaluate_all(self, todo: Mapping[str, bool]) -> list[Resp]:
+        if not self._cache.ready:
+            # Nothing published yet (a restarted control plane still reading its source): an
+            # answer now would tell the proxy that no cluster or listener exists, and Envoy
+            # would drop all it holds and refuse connections. Owe the answer instead; the
+            # first publish wakes every watcher.
+            for type_url, force in todo.items():
+                if (st := self._types.get(type_url)) is not None:
+                    st.force = st.force or force
+            return []
         pending = dict(todo)
         out: list[Resp] = []
         for type_url in TYPE_ORDER:  # clusters first, then endpoints, listeners, routes

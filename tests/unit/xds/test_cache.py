@@ -95,14 +95,33 @@ def test_a_change_wakes_only_the_watchers_of_that_name() -> None:
 
 def test_watching_an_unknown_name_wakes_when_it_appears_and_when_it_goes() -> None:
     cache = Cache()
+    cache.publish(build_snapshot([workload("a", 1)]))
     watcher = Recorder()
     cache.watch(watcher, r.ENDPOINT_TYPE, ["default/later"])
-    cache.publish(build_snapshot([workload("a", 1)]))
+    cache.publish(build_snapshot([workload("a", 2)]))  # another name changed
     assert watcher.calls == []
     cache.publish(build_snapshot([workload("a", 1), workload("later", 1)]))
     assert watcher.calls == [r.ENDPOINT_TYPE]
     cache.publish(build_snapshot([workload("a", 1)]))
     assert watcher.calls == [r.ENDPOINT_TYPE] * 2
+
+
+def test_not_ready_until_the_first_publish_which_wakes_every_watcher() -> None:
+    cache = Cache()
+    named, wildcard, other = Recorder(), Recorder(), Recorder()
+    cache.watch(named, r.ENDPOINT_TYPE, ["default/a", "default/b"])
+    cache.watch_all(wildcard, r.CLUSTER_TYPE)
+    cache.watch_all(wildcard, r.LISTENER_TYPE)
+    assert not cache.ready
+    changes = cache.publish(Snapshot())  # "nothing exists" is an answer too
+    assert not changes
+    assert cache.ready
+    # Each watcher once per type it watches, whatever changed: they owe held-back answers.
+    assert named.calls == [r.ENDPOINT_TYPE]
+    assert sorted(wildcard.calls) == sorted([r.CLUSTER_TYPE, r.LISTENER_TYPE])
+    assert other.calls == []
+    cache.publish(Snapshot())
+    assert named.calls == [r.ENDPOINT_TYPE]  # later publishes wake only on changes
 
 
 def test_unwatch_and_forget() -> None:

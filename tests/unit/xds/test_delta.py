@@ -32,10 +32,26 @@ def test_legacy_wildcard_and_explicit_star() -> None:
 
 
 def test_first_wildcard_request_is_answered_even_when_empty() -> None:
-    proxy = DeltaProxy(Cache())
+    cache = Cache()
+    cache.publish(Snapshot())
+    proxy = DeltaProxy(cache)
     (resp,) = proxy.request(r.CLUSTER_TYPE)
     assert list(resp.resources) == []
     assert list(resp.removed_resources) == []
+
+
+def test_nothing_is_answered_before_the_first_publish() -> None:
+    cache = Cache()  # a restarted control plane that has not read its source yet
+    proxy = DeltaProxy(cache)
+    held = _versions(_cache(workload("a", 1)), r.CLUSTER_TYPE)
+    assert proxy.request(r.CLUSTER_TYPE, initial=held) == []  # not "everything is gone"
+    assert proxy.request(r.ENDPOINT_TYPE, ["default/a"]) == []
+    assert proxy.flush() == []
+    cache.publish(build_snapshot([workload("a", 1), workload("b", 1)]))
+    cds, eds = proxy.flush()  # the owed answers: what the proxy lacks, nothing it holds
+    assert proxy.names(cds) == ["default/b"]
+    assert list(cds.removed_resources) == []
+    assert proxy.names(eds) == ["default/a"]
 
 
 def test_only_changed_resources_are_sent() -> None:

@@ -200,7 +200,9 @@ async def test_stream_is_cleaned_up_when_cancelled() -> None:
 
 @pytest.mark.looptime
 async def test_read_error_ends_the_stream_with_that_error() -> None:
-    server = _server(Cache())
+    cache = Cache()
+    cache.publish(build_snapshot([]))
+    server = _server(cache)
 
     async def broken() -> AsyncIterator[Any]:
         yield discovery_pb2.DiscoveryRequest(type_url=r.CLUSTER_TYPE)

@@ -53,9 +53,25 @@ def test_explicit_star_is_a_wildcard_and_names_narrow_it() -> None:
 
 
 def test_first_cds_request_is_answered_even_when_there_is_nothing() -> None:
-    proxy = SotwProxy(Cache())
+    cache = Cache()
+    cache.publish(Snapshot())
+    proxy = SotwProxy(cache)
     (resp,) = proxy.request(r.CLUSTER_TYPE, [])
     assert list(resp.resources) == []  # "no clusters" ends Envoy's initial fetch
+
+
+def test_nothing_is_answered_before_the_first_publish() -> None:
+    cache = Cache()  # a restarted control plane that has not read its source yet
+    proxy = SotwProxy(cache)
+    # An empty answer here would make Envoy drop every cluster it holds.
+    assert proxy.request(r.CLUSTER_TYPE, []) == []
+    assert proxy.request(r.LISTENER_TYPE, []) == []
+    assert proxy.flush() == []
+    cache.publish(build_snapshot([workload("a", 1)]))
+    cds, lds = proxy.flush()  # the owed answers, in order
+    assert (cds.type_url, lds.type_url) == (r.CLUSTER_TYPE, r.LISTENER_TYPE)
+    assert proxy.names(cds) == ["default/a"]
+    assert list(lds.resources) == []
 
 
 def test_removing_a_cluster_sends_the_smaller_full_state() -> None:
