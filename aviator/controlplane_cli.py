@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 
 from aviator.cli import UsageError
 from aviator.controlplane import (
@@ -29,11 +30,31 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=10000,
         help="port of the gateway listener sent over LDS (0: no listener, sidecars only)",
     )
+    parser.add_argument(
+        "--gateway-address",
+        default=GatewayConfig().address,
+        metavar="IP",
+        help="address the gateway listener binds (default: every interface)",
+    )
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     try:
-        gateway = GatewayConfig(port=args.gateway_port) if args.gateway_port else None
+        if not _is_ip(args.gateway_address):  # Envoy would reject the listener
+            raise ValueError(f"--gateway-address must be an IP, got {args.gateway_address!r}")
+        gateway = (
+            GatewayConfig(address=args.gateway_address, port=args.gateway_port)
+            if args.gateway_port
+            else None
+        )
         return Settings(
             source=args.source,
             xds_address=args.xds_address,
