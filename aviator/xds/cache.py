@@ -56,6 +56,7 @@ class Cache:
         self._wildcard: dict[str, set[Watcher]] = {}
         self._publishes = 0
         self._ready = False
+        self._notifying: Mapping[str, frozenset[str]] | None = None
 
     @property
     def ready(self) -> bool:
@@ -131,13 +132,28 @@ class Cache:
         return result
 
     def _notify(self, changed: Mapping[str, frozenset[str]]) -> None:
-        for type_url, names in changed.items():
-            woken: set[Watcher] = set(self._wildcard.get(type_url, ()))
-            by_name = self._by_name.get(type_url, {})
-            for name in names:
-                woken.update(by_name.get(name, ()))
-            for watcher in woken:
-                watcher.resources_changed(type_url)
+        self._notifying = changed
+        try:
+            for type_url, names in changed.items():
+                woken: set[Watcher] = set(self._wildcard.get(type_url, ()))
+                by_name = self._by_name.get(type_url, {})
+                for name in names:
+                    woken.update(by_name.get(name, ()))
+                for watcher in woken:
+                    watcher.resources_changed(type_url)
+        finally:
+            self._notifying = None
+
+    def changed_names(self, type_url: str) -> frozenset[str] | None:
+        """Inside a :meth:`Watcher.resources_changed` call made by a publish: the names of
+        ``type_url`` that this publish added, changed or removed. None anywhere else (and on
+        the first publish, which wakes every watcher): the caller cannot know what changed.
+
+        A stream uses it to look only at those names instead of all it subscribes to.
+        """
+        if self._notifying is None:
+            return None
+        return self._notifying.get(type_url, frozenset())
 
     def _notify_all(self) -> None:
         woken: dict[Watcher, set[str]] = {}
