@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import ctypes
 import os
 import re
 import shutil
@@ -25,7 +24,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -112,21 +111,19 @@ def _write_config(config: Config, directory: Path) -> Path:
     return path
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A pre-exec hook asking Linux to SIGKILL the child when its parent dies, or None."""
+def parent_death_prefix() -> list[str]:
+    """A command prefix asking Linux to SIGKILL the child when its parent dies (or ``[]``).
+
+    ``setpriv --pdeathsig`` (util-linux, on every Debian-like system) sets it and then execs
+    the real command, so the pid is the command's own. Not a ``preexec_fn``: that forces a
+    plain ``fork()`` which runs gRPC's fork handlers in the child, and with gRPC's threads
+    running the child then aborted (SIGABRT, "epoll_wait error: Bad file descriptor") before
+    it could exec Envoy.
+    """
     if not sys.platform.startswith("linux"):
-        return None
-    try:
-        # Looked up in the parent: the child should only make the call after fork.
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def hook() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-    return hook
+        return []
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL"] if setpriv else []
 
 
 def _kill_leftovers() -> None:
@@ -243,6 +240,9 @@ class EnvoyProcess:
         if self._proc is not None:
             raise RuntimeError("this EnvoyProcess was already started")
         binary = self._binary or find_envoy()
+        if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
+            # Checked here: behind the setpriv prefix a missing binary is only an exit code.
+            raise EnvoyNotFoundError(f"cannot run {binary}: not an executable file")
         if self._workdir_given is not None:
             self._dir = self._workdir_given
             self._dir.mkdir(parents=True, exist_ok=True)
@@ -266,11 +266,11 @@ class EnvoyProcess:
         try:
             with self.log_path.open("wb") as log_file:
                 self._proc = await asyncio.create_subprocess_exec(
+                    *parent_death_prefix(),
                     *args,
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=asyncio.subprocess.STDOUT,
-                    preexec_fn=_parent_death_signal(),
                 )
         except OSError as exc:
             self._cleanup_dir()
