@@ -111,6 +111,12 @@ def _write_config(config: Config, directory: Path) -> Path:
     return path
 
 
+def _check_executable(binary: str | os.PathLike[str]) -> None:
+    # Checked up front: behind the setpriv prefix a missing binary is only an exit code.
+    if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
+        raise EnvoyNotFoundError(f"cannot run {binary}: not an executable file")
+
+
 def parent_death_prefix() -> list[str]:
     """A command prefix asking Linux to SIGKILL the child when its parent dies (or ``[]``).
 
@@ -240,9 +246,7 @@ class EnvoyProcess:
         if self._proc is not None:
             raise RuntimeError("this EnvoyProcess was already started")
         binary = self._binary or find_envoy()
-        if not (os.path.isfile(binary) and os.access(binary, os.X_OK)):
-            # Checked here: behind the setpriv prefix a missing binary is only an exit code.
-            raise EnvoyNotFoundError(f"cannot run {binary}: not an executable file")
+        _check_executable(binary)
         if self._workdir_given is not None:
             self._dir = self._workdir_given
             self._dir.mkdir(parents=True, exist_ok=True)

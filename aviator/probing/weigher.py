@@ -10,8 +10,11 @@ The rule (Prequal's hot-cold lexicographic selection, NSDI 2024 §4, turned into
    ``latencyThreshold``. A hot endpoint of the previous result stays hot until both fall
    ``hysteresis`` below those thresholds.
 2. If some endpoint with data is cold: cold weights fall smoothly with latency,
-   ∝ latency^-latency_exponent relative to the fastest cold one, never below the floor
-   1/max_weight_ratio; hot ones get the floor (and DEGRADED health if ``degrade_hot``).
+   ∝ (latency + τ)^-latency_exponent relative to the fastest cold one, never below the floor
+   1/max_weight_ratio. τ, the latency tolerance, is a tenth of ``latencyThreshold`` (0
+   without one): differences far below the threshold (0.5 ms against 1.5 ms on an idle
+   fleet) are noise, not a reason to triple a weight. Hot ones get the floor (and DEGRADED
+   health if ``degrade_hot``).
 3. If every endpoint with data is hot: all stay HEALTHY (the weigher never takes a policy's
    last endpoints away) and are weighted by RIF, ∝ 1/(RIF + 1), or by latency if no RIF is known.
 4. Endpoints without data (new or stale) get a neutral weight: the median of the others.
@@ -213,20 +216,30 @@ def _classify_hot(
     return frozenset(hot)
 
 
+LATENCY_TOLERANCE = 0.1  # τ as a fraction of latencyThreshold
+DEFAULT_TOLERANCE_S = 0.0  # τ without a threshold: plain inverse latency
+
+
 def _targets(
     data: Mapping[EndpointAddress, EndpointStats],
     hot: frozenset[EndpointAddress],
     knobs: WeigherKnobs,
+    latency_threshold_s: float | None,
 ) -> tuple[dict[EndpointAddress, float], bool]:
     """Relative target weights in [floor, 1] for endpoints with data; True if all are hot."""
     floor = 1.0 / knobs.max_weight_ratio
+    tau = (
+        LATENCY_TOLERANCE * latency_threshold_s
+        if latency_threshold_s is not None
+        else DEFAULT_TOLERANCE_S
+    )
     if not data:
         return {}, False
     cold = {a: s for a, s in data.items() if a not in hot}
     if cold:
-        fastest = min(s.latency_s for s in cold.values())
+        fastest = min(s.latency_s for s in cold.values()) + tau
         out = {
-            a: max(floor, (fastest / s.latency_s) ** knobs.latency_exponent)
+            a: max(floor, (fastest / (s.latency_s + tau)) ** knobs.latency_exponent)
             for a, s in cold.items()
         }
         out.update((a, floor) for a in data if a in hot)
@@ -234,9 +247,9 @@ def _targets(
     known = sorted(s.rif for s in data.values() if s.rif is not None)
     if not known:
         # No load reports at all: rank the (all hot) endpoints by latency instead.
-        fastest = min(s.latency_s for s in data.values())
+        fastest = min(s.latency_s for s in data.values()) + tau
         return {
-            a: max(floor, (fastest / s.latency_s) ** knobs.latency_exponent)
+            a: max(floor, (fastest / (s.latency_s + tau)) ** knobs.latency_exponent)
             for a, s in data.items()
         }, True
     # Prequal's "all hot → lowest RIF", smoothly; an endpoint without a report ranks mid-fleet.
@@ -290,7 +303,7 @@ def weigh(
     data = {a: s for a in addresses if (s := stats[a]) is not None}
     was_hot = previous.hot if previous is not None else frozenset()
     hot = _classify_hot(data, knobs, latency_threshold_s, was_hot)
-    targets, all_hot = _targets(data, hot, knobs)
+    targets, all_hot = _targets(data, hot, knobs, latency_threshold_s)
     neutral = statistics.median(targets.values()) if targets else 1.0
     for a in addresses:
         targets.setdefault(a, neutral)

@@ -44,12 +44,16 @@ SCENARIOS = {
     "RIF above the 0.84 quantile is hot: floor": Scenario(
         [stats(10, 2)] * 9 + [stats(10, 20)], [1000] * 9 + [50], hot=[9]
     ),
+    # With a 50 ms threshold the latency tolerance τ is 5 ms: 20 ms weighs (10+5)/(20+5).
     "latency above latencyThreshold is hot: floor": Scenario(
-        [stats(10), stats(20), stats(80)], [1000, 500, 50], hot=[2], threshold_ms=50
+        [stats(10), stats(20), stats(80)], [1000, 600, 50], hot=[2], threshold_ms=50
+    ),
+    "idle fleet: sub-millisecond differences are noise under τ": Scenario(
+        [stats(0.5), stats(1.5)], [1000, 846], threshold_ms=50
     ),
     "degradeHot publishes hot endpoints DEGRADED": Scenario(
         [stats(10), stats(20), stats(80)],
-        [1000, 500, 50],
+        [1000, 600, 50],
         health=[H, H, D],
         hot=[2],
         knobs={"degradeHot": True},
@@ -176,11 +180,11 @@ def test_hysteresis_keeps_a_hot_endpoint_hot_just_below_the_threshold() -> None:
     # Without the history the same input is cold.
     fresh = _weigh([(10, None), (47, None)], latency_threshold_s=threshold, knobs=knobs)
     assert fresh.hot == frozenset()
-    assert _weights(fresh, 2) == [1000, 213]
-    # At 44 ms it cools, and climbs back through smoothing: 0.05 + 0.5 * (10/44 - 0.05) → 139.
+    assert _weights(fresh, 2) == [1000, 288]  # (10 + τ) / (47 + τ), τ = 5 ms
+    # At 44 ms it cools, and climbs back through smoothing: 0.05 + 0.5 * (15/49 - 0.05) → 178.
     cooled = _weigh([(10, None), (44, None)], previous=held, latency_threshold_s=threshold)
     assert cooled.hot == frozenset()
-    assert _weights(cooled, 2) == [1000, 139]
+    assert _weights(cooled, 2) == [1000, 178]
 
 
 def test_membership_change_is_always_pushed() -> None:
