@@ -111,7 +111,12 @@ class Gateway:
 
 class GatewayFactory(Protocol):
     async def __call__(
-        self, xds_port: int, *, delta: bool, initial_fetch_timeout: float | None = None
+        self,
+        xds_port: int,
+        *,
+        delta: bool,
+        port: int | None = None,
+        initial_fetch_timeout: float | None = None,
     ) -> Gateway: ...
 
 
@@ -121,9 +126,15 @@ async def gateway_factory(envoy_factory: EnvoyFactory) -> AsyncIterator[GatewayF
     sessions: list[aiohttp.ClientSession] = []
 
     async def start(
-        xds_port: int, *, delta: bool, initial_fetch_timeout: float | None = None
+        xds_port: int,
+        *,
+        delta: bool,
+        port: int | None = None,
+        initial_fetch_timeout: float | None = None,
     ) -> Gateway:
-        port = free_port()
+        """A gateway whose listener port is ``port`` (a free one by default); the server must
+        send a listener on that port (:func:`gateway_config`)."""
+        port = port if port is not None else free_port()
         node_id = f"gw-{next(_node_ids)}"
         envoy = await envoy_factory(
             render_bootstrap(

@@ -1,0 +1,325 @@
+"""A control plane restarted as a new process (``aviator run``): Envoy keeps serving while it is
+gone, converges on the new process's content, and no version ever stands for two contents."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from aviator.envoy.admin import EnvoyAdmin
+from aviator.envoy.process import free_port
+from aviator.xds.cache import Cache
+from aviator.xds.protocol import StreamKind
+from aviator.xds.server import AdsServer
+from aviator.xds.snapshot import build_snapshot
+from tests.envoy_fixtures import Backend, BackendFactory, poll_until
+from tests.integration.envoy_xds.harness import (
+    IDENTIFIER,
+    GatewayFactory,
+    address,
+    cluster_name,
+    expected_hosts,
+    holds,
+    rejections,
+    sample,
+    workload,
+)
+
+pytestmark = pytest.mark.envoy
+
+WEB = cluster_name("web")
+EDS_VERSION = f"cluster.{WEB}.version_text"
+CDS_VERSION = "cluster_manager.cds.version_text"
+
+
+def http_port(port: int) -> dict[str, Any]:
+    return {"name": "http", "containerPort": port}
+
+
+def manifests(backends: list[Backend]) -> list[dict[str, Any]]:
+    """AviatorPolicy, Deployment ``shop/web`` and one ready Pod per backend. Every backend
+    listens on 127.0.0.1 at its own port, declared as the pod's container port ``http``."""
+    meta = {"name": "web", "namespace": "shop"}
+    policy = {
+        "apiVersion": "aviator.io/v1alpha1",
+        "kind": "AviatorPolicy",
+        "metadata": dict(meta),
+        "spec": {
+            "targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+            "port": "http",
+            "pingInterval": "200ms",
+            "latencyThreshold": "100ms",
+        },
+    }
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": dict(meta),
+        "spec": {
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "web", "ports": [http_port(8080)]}]},
+            },
+        },
+    }
+    pods = [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"web-{b.name}", "namespace": "shop", "labels": {"app": "web"}},
+            "spec": {"containers": [{"name": "web", "ports": [http_port(b.port)]}]},
+            "status": {
+                "phase": "Running",
+                "podIP": b.host,
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        }
+        for b in backends
+    ]
+    return [policy, deployment, *pods]
+
+
+def write_source(directory: Path, backends: list[Backend]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / ".web.yaml.tmp"  # dot file: the source skips it
+    tmp.write_text(yaml.safe_dump_all(manifests(backends), sort_keys=False))
+    tmp.replace(directory / "web.yaml")  # atomic: never read half-written
+
+
+@contextlib.asynccontextmanager
+async def aviator_run(
+    source: Path, xds_port: int, gateway_port: int, log: Path
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``aviator run`` as a child process; killed (if still running) and reaped on exit."""
+    with log.open("ab") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "aviator", "run",
+            "--source", f"dir:{source}",
+            "--xds-address", f"127.0.0.1:{xds_port}",
+            "--admin-address", "127.0.0.1:0",
+            "--gateway-port", str(gateway_port),
+            "--gateway-address", "127.0.0.1",
+            stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+@dataclass
+class Traffic:
+    """Requests for ``Host: web.shop`` sent back to back by ``workers`` clients."""
+
+    url: str
+    workers: int = 2
+    ok: list[tuple[float, str]] = field(default_factory=list)  # (time, backend)
+    failed: list[tuple[float, str]] = field(default_factory=list)  # (time, what)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            await asyncio.gather(*(self._worker(http, stop) for _ in range(self.workers)))
+
+    async def _worker(self, http: aiohttp.ClientSession, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                async with http.get(self.url, headers={"Host": "web.shop"}) as response:
+                    body = await response.text()
+                    if response.status == 200:
+                        self.ok.append((time.monotonic(), body))
+                    else:
+                        self.failed.append((time.monotonic(), f"HTTP {response.status} {body}"))
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.failed.append((time.monotonic(), repr(exc)))
+                await asyncio.sleep(0.01)  # do not spin on a refused connection
+
+
+@dataclass
+class VersionLog:
+    """(version, content) pairs Envoy held, for CDS and for the EDS of ``shop/web``.
+
+    A pair is recorded only when the version read before and after reading the content is the
+    same, so content and version belong together."""
+
+    cds: set[tuple[str, frozenset[str]]] = field(default_factory=set)
+    eds: set[tuple[str, frozenset[tuple[str, int, str]]]] = field(default_factory=set)
+    eds_order: list[str] = field(default_factory=list)
+
+    async def sample(self, admin: EnvoyAdmin) -> None:
+        before = await admin.text_readouts()
+        hosts = await admin.clusters()
+        after = await admin.text_readouts()
+        if (v := before.get(CDS_VERSION)) and v == after.get(CDS_VERSION):
+            self.cds.add((v, frozenset({h.cluster for h in hosts})))
+        if (v := before.get(EDS_VERSION)) and v == after.get(EDS_VERSION):
+            content = frozenset(
+                (h.address, h.weight, h.eds_health) for h in hosts if h.cluster == WEB
+            )
+            self.eds.add((v, content))
+            if not self.eds_order or self.eds_order[-1] != v:
+                self.eds_order.append(v)
+
+    async def run(self, admin: EnvoyAdmin, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.sample(admin)
+            await asyncio.sleep(0.05)
+
+    @staticmethod
+    def ambiguous(pairs: set[tuple[str, Any]]) -> dict[str, list[Any]]:
+        by_version: dict[str, list[Any]] = {}
+        for version, content in pairs:
+            by_version.setdefault(version, []).append(content)
+        return {v: c for v, c in by_version.items() if len(c) > 1}
+
+
+@pytest.mark.parametrize("kind", [StreamKind.SOTW, StreamKind.DELTA])
+async def test_restarted_control_plane_process_converges_without_failed_requests(
+    gateways: GatewayFactory, http_backends: BackendFactory, tmp_path: Path, kind: StreamKind
+) -> None:
+    b1, b2, b3 = [await http_backends(f"b{i}") for i in (1, 2, 3)]
+    source = tmp_path / "source"
+    write_source(source, [b1, b2])
+    xds_port, gateway_port = free_port(), free_port()
+    log = tmp_path / "aviator.log"  # both processes' output, kept for a failed test
+    gw = await gateways(xds_port, delta=kind is StreamKind.DELTA, port=gateway_port)
+    admin = gw.admin
+
+    async def holding(*backends: Backend) -> bool:
+        """Envoy holds exactly these hosts of shop/web, and its listener and routes."""
+        return await holds(admin, {WEB: {address(b) for b in backends}})
+
+    async def served(at_least: int, backend: str | None = None, since: int = 0) -> bool:
+        await asyncio.sleep(0)
+        ok = traffic.ok[since:]
+        return sum(1 for _, body in ok if backend in (None, body)) >= at_least
+
+    traffic = Traffic(f"http://127.0.0.1:{gateway_port}/")
+    versions = VersionLog()
+    stop = asyncio.Event()
+    async with aviator_run(source, xds_port, gateway_port, log) as first:
+        await poll_until(lambda: holding(b1, b2), within=20)
+        status, body = await gw.get("web.shop")
+        assert (status, body in {"b1", "b2"}) == (200, True)
+        tasks = [
+            asyncio.create_task(traffic.run(stop)),
+            asyncio.create_task(versions.run(admin, stop)),
+        ]
+        try:
+            await poll_until(lambda: served(50))
+            cluster_before = await cluster_version(admin, WEB)
+            eds_before = list(versions.eds_order)
+
+            # The control plane dies without a word (no graceful stream close).
+            first.send_signal(signal.SIGKILL)
+            await first.wait()
+
+            async def disconnected() -> bool:
+                return (await admin.stats())["control_plane.connected_state"] == 0
+
+            await poll_until(disconnected)
+            served_before = len(traffic.ok)
+            # While it is down a pod is added; the new process starts with that content.
+            write_source(source, [b1, b2, b3])
+            async with aviator_run(source, xds_port, gateway_port, log):
+                await poll_until(lambda: holding(b1, b2, b3), within=20)
+                await poll_until(lambda: served(1, "b3", since=served_before))
+                settled = len(traffic.ok)
+                await poll_until(lambda: served(50, since=settled))
+                stats = await admin.stats()
+                cluster_after = await cluster_version(admin, WEB)
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+
+    print(
+        f"{kind} restart: {len(traffic.ok)} requests OK, {len(traffic.failed)} failed; "
+        f"EDS versions Envoy held: {len(versions.eds_order)}"
+    )
+    assert traffic.failed == [], f"{len(traffic.failed)} failed, first: {traffic.failed[:3]}"
+    assert stats["control_plane.connected_state"] == 1
+    assert set((await rejections(admin, [WEB])).values()) == {0}
+    # Content-addressed versions: the unchanged cluster has the same version in both processes
+    # (SotW: the version of all clusters; delta: the cluster's own), and the endpoints (a new
+    # pod) get a version never seen before the restart.
+    assert cluster_after == cluster_before
+    assert versions.eds_order[-1] not in eds_before
+    # No version ever stood for two different contents, across both processes.
+    assert VersionLog.ambiguous(versions.cds) == {}
+    assert VersionLog.ambiguous(versions.eds) == {}
+    assert len(traffic.ok) > served_before > 50
+
+
+async def cluster_version(admin: EnvoyAdmin, name: str) -> str:
+    """The version Envoy's /config_dump gives the active cluster ``name``."""
+    dump = await admin.config_dump(include_eds=False)
+    (clusters,) = [c for c in dump["configs"] if c["@type"].endswith("ClustersConfigDump")]
+    (active,) = [c for c in clusters["dynamic_active_clusters"] if c["cluster"]["name"] == name]
+    return str(active["version_info"])
+
+
+async def connected(admin: EnvoyAdmin, state: int) -> bool:
+    return (await admin.stats())["control_plane.connected_state"] == state
+
+
+@pytest.mark.parametrize("kind", [StreamKind.SOTW, StreamKind.DELTA])
+async def test_a_restarted_server_tells_nothing_before_its_first_snapshot(
+    ads: AdsServer, gateways: GatewayFactory, http_backends: BackendFactory, kind: StreamKind
+) -> None:
+    """A new control-plane process listens before it has read its source. Answering Envoy's
+    requests from the empty cache would tell Envoy that no cluster and no listener exist:
+    Envoy would drop them all and refuse connections until the first snapshot."""
+    web1, web2 = await http_backends("web-1"), await http_backends("web-2")
+    gw = await gateways(ads.port, delta=kind is StreamKind.DELTA)
+    admin = gw.admin
+    before = [workload("web", [web1])]
+    ads.cache.publish(build_snapshot(before, gateway=gw.config))
+    await poll_until(lambda: holds(admin, expected_hosts(before)))
+    port = ads.port
+    await ads.stop(0)
+    await poll_until(lambda: connected(admin, 0))
+
+    cache = Cache()  # nothing published yet: the source is still being read
+    server = AdsServer(cache, identifier=IDENTIFIER, metrics_registry=CollectorRegistry())
+    await server.start(f"127.0.0.1:{port}")
+    try:
+
+        async def asked_for_everything() -> bool:
+            await asyncio.sleep(0)
+            asked = {t.type for p in server.proxies() for t in p.types}
+            pushes = sum(
+                sample(server, "aviator_xds_pushes_total", type=t, kind=str(kind))
+                for t in ("cds", "eds", "lds", "rds")
+            )
+            return asked == {"cds", "eds", "lds", "rds"} or pushes > 0
+
+        await poll_until(lambda: connected(admin, 1))
+        await poll_until(asked_for_everything)
+        for t in ("cds", "eds", "lds", "rds"):
+            assert sample(server, "aviator_xds_pushes_total", type=t, kind=str(kind)) == 0, t
+        assert await holds(admin, expected_hosts(before))
+        assert await gw.get("web.shop") == (200, "web-1")
+
+        # The first snapshot (with a pod added meanwhile) is answered at once.
+        after = [workload("web", [web1, web2])]
+        cache.publish(build_snapshot(after, gateway=gw.config))
+        await poll_until(lambda: holds(admin, expected_hosts(after)))
+        assert set((await rejections(admin, [WEB])).values()) == {0}
+        assert server.nacks() == ()
+    finally:
+        await server.stop(0)
