@@ -27,7 +27,8 @@ Every ConfigSource says ``resource_api_version: V3`` and the ADS config says
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import yaml
@@ -299,6 +300,24 @@ def render_bootstrap(
     }
 
 
-def bootstrap_yaml(bootstrap: dict[str, Any]) -> str:
-    """YAML text of a bootstrap, keys in the order they were built (readable, diffable)."""
-    return yaml.safe_dump(bootstrap, sort_keys=False, default_flow_style=False)
+class _EnvoyYamlDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting ``y``/``n`` (any case) as well.
+
+    PyYAML writes those strings bare, but Envoy's YAML parser reads bare ``y``/``n`` as
+    booleans: a node id ``n`` became ``"id": false`` and Envoy refused the bootstrap.
+    """
+
+
+_EnvoyYamlDumper.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:y|Y|n|N)$"), list("yYnN")
+)
+
+
+def bootstrap_yaml(bootstrap: Mapping[str, Any]) -> str:
+    """YAML text of a bootstrap, keys in the order they were built (readable, diffable).
+
+    Every string stays a string for Envoy's parser too (see :class:`_EnvoyYamlDumper`).
+    """
+    return yaml.dump(
+        dict(bootstrap), Dumper=_EnvoyYamlDumper, sort_keys=False, default_flow_style=False
+    )

@@ -30,9 +30,9 @@ from types import TracebackType
 from typing import Any, Self
 
 import structlog
-import yaml
 
 from aviator.envoy.admin import EnvoyAdmin
+from aviator.envoy.bootstrap import bootstrap_yaml
 from aviator.envoy.errors import (
     EnvoyAdminError,
     EnvoyConfigError,
@@ -103,7 +103,7 @@ def _tail(text: str, lines: int) -> str:
 def _write_config(config: Config, directory: Path) -> Path:
     if isinstance(config, Mapping):
         path = directory / "envoy.yaml"
-        path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+        path.write_text(bootstrap_yaml(config))
         return path
     path = Path(config)
     if not path.is_file():

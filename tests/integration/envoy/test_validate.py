@@ -24,6 +24,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "gateway-dns-xds": {"xds_host": "aviator.aviator-system.svc.cluster.local"},
     "gateway-ipv6-xds": {"xds_host": "::1"},
     "gateway-admin-0-fetch-timeout": {"admin_port": 0, "initial_fetch_timeout": 0.5},
+    # Bare y/n are booleans to Envoy's YAML parser: the names must come out quoted.
+    "gateway-yaml-bool-like-names": {"node_id": "n", "cluster": "Y"},
     "sidecar": {"mode": "sidecar", "workloads": WORKLOADS},
     "sidecar-no-workloads": {"mode": "sidecar"},
     "sidecar-delta-any-address": {
