@@ -3,18 +3,21 @@ gateway traffic by Host to the workload's real backends."""
 
 from __future__ import annotations
 
+import aiohttp
 import pytest
 
-from aviator.envoy.bootstrap import XDS_CLUSTER
+from aviator.envoy.bootstrap import XDS_CLUSTER, render_bootstrap
+from aviator.envoy.process import free_port
 from aviator.xds import resources as r
 from aviator.xds.protocol import StreamKind
 from aviator.xds.server import AdsServer
 from aviator.xds.snapshot import build_snapshot
-from tests.envoy_fixtures import BackendFactory, poll_until
+from tests.envoy_fixtures import BackendFactory, EnvoyFactory, poll_until
 from tests.integration.envoy_xds.harness import (
     IDENTIFIER,
     RDS_PREFIX,
     GatewayFactory,
+    dynamic_hosts,
     expected_hosts,
     holds,
     rejections,
@@ -102,3 +105,49 @@ async def test_gateway_routes_every_kubernetes_host_form_to_the_workload(
         status, _ = await gw.get(host)
         assert status == 404, host
     assert web.hits == 5
+
+
+@pytest.mark.parametrize("kind", [StreamKind.SOTW, StreamKind.DELTA])
+async def test_sidecar_takes_clusters_and_endpoints_and_routes_by_host(
+    ads: AdsServer, envoy_factory: EnvoyFactory, http_backends: BackendFactory, kind: StreamKind
+) -> None:
+    web, cart = await http_backends("web-1"), await http_backends("cart-1")
+    workloads = [workload("web", [web]), workload("cart", [cart])]
+    ads.cache.publish(build_snapshot(workloads))  # no gateway: the sidecar's listener is static
+    port = free_port()
+    envoy = await envoy_factory(
+        render_bootstrap(
+            xds_host="127.0.0.1",
+            xds_port=ads.port,
+            node_id="sidecar-1",
+            mode="sidecar",
+            listen_port=port,
+            admin_port=0,
+            workloads=[w.key for w in workloads],
+            delta=kind is StreamKind.DELTA,
+        )
+    )
+    admin = envoy.admin
+
+    async def accepted() -> bool:
+        stats = await admin.stats()
+        return (
+            await dynamic_hosts(admin) == expected_hosts(workloads)
+            and stats["cluster_manager.warming_clusters"] == 0
+            and await admin.ready()
+        )
+
+    await poll_until(accepted)
+    stats = await admin.stats()
+    assert stats["control_plane.connected_state"] == 1
+    assert stats["cluster_manager.cds.update_rejected"] == 0
+    assert stats["cluster.shop/web.update_rejected"] == 0
+    assert stats["cluster.shop/cart.update_rejected"] == 0
+    assert "listener_manager.lds.update_success" not in stats  # no LDS subscription at all
+    (proxy,) = ads.proxies()
+    assert {t.type for t in proxy.types} == {"cds", "eds"}
+    assert ads.nacks() == ()
+    async with aiohttp.ClientSession() as http:
+        for host, body in (("web.shop", "web-1"), ("cart.shop.svc.cluster.local:8080", "cart-1")):
+            async with http.get(f"http://127.0.0.1:{port}/", headers={"Host": host}) as response:
+                assert (response.status, await response.text()) == (200, body), host
