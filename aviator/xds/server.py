@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -71,11 +71,15 @@ async def run_stream(
         while True:
             await wake.wait()
             wake.clear()
+            # ``del``: a response may be megabytes (every CLA, on connect); none is kept
+            # alive while the stream waits for its next request or change.
             while inbox:
                 for response in stream.handle(inbox.popleft()):
                     yield response
+                    del response
             for response in stream.flush():
                 yield response
+                del response
             if ended and not inbox:
                 if not reader.cancelled() and (error := reader.exception()) is not None:
                     raise error
@@ -135,6 +139,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         try:
             async for response in run_stream(stream, requests):
                 yield response
+                del response  # see run_stream
         finally:
             gauge.dec()
             self._streams.pop(stream.stream_id, None)
@@ -160,6 +165,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         )
         async for response in self._serve(stream, request_iterator, context.peer()):
             yield response
+            del response  # see run_stream
 
     async def DeltaAggregatedResources(  # noqa: N802 - name fixed by the gRPC service
         self,
@@ -175,6 +181,47 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         )
         async for response in self._serve(stream, request_iterator, context.peer()):
             yield response
+            del response  # see run_stream
+
+
+def _written(
+    method: Callable[[AsyncIterator[Req], Any], AsyncIterator[Resp]],
+) -> Callable[[AsyncIterator[Req], Any], Awaitable[None]]:
+    """A gRPC handler writing what the async generator ``method`` yields through the context.
+
+    grpc.aio keeps the last message an async-generator handler yielded alive until the next
+    one (its loop variable): after connect, that is every stream's first EDS response, all
+    CLAs, until a CLA changes — 450 MB for 1,000 streams of 10,000 endpoints in
+    ``aviator bench xds``. Writing through the context keeps none.
+    """
+
+    async def handler(requests: AsyncIterator[Req], context: Any) -> None:
+        async for response in method(requests, context):
+            await context.write(response)
+            del response
+
+    return handler
+
+
+def _ads_handlers(servicer: AdsServicer) -> grpc.GenericRpcHandler:
+    """``AggregatedDiscoveryService`` over ``servicer``, as the generated
+    ``add_AggregatedDiscoveryServiceServicer_to_server`` registers it but through
+    :func:`_written`."""
+    return grpc.method_handlers_generic_handler(
+        "envoy.service.discovery.v3.AggregatedDiscoveryService",
+        {
+            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                _written(servicer.StreamAggregatedResources),
+                request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                response_serializer=discovery_pb2.DiscoveryResponse.SerializeToString,
+            ),
+            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                _written(servicer.DeltaAggregatedResources),
+                request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                response_serializer=discovery_pb2.DeltaDiscoveryResponse.SerializeToString,
+            ),
+        },
+    )
 
 
 class AdsServer:
@@ -218,7 +265,7 @@ class AdsServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.servicer, server)
+        server.add_generic_rpc_handlers((_ads_handlers(self.servicer),))
         try:
             port = int(server.add_insecure_port(address))
         except RuntimeError as exc:
