@@ -62,7 +62,7 @@ from aviator.xds.resources import (
     TYPE_ORDER,
     TYPE_SHORT,
 )
-from aviator.xds.snapshot import ResourceEntry, content_version
+from aviator.xds.snapshot import ResourceEntry, entries_version
 
 log = structlog.get_logger(__name__)
 
@@ -387,6 +387,11 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
             return None
         return changed[0] if len(changed) == 1 else frozenset().union(*changed)
 
+    @staticmethod
+    def _in_scope(st: _TypeState, names: frozenset[str]) -> frozenset[str] | set[str]:
+        """``names`` the stream subscribes to (a set intersection, not a call per name)."""
+        return names if st.wildcard else names & st.names
+
     def _defer(self, st: _TypeState, force: bool, scoped: bool) -> None:
         """A response of this type is in flight: evaluate again once it is answered."""
         st.force = st.force or force
@@ -590,7 +595,11 @@ class SotwStream(ProtocolStream[discovery_pb2.DiscoveryRequest, discovery_pb2.Di
     def _apply_ack(self, type_url: str, st: _TypeState, sent: _Sent) -> None:
         # Only names in scope: the proxy dropped the others (``_subscribe`` keeps ``held``
         # within the subscription, so nothing else needs filtering).
-        accepted = ((n, e) for n, e in sent.entries.items() if st.in_scope(n))
+        accepted = (
+            sent.entries
+            if st.wildcard
+            else {n: e for n, e in sent.entries.items() if n in st.names}
+        )
         if type_url in FULL_STATE_TYPES:
             st.held = dict(accepted)  # full state
         else:
@@ -609,7 +618,7 @@ class SotwStream(ProtocolStream[discovery_pb2.DiscoveryRequest, discovery_pb2.Di
         if changed is not None and type_url == ENDPOINT_TYPE:
             # Only the names the cache changed can differ from what the proxy holds.
             current = self._cache.resources(type_url)
-            out = {n: current[n] for n in changed if n in current and st.in_scope(n)}
+            out = {n: current[n] for n in self._in_scope(st, changed) if n in current}
             kept: set[str] = set()
         else:
             out, kept = self._targets(type_url, st)
@@ -640,7 +649,8 @@ class SotwStream(ProtocolStream[discovery_pb2.DiscoveryRequest, discovery_pb2.Di
                 # appear.
                 st.force = False
                 return None
-        version = content_version(type_url, ((n, e.version) for n, e in out.items()))
+        ordered = sorted(out.items())
+        version = entries_version(type_url, (e for _, e in ordered))
         if not force and full_state and version == st.acked_version:
             return None
         if self._suppressed(type_url, st, version):
@@ -653,7 +663,6 @@ class SotwStream(ProtocolStream[discovery_pb2.DiscoveryRequest, discovery_pb2.Di
             nonce=nonce,
             control_plane=self._control_plane(),
         )
-        ordered = sorted(out.items())
         resp.resources.extend(e.any for _, e in ordered)
         self._after_send(type_url, st, _Sent(nonce, version, dict(ordered)))
         if type_url == ENDPOINT_TYPE:
@@ -794,9 +803,8 @@ class DeltaStream(
             # same rules as below, applied to those names alone.
             upserts = {
                 n: e
-                for n in changed
+                for n in self._in_scope(st, changed)
                 if (e := current.get(n)) is not None
-                and st.in_scope(n)
                 and ((h := st.held.get(n)) is None or h.version != e.version)
             }
             gone = {n for n in changed if n not in current}
@@ -824,9 +832,8 @@ class DeltaStream(
             }
         if not upserts and not removed and not absent and not force:
             return None
-        version = content_version(
-            type_url, ((n, e.version) for n, e in upserts.items()), removed | absent
-        )
+        ordered = sorted(upserts.items())
+        version = entries_version(type_url, (e for _, e in ordered), removed | absent)
         if self._suppressed(type_url, st, version):
             st.force = False
             return None
@@ -837,7 +844,6 @@ class DeltaStream(
             nonce=nonce,
             control_plane=self._control_plane(),
         )
-        ordered = sorted(upserts.items())
         resp.resources.extend(e.delta_resource for _, e in ordered)
         resp.removed_resources.extend(sorted(removed | absent))
         st.force_names -= upserts.keys()

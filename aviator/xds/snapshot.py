@@ -46,10 +46,26 @@ def content_version(
     and different content a different one (64-bit BLAKE2b), so a restarted server never
     reuses a version for other content (Contour #5482).
     """
+    return _version(type_url, (_token(n, v) for n, v in sorted(items)), removed)
+
+
+def entries_version(
+    type_url: str, ordered: Iterable[ResourceEntry], removed: Iterable[str] = ()
+) -> str:
+    """:func:`content_version` of entries already sorted by name, from their precomputed
+    tokens: the same value for one join instead of two encodes per entry (a response of
+    1,000 CLAs to each of 1,000 streams hashed a million pairs, ``aviator bench xds``)."""
+    return _version(type_url, (e.token for e in ordered), removed)
+
+
+def _token(name: str, version: str) -> bytes:
+    return b"\x00+" + name.encode() + b"\x00" + version.encode()
+
+
+def _version(type_url: str, tokens: Iterable[bytes], removed: Iterable[str]) -> str:
     h = hashlib.blake2b(digest_size=8)
     h.update(type_url.encode())
-    for name, version in sorted(items):
-        h.update(b"\x00+" + name.encode() + b"\x00" + version.encode())
+    h.update(b"".join(tokens))
     for name in sorted(removed):
         h.update(b"\x00-" + name.encode())
     return h.hexdigest()
@@ -75,6 +91,10 @@ class ResourceEntry:
     any: any_pb2.Any
     delta_resource: discovery_pb2.Resource
     refs: frozenset[str]
+    token: bytes = field(init=False, repr=False)  # this entry's part of a content version
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "token", _token(self.name, self.version))
 
     @classmethod
     def from_message(cls, type_url: str, message: Message) -> ResourceEntry:

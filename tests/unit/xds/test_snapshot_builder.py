@@ -6,7 +6,14 @@ import pytest
 
 from aviator.model import WeightedWorkload
 from aviator.xds import resources as r
-from aviator.xds.snapshot import Snapshot, SnapshotBuilder, SnapshotError, build_snapshot
+from aviator.xds.snapshot import (
+    Snapshot,
+    SnapshotBuilder,
+    SnapshotError,
+    build_snapshot,
+    content_version,
+    entries_version,
+)
 from tests.unit.xds.fakes import workload
 
 GW = r.GatewayConfig()
@@ -69,4 +76,20 @@ def test_a_failed_build_keeps_the_previous_entries() -> None:
     again = _build(builder, [workload("a", 1)])
     assert (
         again.of_type(r.ENDPOINT_TYPE)["default/a"] is before.of_type(r.ENDPOINT_TYPE)["default/a"]
+    )
+
+
+def test_entries_version_is_the_content_version() -> None:
+    snapshot = build_snapshot([workload("a", 1), workload("b", 2), workload("c", 3)])
+    entries = sorted(snapshot.of_type(r.ENDPOINT_TYPE).items())
+    pairs = [(n, e.version) for n, e in entries]
+    assert entries_version(r.ENDPOINT_TYPE, (e for _, e in entries)) == content_version(
+        r.ENDPOINT_TYPE, pairs
+    )
+    removed = ["default/x", "default/w"]
+    assert entries_version(r.ENDPOINT_TYPE, [], removed) == content_version(
+        r.ENDPOINT_TYPE, [], removed
+    )
+    assert entries_version(r.ENDPOINT_TYPE, (e for _, e in entries[1:])) != content_version(
+        r.ENDPOINT_TYPE, pairs
     )
