@@ -149,18 +149,18 @@ def evaluate_goals(runs: Sequence[Mapping[str, Any]]) -> list[Goal]:
         met = all(p is not None and p <= bound_ms and complete for _, p, complete in values)
         detail = ", ".join(f"{k} {_fmt_ms(p)}" for k, p, _ in values)
         goals.append(Goal(text, met, detail))
-    peaks = [(r["label"], r["server"]["peak_rss_mb"]) for r in runs]
-    if peaks:
-        label, worst = max(peaks, key=lambda x: x[1])
-        goals.append(
-            Goal(
-                "server resident memory ≤ 300 MB",
-                worst <= 300,
-                f"largest peak {worst:.0f} MB ({label})",
-            )
-        )
-    else:
-        goals.append(Goal("server resident memory ≤ 300 MB", None, "not measured"))
+    # Steady state: once every stream holds everything, and after the changes. The peak
+    # includes every stream fetching everything at once (a fleet reconnecting together).
+    for text, keys in (
+        ("server resident memory ≤ 300 MB, steady state", ("rss_mb", "rss_mb_end")),
+        ("server resident memory ≤ 300 MB, peak", ("peak_rss_mb",)),
+    ):
+        memory = [(str(r["label"]), max(float(r["server"][k]) for k in keys)) for r in runs]
+        if not memory:
+            goals.append(Goal(text, None, "not measured"))
+            continue
+        label, worst = max(memory, key=lambda x: x[1])
+        goals.append(Goal(text, worst <= 300, f"largest {worst:.0f} MB ({label})"))
     return goals
 
 

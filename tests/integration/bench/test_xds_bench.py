@@ -116,13 +116,14 @@ def test_summaries_and_goals() -> None:
             "endpoints": endpoints,
             "envoys": [],
             "scenarios": {"one": one},
-            "server": {"peak_rss_mb": peak},
+            "server": {"rss_mb": peak / 2, "rss_mb_end": peak / 3, "peak_rss_mb": peak},
         }
 
     goals = evaluate_goals([run(100, 1000, 80.0, 120.0), run(1000, 10_000, 1500.0, 400.0)])
-    assert [g.met for g in goals] == [True, False, False]
-    assert "1000x10000" in goals[2].detail
-    assert [g.met for g in evaluate_goals([])] == [None, None, None]
+    assert [g.met for g in goals] == [True, False, True, False]
+    assert "largest 200 MB (1000x10000)" in goals[2].detail
+    assert "largest 400 MB (1000x10000)" in goals[3].detail
+    assert [g.met for g in evaluate_goals([])] == [None, None, None, None]
 
 
 @pytest.mark.envoy
@@ -191,7 +192,7 @@ def test_short_run_writes_consistent_figures(
     (envoy,) = one["envoy_ms"]
     assert 0 < envoy["p50"] <= envoy["p99"] <= envoy["max"]
     assert all(len(rec["envoy_ms"]) == 1 and rec["envoy_ms"][0] > 0 for rec in one["records"])
-    assert [g["met"] for g in doc["goals"]] == [None, None, True]
+    assert [g["met"] for g in doc["goals"]] == [None, None, True, True]
 
     page = md.read_text()
     assert "| kind | streams | endpoints |" in page
