@@ -15,8 +15,10 @@ The rule (Prequal's hot-cold lexicographic selection, NSDI 2024 §4, turned into
    without one): differences far below the threshold (0.5 ms against 1.5 ms on an idle
    fleet) are noise, not a reason to triple a weight. Hot ones get the floor (and DEGRADED
    health if ``degrade_hot``).
-3. If every endpoint with data is hot: all stay HEALTHY (the weigher never takes a policy's
-   last endpoints away) and are weighted by RIF, ∝ 1/(RIF + 1), or by latency if no RIF is known.
+3. At most ``max(1, ceil((1 - hot_quantile) · n))`` endpoints may be hot. If more qualify, or
+   every endpoint with data is hot, the fleet is overloaded as a whole: all stay HEALTHY (the
+   weigher never takes a policy's last endpoints away), no floors, and weights are the latency
+   weight times (lowest RIF + 1)/(RIF + 1): Prequal's "all hot → lowest RIF", smoothly.
 4. Endpoints without data (new or stale) get a neutral weight: the median of the others.
 5. Against the previous result: if no endpoint's share of traffic would move by more than
    ``min_change`` (relative) and health and membership are the same, nothing changes
@@ -202,7 +204,14 @@ def _classify_hot(
     knobs: WeigherKnobs,
     latency_threshold_s: float | None,
     was_hot: frozenset[EndpointAddress],
-) -> frozenset[EndpointAddress]:
+) -> tuple[frozenset[EndpointAddress], bool]:
+    """The hot endpoints, and whether the whole fleet is overloaded.
+
+    At most ``max(1, ceil((1 - hot_quantile) * n))`` endpoints can be hot: Prequal's hot set is
+    the top of the RIF distribution, a minority. When more qualify (at 90% load most endpoints
+    cross a latency threshold), flooring all but one or two herded every sidecar's traffic onto
+    them and collapsed the tail in the latency benchmark; the fleet is then treated as all hot.
+    """
     rifs = sorted(s.rif for s in data.values() if s.rif is not None)
     enter_rif = max(_quantile(rifs, knobs.hot_quantile), knobs.min_hot_rif) if rifs else math.inf
     hot = set()
@@ -213,7 +222,8 @@ def _classify_hot(
         by_latency = latency_threshold_s is not None and s.latency_s > latency_threshold_s * keep
         if by_rif or by_latency:
             hot.add(address)
-    return frozenset(hot)
+    cap = max(1, math.ceil((1.0 - knobs.hot_quantile) * len(data) - 1e-9))
+    return frozenset(hot), len(hot) > cap
 
 
 LATENCY_TOLERANCE = 0.1  # τ as a fraction of latencyThreshold
@@ -223,6 +233,7 @@ DEFAULT_TOLERANCE_S = 0.0  # τ without a threshold: plain inverse latency
 def _targets(
     data: Mapping[EndpointAddress, EndpointStats],
     hot: frozenset[EndpointAddress],
+    overloaded: bool,
     knobs: WeigherKnobs,
     latency_threshold_s: float | None,
 ) -> tuple[dict[EndpointAddress, float], bool]:
@@ -235,28 +246,29 @@ def _targets(
     )
     if not data:
         return {}, False
+    fastest = min(s.latency_s for s in data.values()) + tau
+
+    def by_latency(s: EndpointStats, fastest: float) -> float:
+        return float((fastest / (s.latency_s + tau)) ** knobs.latency_exponent)
+
     cold = {a: s for a, s in data.items() if a not in hot}
-    if cold:
-        fastest = min(s.latency_s for s in cold.values()) + tau
-        out = {
-            a: max(floor, (fastest / (s.latency_s + tau)) ** knobs.latency_exponent)
-            for a, s in cold.items()
-        }
+    if cold and not overloaded:
+        fastest_cold = min(s.latency_s for s in cold.values()) + tau
+        out = {a: max(floor, by_latency(s, fastest_cold)) for a, s in cold.items()}
         out.update((a, floor) for a in data if a in hot)
         return out, False
+    # All hot (or overloaded): Prequal picks the lowest RIF; smoothly, that is a weight falling
+    # with RIF, times the latency weight so that at equal RIF the slower one still gets less
+    # (RIF alone left a 10x slower backend a third of the others' weight). An endpoint without
+    # a load report ranks mid-fleet.
     known = sorted(s.rif for s in data.values() if s.rif is not None)
-    if not known:
-        # No load reports at all: rank the (all hot) endpoints by latency instead.
-        fastest = min(s.latency_s for s in data.values()) + tau
-        return {
-            a: max(floor, (fastest / (s.latency_s + tau)) ** knobs.latency_exponent)
-            for a, s in data.items()
-        }, True
-    # Prequal's "all hot → lowest RIF", smoothly; an endpoint without a report ranks mid-fleet.
-    middle = statistics.median(known)
+    middle = statistics.median(known) if known else 0.0
     rifs = {a: s.rif if s.rif is not None else middle for a, s in data.items()}
     lowest = min(rifs.values())
-    return {a: max(floor, (lowest + 1.0) / (r + 1.0)) for a, r in rifs.items()}, True
+    return {
+        a: max(floor, by_latency(s, fastest) * (lowest + 1.0) / (rifs[a] + 1.0))
+        for a, s in data.items()
+    }, True
 
 
 def _shares(weights: Mapping[EndpointAddress, float]) -> dict[EndpointAddress, float]:
@@ -302,8 +314,8 @@ def weigh(
 
     data = {a: s for a in addresses if (s := stats[a]) is not None}
     was_hot = previous.hot if previous is not None else frozenset()
-    hot = _classify_hot(data, knobs, latency_threshold_s, was_hot)
-    targets, all_hot = _targets(data, hot, knobs, latency_threshold_s)
+    hot, overloaded = _classify_hot(data, knobs, latency_threshold_s, was_hot)
+    targets, all_hot = _targets(data, hot, overloaded, knobs, latency_threshold_s)
     neutral = statistics.median(targets.values()) if targets else 1.0
     for a in addresses:
         targets.setdefault(a, neutral)

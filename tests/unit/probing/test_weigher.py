@@ -91,6 +91,16 @@ SCENARIOS = {
         hot=[2, 3],
         knobs={"hotQuantile": 0.5},
     ),
+    # 5 of 6 above the threshold: more than the hot cap (1 of 6 at Q=0.84), so the fleet is
+    # overloaded as a whole: no floors (flooring 5 herded traffic onto 1), latency weights.
+    "overloaded fleet: no herding onto the one cold endpoint": Scenario(
+        [stats(40), stats(60), stats(60), stats(70), stats(80), stats(500)],
+        [1000, 692, 692, 600, 529, 89],
+        threshold_ms=50,
+    ),
+    "one hot endpoint within the cap still gets the floor": Scenario(
+        [stats(40)] * 5 + [stats(500)], [1000] * 5 + [50], hot=[5], threshold_ms=50
+    ),
     "hot and slow cold ones share the floor": Scenario(
         [stats(10, 2), stats(10, 2), stats(500, 2), stats(10, 30)], [1000, 1000, 50, 50], hot=[3]
     ),
