@@ -14,19 +14,17 @@ endpoint per backend, exactly as a Service's named ``targetPort`` would.
 
 It is ready when ``GET /readyz`` on the admin address answers 200 (sources synced, xDS
 listening). It is stopped with SIGTERM (SIGKILL after a grace period) and never outlives the
-benchmark: Linux kills it if the benchmark dies (``PR_SET_PDEATHSIG``).
+benchmark: Linux kills it if the benchmark dies (``setpriv --pdeathsig``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import shutil
-import signal
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -37,7 +35,7 @@ import structlog
 import yaml
 
 from aviator.bench.policies import WORKLOAD
-from aviator.envoy.process import free_port
+from aviator.envoy.process import free_port, parent_death_prefix
 from aviator.probing.results import DEFAULT_PROBE_PATH
 
 __all__ = ["ControlPlane", "ControlPlaneError", "ControlPlaneSettings", "manifests"]
@@ -160,21 +158,6 @@ def write_manifests(directory: Path, docs: Sequence[Mapping[str, Any]]) -> Path:
     return path
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
-    # Same trick as aviator.envoy.process: the kernel SIGKILLs the child if we die.
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-    def hook() -> None:
-        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-    return hook
-
-
 class ControlPlane:
     """``aviator run`` on a directory source describing ``ports`` (``{backend: port}``).
 
@@ -244,11 +227,11 @@ class ControlPlane:
         ]
         with self.log_path.open("wb") as out:
             self._proc = await asyncio.create_subprocess_exec(
+                *parent_death_prefix(),
                 *args,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
-                preexec_fn=_parent_death_signal(),
             )
         log.info("bench control plane started", pid=self._proc.pid, xds=self.xds_address)
         try:
