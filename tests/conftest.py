@@ -3,12 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+from collections.abc import Iterator
 
 import pytest
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    # looptime asks the policy for an event loop around synchronous tests; before any async test
-    # has run, that creates a loop nobody closes, and its garbage collection later turns into a
-    # ResourceWarning (an error under filterwarnings=error) inside an unrelated async test.
+    asyncio.set_event_loop(None)
+
+
+@pytest.fixture(autouse=True)
+def _close_stray_event_loop(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Close the event loop looptime's plugin creates around a *sync* test.
+
+    looptime 0.9 calls ``policy.get_event_loop()`` before every test function, which in a
+    sync test creates a loop that nobody closes; its ResourceWarning then fails whichever
+    async test runs when it is garbage-collected (warnings are errors here).
+    """
+    yield
+    if inspect.iscoroutinefunction(request.function):
+        return
+    try:
+        loop = asyncio.get_event_loop_policy().get_event_loop()
+    except RuntimeError:
+        return
+    if not loop.is_running() and not loop.is_closed():
+        loop.close()
     asyncio.set_event_loop(None)
