@@ -381,6 +381,9 @@ async def _run(spec: RunSpec, settings: Settings, tmp: Path) -> dict[str, Any]:
                 await asyncio.sleep(settings.gap_s)
             if records:
                 scenarios[which] = summarize_changes(records)
+                after = await server.call({"op": "usage"}, 30)
+                scenarios[which]["server_rss_mb_after"] = after["rss_mb"]
+                scenarios[which]["server_peak_rss_mb_after"] = after["peak_rss_mb"]
                 scenarios[which]["records"] = [_record_json(r) for r in records]
         wall = time.perf_counter() - wall0
         client_cpu = [
@@ -401,6 +404,8 @@ async def _run(spec: RunSpec, settings: Settings, tmp: Path) -> dict[str, Any]:
                 "rss_mb_before_streams": setup["rss_mb"],
                 "rss_mb": synced["rss_mb"],
                 "rss_mb_end": end["rss_mb"],
+                # Peak while every stream fetched everything at once, and over the whole run.
+                "peak_rss_mb_sync": synced["peak_rss_mb"],
                 "peak_rss_mb": end["peak_rss_mb"],
                 "cpu_s_changes": end["cpu_s"] - synced["cpu_s"],
             },
