@@ -45,7 +45,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import structlog
 from envoy.config.core.v3 import base_pb2
@@ -235,6 +235,31 @@ Resp = TypeVar("Resp", discovery_pb2.DiscoveryResponse, discovery_pb2.DeltaDisco
 _stream_ids = itertools.count(1)
 
 
+class ResponseBodies:
+    """Response bodies (all but the nonce) shared by the streams of one server.
+
+    A body is named by its stream kind, type and content version (a hash of exactly what it
+    carries), so every stream owing the same content copies one body instead of assembling
+    it: after a change to every workload, the same 1,000 CLAs go to each of 1,000 streams,
+    and copying a body (in C) costs a tenth of adding 1,000 resources to a new response
+    (``aviator bench xds``). Keeps the ``size`` most recently used bodies.
+    """
+
+    def __init__(self, size: int = 16) -> None:
+        self._size = size
+        self._bodies: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
+
+    def get(self, key: tuple[str, str, str], build: Callable[[], Any]) -> Any:
+        body = self._bodies.get(key)
+        if body is None:
+            body = self._bodies[key] = build()
+            if len(self._bodies) > self._size:
+                self._bodies.popitem(last=False)
+        else:
+            self._bodies.move_to_end(key)
+        return body
+
+
 class ProtocolStream(ABC, Generic[Req, Resp]):
     """Shared machinery of one ADS stream. Not thread-safe: one event loop drives it."""
 
@@ -249,8 +274,10 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
         journal: NackJournal | None = None,
         clock: Callable[[], float] = time.time,
         wake: Callable[[], None] | None = None,
+        bodies: ResponseBodies | None = None,
     ) -> None:
         self.stream_id = next(_stream_ids)
+        self._bodies = bodies if bodies is not None else ResponseBodies(size=2)
         self.node_id = ""
         self.connected_at = clock()
         self._cache = cache
@@ -656,15 +683,19 @@ class SotwStream(ProtocolStream[discovery_pb2.DiscoveryRequest, discovery_pb2.Di
         if self._suppressed(type_url, st, version):
             st.force = False
             return None
+
+        def body() -> discovery_pb2.DiscoveryResponse:
+            resp = discovery_pb2.DiscoveryResponse(
+                version_info=version, type_url=type_url, control_plane=self._control_plane()
+            )
+            resp.resources.extend(e.any for _, e in ordered)
+            return resp
+
         nonce = self._next_nonce()
-        resp = discovery_pb2.DiscoveryResponse(
-            version_info=version,
-            type_url=type_url,
-            nonce=nonce,
-            control_plane=self._control_plane(),
-        )
-        resp.resources.extend(e.any for _, e in ordered)
-        self._after_send(type_url, st, _Sent(nonce, version, dict(ordered)))
+        resp = discovery_pb2.DiscoveryResponse()
+        resp.CopyFrom(self._bodies.get((self.kind, type_url, version), body))
+        resp.nonce = nonce
+        self._after_send(type_url, st, _Sent(nonce, version, out))
         if type_url == ENDPOINT_TYPE:
             if force:
                 st.warming.clear()  # a forced SotW EDS response carries all subscribed names
@@ -837,20 +868,24 @@ class DeltaStream(
         if self._suppressed(type_url, st, version):
             st.force = False
             return None
+
+        def body() -> discovery_pb2.DeltaDiscoveryResponse:
+            resp = discovery_pb2.DeltaDiscoveryResponse(
+                system_version_info=version,
+                type_url=type_url,
+                control_plane=self._control_plane(),
+            )
+            resp.resources.extend(e.delta_resource for _, e in ordered)
+            resp.removed_resources.extend(sorted(removed | absent))
+            return resp
+
         nonce = self._next_nonce()
-        resp = discovery_pb2.DeltaDiscoveryResponse(
-            system_version_info=version,
-            type_url=type_url,
-            nonce=nonce,
-            control_plane=self._control_plane(),
-        )
-        resp.resources.extend(e.delta_resource for _, e in ordered)
-        resp.removed_resources.extend(sorted(removed | absent))
+        resp = discovery_pb2.DeltaDiscoveryResponse()
+        resp.CopyFrom(self._bodies.get((self.kind, type_url, version), body))
+        resp.nonce = nonce
         st.force_names -= upserts.keys()
         self._after_send(
-            type_url,
-            st,
-            _Sent(nonce, version, dict(ordered), frozenset(removed), frozenset(absent)),
+            type_url, st, _Sent(nonce, version, upserts, frozenset(removed), frozenset(absent))
         )
         if type_url == ENDPOINT_TYPE:
             st.warming -= upserts.keys()
@@ -865,8 +900,16 @@ def make_stream(
     metrics: XdsMetrics | None = None,
     journal: NackJournal | None = None,
     clock: Callable[[], float] = time.time,
+    bodies: ResponseBodies | None = None,
 ) -> SotwStream | DeltaStream:
     cls: type[SotwStream] | type[DeltaStream] = (
         SotwStream if kind is StreamKind.SOTW else DeltaStream
     )
-    return cls(cache, identifier=identifier, metrics=metrics, journal=journal, clock=clock)
+    return cls(
+        cache,
+        identifier=identifier,
+        metrics=metrics,
+        journal=journal,
+        clock=clock,
+        bodies=bodies,
+    )

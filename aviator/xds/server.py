@@ -30,6 +30,7 @@ from aviator.xds.protocol import (
     NackRecord,
     ProtocolStream,
     ProxyStatus,
+    ResponseBodies,
     SotwStream,
     StreamKind,
 )
@@ -110,6 +111,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         self._journal = journal
         self._clock = clock
         self._streams: dict[int, ProtocolStream[Any, Any]] = {}
+        self._bodies = ResponseBodies()  # one body per content, copied by every stream
         self._tasks: dict[int, asyncio.Task[Any]] = {}
 
     def streams(self) -> list[ProtocolStream[Any, Any]]:
@@ -163,6 +165,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
             metrics=self._metrics,
             journal=self._journal,
             clock=self._clock,
+            bodies=self._bodies,
         )
         async for response in self._serve(stream, request_iterator, context.peer()):
             yield response
@@ -179,6 +182,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
             metrics=self._metrics,
             journal=self._journal,
             clock=self._clock,
+            bodies=self._bodies,
         )
         async for response in self._serve(stream, request_iterator, context.peer()):
             yield response

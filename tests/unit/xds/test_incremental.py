@@ -8,11 +8,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from envoy.service.discovery.v3 import discovery_pb2
+
 from aviator.model import WeightedWorkload
 from aviator.xds import resources as r
 from aviator.xds.cache import Cache
+from aviator.xds.protocol import ResponseBodies, SotwStream
 from aviator.xds.snapshot import build_snapshot
-from tests.unit.xds.fakes import DeltaProxy, SotwProxy, workload
+from tests.unit.xds.fakes import IDENTIFIER, DeltaProxy, SotwProxy, workload
 
 NAMES = ["default/a", "default/b", "default/c"]
 
@@ -120,3 +125,32 @@ def test_a_wake_without_names_makes_the_stream_look_at_everything() -> None:
     proxy.stream.resources_changed(r.ENDPOINT_TYPE)
     (resp,) = proxy.flush()
     assert proxy.names(resp) == ["default/b"]
+
+
+def test_streams_of_one_server_copy_one_body_per_content() -> None:
+    cache = _cache()
+    bodies = ResponseBodies()
+    built: list[tuple[str, str, str]] = []
+    original = bodies.get
+
+    def counting(key: tuple[str, str, str], build: Callable[[], object]) -> object:
+        return original(key, lambda: built.append(key) or build())
+
+    bodies.get = counting  # type: ignore[method-assign]
+    one = SotwStream(cache, identifier=IDENTIFIER, bodies=bodies)
+    two = SotwStream(cache, identifier=IDENTIFIER, bodies=bodies)
+    request = discovery_pb2.DiscoveryRequest(type_url=r.ENDPOINT_TYPE, resource_names=NAMES)
+    (first,) = one.handle(request)
+    (second,) = two.handle(request)
+    assert len(built) == 1  # assembled once
+    first.ClearField("nonce")
+    second.ClearField("nonce")
+    assert first == second
+    assert first.control_plane.identifier == IDENTIFIER
+    # Bounded: the oldest bodies go.
+    small = ResponseBodies(size=2)
+    for i in range(3):
+        small.get(("sotw", "t", str(i)), discovery_pb2.DiscoveryResponse)
+    rebuilt: list[int] = []
+    small.get(("sotw", "t", "0"), lambda: rebuilt.append(0) or discovery_pb2.DiscoveryResponse())
+    assert rebuilt == [0]
