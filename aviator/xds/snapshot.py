@@ -92,9 +92,22 @@ class ResourceEntry:
     delta_resource: discovery_pb2.Resource
     refs: frozenset[str]
     token: bytes = field(init=False, repr=False)  # this entry's part of a content version
+    # Endpoints given load_balancing_weight 0 (Envoy rejects them), counted once per version
+    # rather than at every publish (10,000 endpoints took ~8 ms to check each time).
+    zero_weights: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "token", _token(self.name, self.version))
+        zero = 0
+        if isinstance(self.message, endpoint_pb2.ClusterLoadAssignment):
+            zero = sum(
+                1
+                for locality in self.message.endpoints
+                for lb_endpoint in locality.lb_endpoints
+                if lb_endpoint.HasField("load_balancing_weight")
+                and lb_endpoint.load_balancing_weight.value == 0
+            )
+        object.__setattr__(self, "zero_weights", zero)
 
     @classmethod
     def from_message(cls, type_url: str, message: Message) -> ResourceEntry:
@@ -184,14 +197,9 @@ class Snapshot:
         for name, cla in sorted(endpoints.items()):
             if name not in eds_names:
                 problems.append(f"endpoints {name!r} belong to no EDS cluster")
-            assert isinstance(cla.message, endpoint_pb2.ClusterLoadAssignment)
-            for locality in cla.message.endpoints:
-                for lb_endpoint in locality.lb_endpoints:
-                    if (
-                        lb_endpoint.HasField("load_balancing_weight")
-                        and lb_endpoint.load_balancing_weight.value == 0
-                    ):
-                        problems.append(f"endpoints {name!r} carry load_balancing_weight 0")
+            problems.extend(
+                [f"endpoints {name!r} carry load_balancing_weight 0"] * cla.zero_weights
+            )
         for name, route in sorted(routes.items()):
             problems.extend(
                 f"route configuration {name!r} routes to unknown cluster {c!r}"
