@@ -70,7 +70,7 @@ class Settings:
     all_changes: int = 10
     envoys: int = 2
     envoy_endpoints: int = 1_000
-    envoy_streams: int = 100
+    envoy_streams: tuple[int, ...] = (100, 0)
     envoy_changes: int = 100
     envoy_poll_s: float = 0.002
     gap_s: float = 0.02
@@ -93,7 +93,7 @@ class Settings:
             raise ValueError("--changes and --all-changes must be >= 0, and not both 0")
         if max(self.changes + self.all_changes, self.envoy_changes) > MAX_SEQ:
             raise ValueError(f"at most {MAX_SEQ} changes per run")
-        if self.envoys < 0 or self.envoy_changes < 1 or self.envoy_streams < 0:
+        if self.envoys < 0 or self.envoy_changes < 1 or min(self.envoy_streams, default=-1) < 0:
             raise ValueError("--envoys and --envoy-streams must be >= 0, --envoy-changes >= 1")
         if self.envoy_poll_s <= 0 or self.gap_s < 0 or self.timeout_s <= 0:
             raise ValueError("--envoy-poll-ms and --timeout must be > 0, --gap-ms >= 0")
@@ -108,7 +108,7 @@ QUICK = Settings(
     all_changes=3,
     envoys=1,
     envoy_endpoints=100,
-    envoy_streams=10,
+    envoy_streams=(10,),
     envoy_changes=20,
 )
 
@@ -142,7 +142,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--envoy-endpoints", type=int, help=f"endpoints of the Envoy run ({d.envoy_endpoints})"
     )
     parser.add_argument(
-        "--envoy-streams", type=int, help=f"simulated streams beside them ({d.envoy_streams})"
+        "--envoy-streams",
+        type=_counts,
+        help="simulated streams beside them, one Envoy run each (100,0)",
     )
     parser.add_argument(
         "--envoy-changes", type=int, help=f"changes in the Envoy run ({d.envoy_changes})"
@@ -233,7 +235,7 @@ class RunSpec:
 
 
 def plan_runs(settings: Settings) -> list[RunSpec]:
-    """Every run of the grid (endpoints outermost, cheapest first), then the Envoy run."""
+    """Every run of the grid (endpoints outermost, cheapest first), then the Envoy runs."""
     runs = [
         RunSpec(kind, streams, endpoints, settings.changes, settings.all_changes)
         for endpoints in sorted(settings.endpoints)
@@ -242,15 +244,16 @@ def plan_runs(settings: Settings) -> list[RunSpec]:
     ]
     if settings.envoys:
         envoy_kinds = tuple(settings.kinds[i % len(settings.kinds)] for i in range(settings.envoys))
-        runs.append(
+        runs.extend(
             RunSpec(
                 settings.kinds[0],
-                settings.envoy_streams,
+                streams,
                 settings.envoy_endpoints,
                 settings.envoy_changes,
                 0,
                 envoy_kinds,
             )
+            for streams in settings.envoy_streams
         )
     return runs
 

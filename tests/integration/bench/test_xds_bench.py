@@ -51,13 +51,13 @@ def test_options_and_quick_defaults() -> None:
 
 
 def test_plan_runs_the_grid_then_the_envoys() -> None:
-    s = xds.Settings(streams=(100, 10), endpoints=(1000, 100), envoys=3, envoy_streams=7)
+    s = xds.Settings(streams=(100, 10), endpoints=(1000, 100), envoys=3, envoy_streams=(7, 0))
     runs = xds.plan_runs(s)
-    grid = [(p.endpoints, p.streams, p.kind) for p in runs[:-1]]
+    grid = [(p.endpoints, p.streams, p.kind) for p in runs[:-2]]
     assert grid == [(e, n, k) for e in (100, 1000) for n in (10, 100) for k in ("sotw", "delta")]
-    last = runs[-1]
-    assert last.envoys == ("sotw", "delta", "sotw")
-    assert (last.streams, last.all_changes) == (7, 0)
+    for last, streams in zip(runs[-2:], (7, 0), strict=True):
+        assert last.envoys == ("sotw", "delta", "sotw")
+        assert (last.streams, last.all_changes) == (streams, 0)
 
 
 def test_fleet_shapes_and_changes() -> None:
@@ -139,7 +139,7 @@ def test_short_run_writes_consistent_figures(
         "--all-changes", "2",
         "--envoys", "1",
         "--envoy-endpoints", "20",
-        "--envoy-streams", "2",
+        "--envoy-streams", "2,0",
         "--envoy-changes", "4",
         "--gap-ms", "5",
         "--json", str(out),
@@ -158,6 +158,7 @@ def test_short_run_writes_consistent_figures(
         ("sotw", 3, []),
         ("delta", 3, []),
         ("sotw", 2, ["sotw"]),
+        ("sotw", 0, ["sotw"]),  # the Envoy alone
     ]
     for run in runs:
         assert (run["endpoints"], run["workloads"], run["per_workload"]) == (20, 4, 5)
@@ -170,14 +171,17 @@ def test_short_run_writes_consistent_figures(
         for s in run["scenarios"].values():
             assert s["complete"] == s["changes"]
             assert s["missed_receipts"] == 0
+            assert s["cpu_ms_per_update"]["mean"] > 0
+            assert 0 < s["server_rss_mb_after"] <= s["server_peak_rss_mb_after"]
+            if not run["streams"]:
+                assert s["held_ms"]["p50"] is None  # nothing simulated to measure
+                continue
             held, stream = s["held_ms"], s["stream_ms"]
             assert 0 < stream["p50"] <= held["p50"] <= held["p99"] <= held["max"]
             assert stream["max"] <= held["max"]
-            assert s["cpu_ms_per_update"]["mean"] > 0
             # One response per stream per change (the needles were all found in it).
             assert s["responses_per_change"] == run["streams"]
             assert s["bytes_per_change"] > 0
-            assert 0 < s["server_rss_mb_after"] <= s["server_peak_rss_mb_after"]
             for rec in s["records"]:
                 assert rec["missed"] == 0
                 assert rec["held_ms"] > 0
@@ -185,14 +189,14 @@ def test_short_run_writes_consistent_figures(
         if "all" in run["scenarios"]:
             # Every workload changes at once: four CLAs per response instead of one.
             assert run["scenarios"]["all"]["bytes_per_change"] > 3 * one["bytes_per_change"]
-    envoy_run = runs[-1]
-    one = envoy_run["scenarios"]["one"]
-    assert one["envoy_missed"] == 0
-    assert envoy_run["envoy_verified"] == 4
-    assert envoy_run["envoy_mismatches"] == 0
-    (envoy,) = one["envoy_ms"]
-    assert 0 < envoy["p50"] <= envoy["p99"] <= envoy["max"]
-    assert all(len(rec["envoy_ms"]) == 1 and rec["envoy_ms"][0] > 0 for rec in one["records"])
+    for envoy_run in runs[-2:]:
+        one = envoy_run["scenarios"]["one"]
+        assert one["envoy_missed"] == 0
+        assert envoy_run["envoy_verified"] == 4
+        assert envoy_run["envoy_mismatches"] == 0
+        (envoy,) = one["envoy_ms"]
+        assert 0 < envoy["p50"] <= envoy["p99"] <= envoy["max"]
+        assert all(len(r["envoy_ms"]) == 1 and r["envoy_ms"][0] > 0 for r in one["records"])
     assert [g["met"] for g in doc["goals"]] == [None, None, True, True]
 
     page = md.read_text()
