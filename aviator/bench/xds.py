@@ -43,6 +43,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from aviator.bench.xds_child import Child, ChildError
 from aviator.bench.xds_report import (
     ChangeRecord,
@@ -77,6 +79,7 @@ class Settings:
     timeout_s: float = 30.0
     client_procs: int = 1
     per_channel: int = 1
+    grid: bool = True  # False: only the Envoy runs
 
     def __post_init__(self) -> None:
         if not self.streams or min(self.streams) < 1:
@@ -159,6 +162,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="a small grid: 10,100 streams × 100,1000 endpoints"
     )
+    parser.add_argument(
+        "--no-grid", action="store_true", help="skip the grid: only the runs with real Envoys"
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write figures")
     parser.add_argument(
         "--markdown", type=Path, default=None, metavar="FILE", help="write the figures as Markdown"
@@ -184,6 +190,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "timeout_s": args.timeout,
         "client_procs": args.client_procs,
         "per_channel": args.per_channel,
+        "grid": False if args.no_grid else None,
     }
     return replace(base, **{k: v for k, v in given.items() if v is not None})
 
@@ -241,6 +248,7 @@ def plan_runs(settings: Settings) -> list[RunSpec]:
         for endpoints in sorted(settings.endpoints)
         for streams in sorted(settings.streams)
         for kind in settings.kinds
+        if settings.grid
     ]
     if settings.envoys:
         envoy_kinds = tuple(settings.kinds[i % len(settings.kinds)] for i in range(settings.envoys))
@@ -280,7 +288,7 @@ async def bench(
             started = time.perf_counter()
             try:
                 result = await _run(spec, settings, Path(tmp))
-            except (ChildError, OSError, RuntimeError, TimeoutError) as exc:
+            except (ChildError, OSError, RuntimeError, TimeoutError, aiohttp.ClientError) as exc:
                 doc["errors"].append({"run": spec.label, "error": str(exc)})
                 progress(f"[xds] {spec.label}: FAILED: {exc}")
                 continue
@@ -329,6 +337,7 @@ async def _run(spec: RunSpec, settings: Settings, tmp: Path) -> dict[str, Any]:
         for i in range(procs)
     ]
     envoys: list[Any] = []
+    session = aiohttp.ClientSession()  # polls the Envoys' admin endpoints
     try:
         await server.start()
         setup = await server.call(
@@ -377,7 +386,9 @@ async def _run(spec: RunSpec, settings: Settings, tmp: Path) -> dict[str, Any]:
             records = []
             for _ in range(count):
                 seq += 1
-                record, checks = await _change(seq, which, fleet, server, clients, envoys, settings)
+                record, checks = await _change(
+                    seq, which, fleet, server, clients, envoys, session, settings
+                )
                 records.append(record)
                 verified += checks[0]
                 mismatches += checks[1]
@@ -421,6 +432,7 @@ async def _run(spec: RunSpec, settings: Settings, tmp: Path) -> dict[str, Any]:
             result["envoy_poll_ms"] = settings.envoy_poll_s * 1000
         return result
     finally:
+        await session.close()
         for envoy in envoys:
             await envoy.stop()
         for c in clients:
@@ -449,6 +461,7 @@ async def _change(
     server: Child,
     clients: Sequence[Child],
     envoys: Sequence[Any],
+    session: aiohttp.ClientSession,
     settings: Settings,
 ) -> tuple[ChangeRecord, tuple[int, int]]:
     changed = fleet.change(seq, which)
@@ -463,9 +476,11 @@ async def _change(
     for c in clients:
         await c.recv(30)
     cluster = changed[0].key.cluster_name
-    baselines = [await _update_success(envoy, cluster) for envoy in envoys]
+    baselines = [await _update_success(session, envoy, cluster) for envoy in envoys]
     pollers = [
-        asyncio.create_task(_poll_envoy(envoy, cluster, base, settings.envoy_poll_s, timeout))
+        asyncio.create_task(
+            _poll_envoy(session, envoy, cluster, base, settings.envoy_poll_s, timeout)
+        )
         for envoy, base in zip(envoys, baselines, strict=True)
     ]
     try:
@@ -545,23 +560,38 @@ def _stat_filter(cluster: str) -> str:
     return f"^cluster\\.{re.escape(cluster)}\\.update_success$"
 
 
-async def _update_success(envoy: Any, cluster: str) -> int:
-    stats = await envoy.admin.stats(_stat_filter(cluster))
-    return int(stats.get(f"cluster.{cluster}.update_success", 0))
+async def _update_success(session: aiohttp.ClientSession, envoy: Any, cluster: str) -> int:
+    """Envoy's ``cluster.<cluster>.update_success`` counter (0 until it was first counted).
+
+    Asked as text with ``type=Counters&usedonly``: about 0.5 ms a poll against 3 ms for
+    ``EnvoyAdmin.stats`` (JSON of every stat the filter matches) with 100 clusters, so the
+    poll costs Envoy's main thread, which also applies the xDS updates, little.
+    """
+    params = {"filter": _stat_filter(cluster), "type": "Counters", "usedonly": ""}
+    async with session.get(f"{envoy.admin_url}/stats", params=params) as response:
+        text = await response.text()
+    prefix = f"cluster.{cluster}.update_success: "
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return int(line[len(prefix) :])
+    return 0
 
 
 async def _poll_envoy(
-    envoy: Any, cluster: str, baseline: int, interval: float, within: float
+    session: aiohttp.ClientSession,
+    envoy: Any,
+    cluster: str,
+    baseline: int,
+    interval: float,
+    within: float,
 ) -> float | None:
     """``time.time()`` of the first poll answer showing the cluster updated past
     ``baseline``; None after ``within`` seconds."""
     deadline = time.monotonic() + within
-    name = f"cluster.{cluster}.update_success"
-    flt = _stat_filter(cluster)
     while time.monotonic() < deadline:
-        stats = await envoy.admin.stats(flt)
+        count = await _update_success(session, envoy, cluster)
         at = time.time()
-        if int(stats.get(name, 0)) > baseline:
+        if count > baseline:
             return at
         await asyncio.sleep(interval)
     return None

@@ -58,6 +58,8 @@ def test_plan_runs_the_grid_then_the_envoys() -> None:
     for last, streams in zip(runs[-2:], (7, 0), strict=True):
         assert last.envoys == ("sotw", "delta", "sotw")
         assert (last.streams, last.all_changes) == (streams, 0)
+    only = xds.settings_from_args(_args("--no-grid", "--envoy-streams", "5"))
+    assert [(p.streams, len(p.envoys)) for p in xds.plan_runs(only)] == [(5, 2)]
 
 
 def test_fleet_shapes_and_changes() -> None:
