@@ -233,10 +233,12 @@ def envoy_lines(runs: Sequence[Mapping[str, Any]]) -> list[str]:
         if not r.get("envoys"):
             continue
         s = r["scenarios"]["one"]
+        beside = f"beside {r['streams']:,} simulated streams" if r["streams"] else "alone"
         for i, kind in enumerate(r["envoys"]):
             e = s["envoy_ms"][i]
             lines.append(
-                f"real Envoy {i + 1} ({kind}): change to held p50 {_fmt_ms(e['p50'])}, "
+                f"real Envoy {i + 1} ({kind}, {beside}, {r['endpoints']:,} endpoints): "
+                f"change to held p50 {_fmt_ms(e['p50'])}, "
                 f"p99 {_fmt_ms(e['p99'])}, max {_fmt_ms(e['max'])} over {s['changes']} changes"
             )
         a = s["all_envoys_ms"]

@@ -150,7 +150,8 @@ def test_short_run_writes_consistent_figures(
     assert xds.run(args) == 0
     printed = capsys.readouterr().out
     assert "held p99" in printed
-    assert "real Envoy 1 (sotw)" in printed
+    assert "real Envoy 1 (sotw, beside 2 simulated streams, 20 endpoints)" in printed
+    assert "real Envoy 1 (sotw, alone, 20 endpoints)" in printed
 
     doc = json.loads(out.read_text())
     assert doc["complete"] is True
@@ -203,5 +204,5 @@ def test_short_run_writes_consistent_figures(
 
     page = md.read_text()
     assert "| kind | streams | endpoints |" in page
-    assert "real Envoy 1 (sotw)" in page
+    assert "real Envoy 1 (sotw, alone" in page
     assert "### Goals" in page
