@@ -34,7 +34,7 @@ from aviator.admin import AdminServer
 from aviator.k8s.dirsource import DirectorySource
 from aviator.k8s.resolve import PolicyResolution, resolve_state, serving
 from aviator.k8s.state import ClusterState, StateSource, Store
-from aviator.model import WeightedWorkload, WorkloadKey
+from aviator.model import WeightedWorkload, WorkloadKey, parse_host_port
 from aviator.probing.estimator import Estimator
 from aviator.probing.prober import Prober, TransportFactory
 from aviator.probing.results import ProbeKey, ProbeOutcome, ProbeResult, ProbeTarget
@@ -54,21 +54,6 @@ DEFAULT_PORT = 8080  # traffic port when a policy names a port no endpoint resol
 
 class ControlPlaneError(Exception):
     """The control plane cannot start or keep running (bad address, source failure)."""
-
-
-def split_host_port(address: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` → (host, port); ValueError says what is wrong."""
-    host, sep, port_text = address.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"expected HOST:PORT, got {address!r}")
-    host = host.removeprefix("[").removesuffix("]")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"port must be a number in {address!r}") from None
-    if not 0 <= port < 65536:
-        raise ValueError(f"port must be in 0..65535 in {address!r}")
-    return host, port
 
 
 def make_source(spec: str) -> StateSource:
@@ -100,8 +85,8 @@ class Settings:
     max_probes_in_flight: int = 256
 
     def __post_init__(self) -> None:
-        split_host_port(self.xds_address)
-        split_host_port(self.admin_address)
+        parse_host_port(self.xds_address, any_port=True)
+        parse_host_port(self.admin_address, any_port=True)
         if not self.reweigh_interval > 0:
             raise ValueError("reweigh_interval must be > 0")
 
@@ -177,7 +162,7 @@ class ControlPlane:
 
     async def run(self, *, started: asyncio.Event | None = None) -> None:
         """Start the servers, run every task, stop everything on :meth:`stop` or failure."""
-        host, port = split_host_port(self.settings.admin_address)
+        host, port = parse_host_port(self.settings.admin_address, any_port=True)
         try:
             self.xds_port = await self.ads.start(self.settings.xds_address)
             self.admin_port = await self.admin.start(host, port)

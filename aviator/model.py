@@ -86,3 +86,27 @@ class WeightedWorkload:
         seen = {e.address for e in self.endpoints}
         if len(seen) != len(self.endpoints):
             raise ValueError(f"{self.key}: duplicate endpoint addresses")
+
+
+def parse_host_port(text: str, *, any_port: bool = False) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (IPv6 as ``[ADDR]:PORT``) into a host and a port in 1..65535
+    (0..65535 with ``any_port``: a listen address where 0 lets the OS pick).
+
+    Raises ``ValueError`` naming the text when it has no port, a bad port or an empty host.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"expected [IPv6]:PORT, got {text!r}") from None
+    elif ":" in host:
+        raise ValueError(f"an IPv6 address needs brackets, as in [::1]:18000, got {text!r}")
+    port = int(port_text)
+    lowest = 0 if any_port else 1
+    if not lowest <= port < 65536:
+        raise ValueError(f"port must be in {lowest}..65535, got {text!r}")
+    return host, port

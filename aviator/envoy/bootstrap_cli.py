@@ -3,34 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import sys
 
 from aviator.cli import UsageError
 from aviator.envoy.bootstrap import bootstrap_yaml, render_bootstrap
-from aviator.model import WorkloadKey
-
-
-def parse_host_port(text: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (IPv6 as ``[ADDR]:PORT``) into a host and a port in 1..65535.
-
-    Raises ``ValueError`` naming the text when it has no port, a bad port or an empty host.
-    """
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"expected [IPv6]:PORT, got {text!r}") from None
-    elif ":" in host:
-        raise ValueError(f"an IPv6 address needs brackets, as in [::1]:18000, got {text!r}")
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise ValueError(f"port must be in 1..65535, got {text!r}")
-    return host, port
+from aviator.model import WorkloadKey, parse_host_port
 
 
 def parse_workload(text: str) -> WorkloadKey:
