@@ -11,7 +11,7 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from aviator import __version__, log
 
@@ -29,23 +29,29 @@ class UsageError(Exception):
     """A user mistake the CLI reports in one line, without a traceback."""
 
 
+def add_subcommands(
+    parser: argparse.ArgumentParser,
+    commands: Mapping[str, tuple[str, str]],
+    *,
+    dest: str,
+    key: str,
+) -> None:
+    """One subparser per entry of ``commands`` (name → (module, help)); each module configures
+    its own parser, and the chosen one is ``getattr(args, key)`` after parsing."""
+    sub = parser.add_subparsers(dest=dest, required=True, metavar=dest.upper())
+    for name, (module_name, help_text) in commands.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        module = importlib.import_module(module_name)
+        module.configure(sp)
+        sp.set_defaults(**{key: module})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aviator", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"aviator {__version__}")
     parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
     parser.add_argument("--log-json", action="store_true", help="log JSON lines")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
-        sp = sub.add_parser(name, help=help_text, description=help_text)
-        sp.set_defaults(_module=module_name)
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            sp.set_defaults(_missing=True)
-            continue
-        module.configure(sp)
+    add_subcommands(parser, COMMANDS, dest="command", key="command_module")
     return parser
 
 
@@ -56,12 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     log.configure(args.log_level, json=args.log_json)
-    if getattr(args, "_missing", False):
-        print(f"aviator: '{args.command}' is not available in this build", file=sys.stderr)
-        return 2
-    module = importlib.import_module(args._module)
     try:
-        code: int = module.run(args)
+        code: int = args.command_module.run(args)
     except UsageError as exc:
         print(f"aviator {args.command}: {exc}", file=sys.stderr)
         return 2
