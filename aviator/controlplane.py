@@ -31,14 +31,15 @@ import prometheus_client
 import structlog
 
 from aviator.admin import AdminServer
-from aviator.k8s.dirsource import DirectorySource
 from aviator.k8s.resolve import PolicyResolution, resolve_state, serving
-from aviator.k8s.state import ClusterState, StateSource, Store
+from aviator.k8s.state import ClusterState
 from aviator.model import WeightedWorkload, WorkloadKey, parse_host_port
 from aviator.probing.estimator import Estimator
 from aviator.probing.prober import Prober, TransportFactory
 from aviator.probing.results import ProbeKey, ProbeOutcome, ProbeResult, ProbeTarget
 from aviator.probing.weigher import WeighResult, weigh
+from aviator.source.directory import DirectorySource
+from aviator.source.store import StateSource, Store
 from aviator.xds.cache import Cache
 from aviator.xds.publisher import Publisher
 from aviator.xds.resources import GatewayConfig

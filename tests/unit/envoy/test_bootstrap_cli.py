@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from aviator.cli import main
+from aviator.cli.bootstrap import parse_host_port, parse_workload
 from aviator.envoy.bootstrap import render_bootstrap
-from aviator.envoy.bootstrap_cli import parse_host_port, parse_workload
 from aviator.model import WorkloadKey
 
 

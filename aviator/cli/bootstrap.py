@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from aviator.cli import UsageError
+from aviator.cli.usage import UsageError
 from aviator.envoy.bootstrap import bootstrap_yaml, render_bootstrap
 from aviator.model import WorkloadKey, parse_host_port
 

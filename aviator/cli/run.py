@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import ipaddress
 
-from aviator.cli import UsageError
+from aviator.cli.usage import UsageError
 from aviator.controlplane import (
     DEFAULT_ADMIN_ADDRESS,
     DEFAULT_XDS_ADDRESS,
