@@ -73,9 +73,8 @@ def test_a_deployment_gets_pods_and_set_pod_status_makes_one_ready(
     assert wide.split()[1:3] == ["1/1", "Running"]
     assert "127.0.0.11" in wide
     deadline = time.monotonic() + 30
-    while kube_env.get("deployments", "web", namespace=ns, group="apps")["status"].get(
-        "readyReplicas"
-    ) != 1:
+    deployment = {"group": "apps", "namespace": ns}
+    while kube_env.get("deployments", "web", **deployment)["status"].get("readyReplicas") != 1:
         assert time.monotonic() < deadline, "the Deployment never counted the ready pod"
         time.sleep(0.1)
 
@@ -93,9 +92,7 @@ def test_a_deployment_gets_pods_and_set_pod_status_makes_one_ready(
     assert len(kube_env.wait_for_pods(ns, "app=web", 1)) == 1
 
 
-def test_a_statefulset_gets_its_pods_one_by_one(
-    kube_env: KubeTestEnv, kube_namespace: str
-) -> None:
+def test_a_statefulset_gets_its_pods_one_by_one(kube_env: KubeTestEnv, kube_namespace: str) -> None:
     # OrderedReady (the default): db-1 comes only once db-0 is Running and Ready.
     ns = kube_namespace
     kube_env.apply(
