@@ -273,6 +273,24 @@ def _wait(process: _Process, check: Callable[[], bool], *, within: float, what: 
         time.sleep(0.1)
 
 
+def _retry_on_port_clash(
+    start: Callable[[], None], process: Callable[[], _Process | None], attempts: int = 3
+) -> None:
+    """``start()``; again (it picks new free ports) if the process died because another one
+    took its port between ``free_port`` and its bind."""
+    for attempt in range(attempts):
+        try:
+            start()
+            return
+        except KubeTestEnvError:
+            proc = process()
+            if proc is None or attempt == attempts - 1:
+                raise
+            if "address already in use" not in _tail(proc.log_path, 20):
+                raise
+            proc.stop()
+
+
 def _run(argv: Sequence[str], *, cwd: Path | None = None) -> None:
     proc = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=cwd)
     if proc.returncode != 0:
@@ -325,11 +343,9 @@ class KubeTestEnv:
             self.workdir.mkdir(parents=True, exist_ok=True)
             self._make_pki()
             self.startup_seconds["pki"] = time.monotonic() - t0
-            self._start_etcd()
+            _retry_on_port_clash(self._start_etcd, lambda: self._etcd)
             self.startup_seconds["etcd"] = time.monotonic() - t0
-            self.port = free_port(self.host)
-            self._write_kubeconfig(self.kubeconfig, token=self.admin_token, namespace="default")
-            self.start_apiserver()
+            _retry_on_port_clash(self._first_apiserver_start, lambda: self._apiserver)
             self.startup_seconds["kube-apiserver"] = time.monotonic() - t0
             if self.with_controller_manager:
                 self._start_controller_manager()
@@ -377,6 +393,12 @@ class KubeTestEnv:
             )
         self._apiserver.start()
         _wait(self._apiserver, self._ready, within=90, what="ready (/readyz)")
+
+    def _first_apiserver_start(self) -> None:
+        self.port = free_port(self.host)
+        self._apiserver = None  # a new port: new arguments
+        self._write_kubeconfig(self.kubeconfig, token=self.admin_token, namespace="default")
+        self.start_apiserver()
 
     # -- talking to it ---------------------------------------------------------------------
 
@@ -496,13 +518,13 @@ class KubeTestEnv:
         wanted = "True" if ready else "False"
         conditions = []
         for type_ in ("Ready", "ContainersReady"):
-            previous = old.get(type_)
-            changed = previous is None or previous.get("status") != wanted
+            previous = old.get(type_, {})
+            unchanged = previous.get("status") == wanted and "lastTransitionTime" in previous
             conditions.append(
                 {
                     "type": type_,
                     "status": wanted,
-                    "lastTransitionTime": now if changed else previous["lastTransitionTime"],
+                    "lastTransitionTime": previous["lastTransitionTime"] if unchanged else now,
                 }
             )
         old_containers = {c["name"]: c for c in pod.get("status", {}).get("containerStatuses", [])}
@@ -714,6 +736,7 @@ class KubeTestEnv:
 
     def _start_etcd(self) -> None:
         client, peer = free_port(self.host), free_port(self.host)
+        shutil.rmtree(self.workdir / "etcd", ignore_errors=True)  # a retry starts afresh
         self.etcd_url = f"http://{self.host}:{client}"
         peer_url = f"http://{self.host}:{peer}"
         self._etcd = _Process(
