@@ -32,8 +32,9 @@ What it is, and what it is not:
   IP, a phase and a Ready condition through the ``pods/status`` subresource, as a kubelet would.
 - The ``ServiceAccount`` admission plugin is always off (with it, a Pod created in a namespace
   a moment old fails until the controller-manager has made its ``default`` ServiceAccount; with
-  no kubelet nothing would mount the token anyway). TokenRequest (``kubectl create token``)
-  works: the issuer and signing-key flags are set.
+  no kubelet nothing would mount the token anyway). TokenRequest (``kubectl create token``,
+  :meth:`KubeTestEnv.service_account_kubeconfig`) works: the issuer and signing-key flags are
+  set, and tokens stay valid across an API server restart.
 - Processes die with the test run (``setpriv --pdeathsig KILL``, and an atexit hook); a process
   that fails to start raises :class:`KubeTestEnvError` with the tail of its log.
 - The watch cache is on, as in a cluster: it sends bookmarks, and it serves watches from its own
@@ -604,14 +605,19 @@ class KubeTestEnv:
         return path
 
     def service_account_kubeconfig(
-        self, namespace: str, name: str, *, duration: str = "24h"
+        self, namespace: str, name: str, *, expiration_seconds: int = 86400
     ) -> Path:
-        """A kubeconfig that authenticates as ServiceAccount ``namespace/name`` with a
-        TokenRequest token (``kubectl create token``), its context namespace ``namespace``
-        (as in a Pod). The ServiceAccount must exist. Written under workdir."""
-        token = self.kubectl(
-            "create", "token", name, "-n", namespace, f"--duration={duration}"
-        ).stdout.strip()
+        """A kubeconfig that authenticates as ServiceAccount ``namespace/name`` with a token
+        from the TokenRequest API (what ``kubectl create token`` asks for; called directly, so
+        any kubectl version works), its context namespace ``namespace`` (as in a Pod). The
+        ServiceAccount must exist. Written under workdir."""
+        request = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"expirationSeconds": expiration_seconds},
+        }
+        answer = self.request("POST", _path("serviceaccounts", name, namespace) + "/token", request)
+        token: str = answer["status"]["token"]
         path = self.workdir / "kubeconfigs" / f"{namespace}.{name}.kubeconfig"
         path.parent.mkdir(exist_ok=True)
         self._write_kubeconfig(path, token=token, namespace=namespace, user=f"{namespace}-{name}")

@@ -160,6 +160,9 @@ def test_service_account_kubeconfig_authenticates_as_the_account_across_restarts
         return kube_env.kubectl("auth", "can-i", *args, kubeconfig=kubeconfig, check=False).stdout
 
     assert can_i("list", "pods").strip() == "no"  # RBAC: no binding yet
+    # The same TokenRequest API through kubectl, as the docs say to use it on 1.20.
+    token = kube_env.kubectl("create", "token", "reader", "-n", ns).stdout.strip()
+    assert token.count(".") == 2  # a JWT
     kube_env.kubectl(
         "create", "rolebinding", "reader", "--clusterrole=view", f"--serviceaccount={ns}:reader",
         "-n", ns,
