@@ -7,29 +7,57 @@ ports, with a fresh etcd data dir, a CA, serving certificate and service-account
 made with openssl for that run, RBAC authorization on, and a static token file holding one
 admin token (user ``aviator-test-admin``, group ``system:masters``) for the test's own kubectl.
 
-Usage (the fixtures in ``tests/kubeapi/fixtures.py`` do this for a test session)::
+Usage (the fixtures in ``tests/kubeapi/fixtures.py`` do this once per test session)::
 
     env = KubeTestEnv(tmp_dir, controller_manager=True).start()   # ready: /readyz answered ok
     env.kubectl("create", "deployment", "web", "--image=example/web", "-n", ns)
-    env.apply("deploy/crd/")                       # a file, a kustomize dir, or YAML text
-    pods = env.get("pods", namespace=ns)["items"]  # GET through the REST API, as a dict
+    env.apply(Path("deploy/crd"))                  # a file, a kustomize dir, or YAML text
+    pods = env.wait_for_pods(ns, "app=web", 1)     # made by the controller-manager
     env.set_pod_status(ns, pods[0]["metadata"]["name"], ip="127.0.0.11", ready=True)
     kubeconfig = env.service_account_kubeconfig("aviator-system", "aviator")
-    env.compact()                                  # etcd compaction at the current revision
     env.stop_apiserver(); env.start_apiserver()    # same port, same etcd
     env.close()
 
+The API (all blocking):
+
+- ``KubeTestEnv(workdir, *, controller_manager=True, binaries=None,
+  extra_apiserver_flags=())``; ``start() -> Self``; ``close()``; also a context manager.
+- Attributes: ``server`` (``https://127.0.0.1:PORT``), ``port``, ``kubeconfig`` (admin,
+  context namespace ``default``), ``ca_file``, ``admin_token``, ``etcd_url``, ``workdir`` (logs
+  ``etcd.log``, ``kube-apiserver.log``, ``kube-controller-manager.log`` stay there),
+  ``startup_seconds`` (cumulative, per step), ``binaries``.
+- ``kubectl(*args, input=None, check=True, timeout=120, kubeconfig=None) ->
+  CompletedProcess[str]``: the machine's kubectl as admin (or with ``kubeconfig``); with
+  ``check`` a non-zero exit raises :class:`KubeTestEnvError` with stdout and stderr.
+- ``apply(manifest, *kubectl_args, namespace=None, check=True) -> CompletedProcess[str]``:
+  ``kubectl apply`` of a file, a kustomize directory or YAML text.
+- ``request(method, path, body=None, *, content_type="application/json", token=None,
+  timeout=30) -> Any``: one REST call as admin (or ``token``), JSON in and out;
+  :class:`KubeTestEnvError` with ``.status`` on an HTTP error.
+- ``get(resource, name=None, *, namespace=None, group="", version="v1") -> Any``.
+- ``set_pod_status(namespace, name, *, ip=None, ready=True, phase="Running") -> dict``:
+  the kubelet's part (below).
+- ``wait_for_pods(namespace, selector, count, *, within=30) -> list[dict]``: poll until exactly
+  ``count`` live Pods match the label selector; sorted by name.
+- ``create_namespace(name)``; ``wait_established(crd, *, within=30)``.
+- ``admin_kubeconfig(namespace) -> Path``: admin, with that default namespace.
+- ``service_account_kubeconfig(namespace, name, *, expiration_seconds=86400) -> Path``: a
+  TokenRequest token for that ServiceAccount, context namespace ``namespace``.
+- ``etcd_revision() -> int``; ``compact() -> int`` (below).
+- ``stop_apiserver(*, kill=False)``; ``start_apiserver()``; ``apiserver_running``.
+- Module level: ``ensure_binaries() -> KubeBinaries`` (builds them if missing, or raises),
+  ``KubeTestEnvError``, ``KUBE_VERSION``.
+
 What it is, and what it is not:
 
-- ``kubeconfig`` (admin, context namespace ``default``), ``server`` (``https://127.0.0.1:PORT``),
-  ``ca_file``, ``admin_token``, ``workdir`` (logs: ``etcd.log``, ``kube-apiserver.log``,
-  ``kube-controller-manager.log``; kept after the run).
 - The controller-manager, when on, runs every controller that needs no nodes or cloud
   (Deployments → ReplicaSets → Pods, StatefulSets → Pods, garbage collection, namespace
   deletion, default ServiceAccounts). There is no scheduler and no kubelet: Pods stay
   unscheduled (``spec.nodeName`` empty, so deleting one removes it at once, as the API server
   does for unscheduled Pods) and Pending until :meth:`KubeTestEnv.set_pod_status` gives them an
   IP, a phase and a Ready condition through the ``pods/status`` subresource, as a kubelet would.
+  A StatefulSet (OrderedReady, the default) makes ``NAME-1`` only once ``NAME-0`` is Running
+  and Ready. Scaling down removes Pods at once.
 - The ``ServiceAccount`` admission plugin is always off (with it, a Pod created in a namespace
   a moment old fails until the controller-manager has made its ``default`` ServiceAccount; with
   no kubelet nothing would mount the token anyway). TokenRequest (``kubectl create token``,
@@ -357,10 +385,13 @@ class KubeTestEnv:
         return self
 
     def close(self) -> None:
-        """Stop every process (controller-manager, API server, etcd); logs stay in workdir."""
+        """Stop every process (controller-manager, API server, etcd); logs stay in workdir,
+        etcd's data (64 MB of preallocated log at least) does not."""
         for process in (self._controller_manager, self._apiserver, self._etcd):
             if process is not None:
                 process.stop()
+        if self._etcd is not None:
+            shutil.rmtree(self.workdir / "etcd", ignore_errors=True)
 
     def __enter__(self) -> Self:
         return self.start()
