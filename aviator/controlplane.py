@@ -236,7 +236,8 @@ class ControlPlane:
         self._served = served
         targets = self._probe_targets()
         self.prober.set_targets(targets)
-        self.estimator.retain(targets)
+        # Staleness and half-lives follow each endpoint's pingInterval (issue 9).
+        self.estimator.track({k: t.interval_s for k, t in targets.items()})
         self._policies.labels(serving="true").set(len(served))
         self._policies.labels(serving="false").set(len(self._resolutions) - len(served))
         self._endpoints.set(sum(len(s.resolution.endpoints) for s in served.values()))
