@@ -1,5 +1,9 @@
 """End to end (issue 9, item 2): a typo in a serving policy does not take its workload offline.
 
+The control plane on its own first (``apply_state`` through a valid spec, an invalid update,
+other changes while it is invalid, a deletion, a re-creation): what it serves, shows and logs.
+Then the whole chain:
+
 A directory source in a temporary directory, the control plane, a real Envoy gateway and two
 real HTTP backends. Requests flow through the gateway without pause while the policy file is
 edited into an invalid form (``latencyThreshold: 100``, no unit) and then repaired. Checked
@@ -26,14 +30,18 @@ import aiohttp
 import pytest
 import yaml
 
+from aviator import controlplane as controlplane_module
 from aviator.controlplane import ControlPlane, Settings
 from aviator.envoy.bootstrap import render_bootstrap
 from aviator.envoy.process import EnvoyProcess, free_port
+from aviator.k8s.objects import parse_pod, parse_workload
+from aviator.k8s.policy import parse_policy_entry
+from aviator.k8s.state import ClusterState
+from aviator.model import WorkloadKey
+from aviator.source.store import Store
 from aviator.xds.resources import GatewayConfig
 from tests import envoy_fixtures
 from tests.envoy_fixtures import Backend, BackendFactory, poll_until
-
-pytestmark = pytest.mark.envoy
 
 http_backends = envoy_fixtures.http_backends  # the fixture, visible to this module's tests
 
@@ -93,6 +101,81 @@ def _write(path: Path, *docs: object) -> None:
     tmp = path.with_name(f".{path.name}.tmp")  # a dot file: the source skips it
     tmp.write_text(yaml.safe_dump_all(docs))
     tmp.replace(path)  # atomic: the source never reads a half-written file
+
+
+class NoSource:
+    """A state source that publishes nothing: the test calls ``apply_state`` itself."""
+
+    name = "none"
+
+    async def run(self, store: Store) -> None:
+        await asyncio.Event().wait()
+
+
+class Log:
+    """Stands in for the control plane's logger: records (level, event, fields)."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, dict[str, Any]]] = []
+
+    def __getattr__(self, level: str) -> Any:
+        def record(event: str, **fields: Any) -> None:
+            self.lines.append((level, event, fields))
+
+        return record
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        return [f for _, e, f in self.lines if e == event]
+
+
+def _state(policy: dict[str, Any] | None, pods: int = 2, uid: str = "uid-1") -> ClusterState:
+    objects: list[Any] = [parse_workload(DEPLOYMENT)]
+    for i in range(pods):
+        backend = Backend(f"web-{i}", f"10.0.0.{i + 1}", 8080)
+        objects.append(parse_pod(_pod(backend.name, backend)))
+    if policy is not None:
+        policy["metadata"].update(uid=uid, resourceVersion=str(policy["spec"]["latencyThreshold"]))
+        objects.append(parse_policy_entry(policy))
+    return ClusterState.build(objects)
+
+
+async def test_the_control_plane_serves_the_last_valid_spec_shows_it_and_logs_it_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    log = Log()
+    monkeypatch.setattr(controlplane_module, "log", log)
+    cp = ControlPlane(Settings(source="none"), source=NoSource())
+    web = WorkloadKey("shop", "web")
+    loop = asyncio.get_running_loop()
+
+    cp.apply_state(_state(_policy("50ms")))
+    assert [w.key for w in cp.workloads()] == [web]
+    served = cp.workloads()
+    targets = dict(cp.prober.targets)
+
+    cp.apply_state(_state(_policy(100)))  # the typo
+    assert cp.workloads() == served  # same cluster, same endpoints, same weights
+    assert dict(cp.prober.targets) == targets  # probed as before
+    (view,) = cp.policies_view()
+    assert view["serving"] is True
+    assert view["servingLastValid"] is True
+    assert view["spec"]["latencyThreshold"] == "50ms"
+    for _ in range(50):
+        cp.reweigh(loop.time())
+    cp.apply_state(_state(_policy(100), pods=3))  # other changes while it is invalid
+    assert len(cp.workloads()[0].endpoints) == 3  # pods still follow the served spec
+    (warning,) = log.events("policy update invalid, serving its last valid spec")
+    assert "spec.latencyThreshold" in warning["message"]
+    assert warning["resource_version"] == "50ms"
+    assert log.events("policy not serving") == []
+
+    cp.apply_state(_state(None))  # deleted: the cluster goes
+    assert cp.workloads() == []
+    cp.apply_state(_state(_policy(100), uid="uid-2"))  # re-created, invalid from the start
+    assert cp.workloads() == []
+    (view,) = cp.policies_view()
+    assert view["servingLastValid"] is False
+    assert view["serving"] is False
 
 
 @dataclass
@@ -199,6 +282,7 @@ def _accepted(view: dict[str, Any]) -> dict[str, Any]:
     return accepted
 
 
+@pytest.mark.envoy
 async def test_an_invalid_edit_keeps_the_last_valid_spec_serving_without_a_failed_request(
     stack: Stack,
 ) -> None:
