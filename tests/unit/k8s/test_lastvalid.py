@@ -22,8 +22,10 @@ from aviator.k8s.resolve import (
     PolicyResolution,
     Reason,
     resolve,
+    resolve_state,
     serving,
 )
+from aviator.k8s.state import ClusterState, decode_object
 from aviator.model import WorkloadKey
 
 from .builders import pod_doc, policy_doc, workload_doc
@@ -237,3 +239,23 @@ def test_the_winner_does_not_depend_on_which_policy_is_being_edited_or_input_ord
             for perm in itertools.permutations(now)
         }
         assert winners == {("p2",)}, broken
+
+
+def test_objects_decoded_as_the_kubernetes_source_does_keep_their_last_valid_spec() -> None:
+    # The Kubernetes source decodes API objects with decode_object; the API server sets uid,
+    # resourceVersion and generation (incremented by each spec change).
+    def api_state(generation: int, rv: str, **spec: Any) -> ClusterState:
+        doc = policy_doc(created="2024-05-01T00:00:00Z", generation=generation, **spec)
+        doc["metadata"].update(uid="8d3c-api", resourceVersion=rv)
+        objects = [decode_object(d) for d in (doc, workload_doc(), pod_doc("web-1", "10.0.0.1"))]
+        return ClusterState.build(o for o in objects if o is not None)
+
+    first, typo = api_state(1, "1200"), api_state(2, "1207", latencyThreshold=100)
+    assert isinstance(typo.policies[0], InvalidPolicy)
+    memory = keep(list(first.policies), list(typo.policies))
+    (r,) = resolve_state(typo, last_valid=memory)
+    assert r.serving
+    status, reason, message, generation = cond(r, ACCEPTED)
+    assert (status, reason, generation) == (ConditionStatus.FALSE, Reason.INVALID, 2)
+    assert "the last valid spec (resourceVersion 1200, generation 1) keeps being served" in message
+    assert cond(r, RESOLVED_REFS)[3] == 1
