@@ -262,7 +262,8 @@ def _invalid(e: InvalidPolicy) -> PolicyResolution:
                 ACCEPTED,
                 ConditionStatus.FALSE,
                 Reason.INVALID,
-                f"{_errors_text(e)}; nothing is served: no valid spec of this policy was seen",
+                f"{_errors_text(e)}; nothing is served: there is no last valid spec to fall "
+                "back on",
                 gen,
             ),
             Condition(

@@ -173,7 +173,7 @@ def test_without_the_memory_an_invalid_policy_serves_nothing() -> None:
     assert not r.last_valid
     assert r.endpoints == ()
     assert cond(r, ACCEPTED)[2].endswith(
-        "; nothing is served: no valid spec of this policy was seen"
+        "; nothing is served: there is no last valid spec to fall back on"
     )
 
 
