@@ -555,7 +555,7 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
         st.force = st.force or force
         if not st.waiting:
             st.waiting = True
-            self._log.info("waiting for this gateway's listener", listener=missing[0])
+            self._log.debug("waiting for this gateway's listener", listener=missing[0])
         return True
 
     def _defer(self, st: _TypeState, force: bool, scoped: bool) -> None:
