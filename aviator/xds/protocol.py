@@ -12,7 +12,8 @@ decided here, per stream and per type URL (rules from XDS-CHECKLIST.md):
   Changes meanwhile are merged into the next response.
 - **Versions are content hashes** (``content_version``) of exactly what a response carries, so
   they never repeat across restarts for other content, and equal content gets equal versions on
-  every replica. For wildcard CDS/LDS this is the server's type version.
+  every replica. For wildcard CDS this is the server's type version; a gateway's wildcard LDS
+  carries its own listener, and its version names that.
 - **NACK** (``error_detail`` set): recorded (log with node, type, version, message; metric;
   :class:`NackJournal`) and that exact version is not sent again to that node, on this stream
   or a later one (:class:`RejectedVersions`, per node id); the next push waits for the desired
@@ -432,8 +433,8 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
             spec = self.listen_spec
             st.only = frozenset({spec.listener_name}) if spec is not None else frozenset()
         if self._claims_state(request):
-            # A proxy back with what it holds (a reconnect): it rejected these before, and
-            # what it holds already has all of them it could take.
+            # A proxy back with what it holds (a reconnect) rejected these versions on an
+            # earlier stream: sent again, they would only be rejected again.
             st.nacked.update(dict.fromkeys(self._rejected.of(self._node_key, type_url)))
         return st
 

@@ -217,3 +217,39 @@ async def test_a_gateway_with_bad_listen_metadata_gets_the_default_listener(
         assert proxy["listener"] == f"aviator-gateway-127.0.0.1-{default_port}"
         assert any(problem in p for p in proxy["problems"]), proxy["problems"]
         assert "this node gets the default gateway listener" in proxy["problems"]
+
+
+async def test_a_gateway_may_ask_for_an_ipv6_listener(
+    envoy_factory: EnvoyFactory, http_backends: BackendFactory, tmp_path: Path
+) -> None:
+    backend = await http_backends("web-1")
+    source = tmp_path / "source"
+    write_source(source, [backend])
+    port = free_port("::1")
+    async with control_plane(source, GatewayConfig(address="127.0.0.1", port=free_port())) as cp:
+        assert cp.xds_port is not None
+        envoy = await envoy_factory(
+            render_bootstrap(
+                xds_host="127.0.0.1",
+                xds_port=cp.xds_port,
+                node_id="gw-v6",
+                listen_port=port,
+                listen_address="::1",
+                admin_port=0,
+            )
+        )
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+
+            async def routed() -> bool:
+                try:
+                    async with http.get(
+                        f"http://[::1]:{port}/", headers={"Host": "web.shop"}
+                    ) as response:
+                        return (response.status, await response.text()) == (200, "web-1")
+                except aiohttp.ClientConnectionError:
+                    return False
+
+            await poll_until(routed, within=30)
+        assert await dynamic_listeners(envoy.admin) == {
+            f"aviator-gateway-[::1]-{port}": f"::1:{port}"
+        }
