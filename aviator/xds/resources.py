@@ -9,8 +9,12 @@ Resource naming:
 - Gateway mode: one RouteConfiguration (``GatewayConfig.route_name``) shared by every gateway,
   and one Listener per address and port some gateway asks for (:class:`ListenSpec`), named
   ``aviator-gateway-<address>-<port>``: a gateway receives only its own (Envoy binds every
-  listener it holds), and a listener that moves to another address or port is a new listener
-  (Envoy cannot change the address of a listener in place).
+  listener it holds). The name is a function of where it binds, so gateways asking for the same
+  address and port share one listener resource, and the name says where it binds (in
+  /debug/proxies and Envoy's config dump). A gateway told to move gets a new listener and the
+  old one's removal in one LDS response; Envoy 1.40 accepts that, and replaced a listener of
+  another name on the same address without a failed request (measured while upgrading from
+  the single ``aviator-gateway`` listener).
 - gRPC proxyless clients: one API listener per workload named ``name.namespace`` and
   ``name.namespace:port`` (the target of ``xds:///name.namespace[:port]``), sharing one
   RouteConfiguration (:data:`GRPC_ROUTE_NAME`).
@@ -133,8 +137,8 @@ class ListenSpec:
 
     @property
     def listener_name(self) -> str:
-        """``aviator-gateway-0.0.0.0-10000`` (``[::]`` for IPv6): the name carries the
-        address, so a move is a new listener rather than an update Envoy would reject."""
+        """``aviator-gateway-0.0.0.0-10000`` (``[::]`` for IPv6): one name per place a
+        listener binds, shared by every gateway asking for it."""
         return f"{GATEWAY_LISTENER_PREFIX}-{self._host()}-{self.port}"
 
     def _host(self) -> str:
