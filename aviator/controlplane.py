@@ -43,7 +43,7 @@ from aviator.source.directory import DirectorySource
 from aviator.source.store import StateSource, Store
 from aviator.xds.cache import Cache
 from aviator.xds.publisher import Publisher
-from aviator.xds.resources import GatewayConfig
+from aviator.xds.resources import GatewayConfig, ListenSpec
 from aviator.xds.server import AdsServer
 from aviator.xds.snapshot import SnapshotBuilder, SnapshotError
 
@@ -121,8 +121,16 @@ class ControlPlane:
         self.publisher = Publisher(
             self.cache, quiet=settings.publish_quiet, max_delay=settings.publish_max_delay
         )
+        # The gateway listeners connected nodes want (their bootstraps' --listen and
+        # --listen-address); built into every snapshot next to the default one.
+        self._listeners: frozenset[ListenSpec] = frozenset()
+        self._built = False  # a snapshot was built from the state: listener changes rebuild
         self.ads = AdsServer(
-            self.cache, identifier=settings.identifier, metrics_registry=self.registry
+            self.cache,
+            identifier=settings.identifier,
+            metrics_registry=self.registry,
+            gateway=settings.gateway,
+            on_listeners=self._listeners_wanted,
         )
         self.estimator: Estimator[ProbeKey] = Estimator()
         self.prober: Prober[ProbeKey] = Prober(
@@ -304,9 +312,19 @@ class ControlPlane:
             out.append(WeightedWorkload(key, port, endpoints))
         return out
 
+    def _listeners_wanted(self, listeners: frozenset[ListenSpec]) -> None:
+        """The ADS server's nodes want other gateway listeners: rebuild with them (not before
+        the state was read: an empty snapshot would withdraw every cluster)."""
+        self._listeners = listeners
+        if self._built:
+            self._submit()
+
     def _submit(self) -> None:
+        self._built = True
         try:
-            snapshot = self._builder.build(self.workloads(), gateway=self.settings.gateway)
+            snapshot = self._builder.build(
+                self.workloads(), gateway=self.settings.gateway, listeners=self._listeners
+            )
         except SnapshotError as exc:
             log.error("cannot build a snapshot, keeping the last one", problems=exc.problems)
             return
