@@ -7,8 +7,12 @@ open-loop load generator.
   the fleet process entry point ``python -m aviator.testbed.backend --spec JSON``.
 - :mod:`aviator.testbed.fleet` — starts N backends in one child process, changes their phases
   while they run, and always stops the child.
-- :mod:`aviator.testbed.loadgen` — Poisson open-loop load with HDR histograms, runnable in its
-  own process (``python -m aviator.testbed.loadgen``).
+- :mod:`aviator.testbed.loadspec` — pure: what load to offer (``LoadSpec``) and its Poisson
+  timeline, fixed before the run.
+- :mod:`aviator.testbed.loadresult` — pure: what a run measured (HDR histograms, per-second
+  buckets, ``LoadResult`` and its JSON).
+- :mod:`aviator.testbed.loadgen` — runs a spec and records it, in-process or in its own process
+  (``python -m aviator.testbed.loadgen``).
 
 This package is test equipment: nothing in the control plane imports it.
 """

@@ -17,7 +17,8 @@ import pytest
 from aviator.probing.orca import ORCA_HEADER, parse_orca_header
 from aviator.testbed.backend import BACKEND_HEADER, BackendSpec, FleetSpec
 from aviator.testbed.fleet import Fleet, FleetError
-from aviator.testbed.loadgen import LoadSpec, plan, run_load_process
+from aviator.testbed.loadgen import run_load_process
+from aviator.testbed.loadspec import LoadSpec, plan
 from aviator.testbed.profile import Phase, Profile
 
 
