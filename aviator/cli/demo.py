@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import resource
 import sys
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from aviator.demo.session import (
     run_demo,
 )
 from aviator.envoy.process import free_port
+from aviator.testbed.openloop import raise_fd_limit
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -135,18 +134,10 @@ def _quiet_logs(args: argparse.Namespace) -> None:
         logging.getLogger().setLevel(logging.WARNING)
 
 
-def _raise_fd_limit() -> None:
-    # Each outstanding request holds a socket; when a backend stalls they pile up.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def run(args: argparse.Namespace) -> int:
     _quiet_logs(args)
     options = options_from(args)
-    _raise_fd_limit()
+    raise_fd_limit()
     try:
         return asyncio.run(run_demo(options, out=sys.stdout))
     except DemoError as exc:

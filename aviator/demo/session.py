@@ -11,9 +11,10 @@ an error, Ctrl-C or SIGTERM):
 3. the control plane, in this process (:class:`~aviator.controlplane.ControlPlane`);
 4. an Envoy gateway bootstrapped by ``aviator bootstrap``'s renderer, which gets its listener,
    routes, cluster and weighted endpoints over ADS;
-5. open-loop Poisson load through Envoy with ``Host: web.shop``, in this process: every request
-   is recorded (intended send time, end, the pod that answered), and once per interval the
-   table is drawn from those records, Aviator's endpoint view and Envoy's ``/clusters``.
+5. open-loop Poisson load through Envoy with ``Host: web.shop``, in this process, by the
+   testbed's open loop (:mod:`aviator.testbed.openloop`): every request is recorded (intended
+   send time, end, the pod that answered), and once per interval the table is drawn from those
+   records, Aviator's endpoint view and Envoy's ``/clusters``.
 
 The summary compares each pod's share of traffic before, during and after the slowdown
 (:mod:`aviator.demo.view`). ``--json-summary FILE`` writes it as JSON, with the per-interval
@@ -28,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
 import signal
 import socket
 import sys
@@ -60,6 +60,8 @@ from aviator.envoy.process import EnvoyProcess
 from aviator.model import WorkloadKey
 from aviator.testbed.backend import BACKEND_HEADER, BackendSpec, FleetSpec
 from aviator.testbed.fleet import Fleet, FleetError
+from aviator.testbed.loadspec import LoadSpec
+from aviator.testbed.openloop import offer
 from aviator.testbed.profile import Phase, Profile
 from aviator.xds.resources import GatewayConfig
 
@@ -88,6 +90,7 @@ PING_INTERVAL = "500ms"
 # the pods (measured: weights swinging 1000 <-> 50 every second before the slowdown).
 MIN_HOT_RIF = 3
 REQUEST_DEADLINE_S = 5.0
+CONNECTION_LIMIT = 800  # connections to the gateway at most (requests beyond wait for one)
 READY_TIMEOUT_S = 30.0
 LAST_LOOPBACK = 254
 
@@ -444,12 +447,14 @@ def _reason(exc: BaseException | None) -> str:
 # -- load ------------------------------------------------------------------------------------
 
 
-class OpenLoopLoad:
-    """Poisson arrivals at ``rate`` per second for ``duration_s``, each sent at its intended
-    time whatever is still outstanding; ``completions`` grows in the order requests end.
+class DemoLoad:
+    """The demo's load: the testbed's open loop (:func:`~aviator.testbed.openloop.offer`:
+    Poisson arrivals at ``rate`` per second for ``duration_s``, each sent at its intended time
+    whatever is still outstanding, latency from that time) through the gateway.
 
-    Latency runs from the intended send time, so a generator running late counts against the
-    result. A request not answered ``deadline_s`` after its intended time is a ``timeout``.
+    ``completions`` grows in the order requests end (the live table reads it as it grows);
+    ``sent`` counts the requests sent. A request not answered ``deadline_s`` after its
+    intended time is a ``timeout``.
     """
 
     def __init__(
@@ -462,78 +467,42 @@ class OpenLoopLoad:
         seed: int = 0,
         deadline_s: float = REQUEST_DEADLINE_S,
     ) -> None:
-        self.url = url
-        self.host = host
-        self.rate = rate
-        self.duration_s = duration_s
-        self.deadline_s = deadline_s
-        self._rng = random.Random(f"aviator-demo:{seed}")
+        self.spec = LoadSpec(
+            targets=(url,),
+            duration_s=duration_s,
+            rate=rate,
+            host=host,
+            seed=seed,
+            deadline_s=deadline_s,
+            connection_limit=CONNECTION_LIMIT,
+        )
         self.completions: list[Completion] = []
         self.sent = 0
 
+    def on_sent(self, offset: float, lag: float, actual: float) -> None:
+        self.sent += 1
+
+    def on_done(
+        self, offset: float, latency: float, error: str | None, backend: str | None
+    ) -> None:
+        self.completions.append(Completion(offset, offset + latency, backend, error))
+
     async def run(self, t0: float, stop: asyncio.Event) -> float:
-        """Offer the load from loop time ``t0`` until ``duration_s`` or ``stop``; return the
+        """Offer the load from loop time ``t0`` until it ends or ``stop`` is set; return the
         seconds of load offered. On ``stop``, requests still outstanding are abandoned."""
         loop = asyncio.get_running_loop()
-        outstanding: set[asyncio.Task[None]] = set()
-        connector = aiohttp.TCPConnector(limit=800, limit_per_host=0, keepalive_timeout=30)
-        session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False
-        )
-        headers = {"Host": self.host}
-
-        async def one(offset: float) -> None:
-            intended = t0 + offset
-            error: str | None = None
-            backend: str | None = None
-            try:
-                async with (
-                    asyncio.timeout_at(intended + self.deadline_s),
-                    session.get(self.url, headers=headers) as response,
-                ):
-                    await response.read()
-                    backend = response.headers.get(BACKEND_HEADER)
-                    if not 200 <= response.status < 300:
-                        error = f"http_{response.status}"
-            except TimeoutError:
-                error = "timeout"
-            except aiohttp.ClientConnectorError:
-                error = "connect"
-            except (aiohttp.ClientError, OSError) as exc:
-                error = type(exc).__name__
-            done = max(loop.time() - t0, offset)
-            self.completions.append(Completion(offset, done, backend, error))
-
-        offset = 0.0
-        ran = self.duration_s
-        stop_wait = asyncio.create_task(stop.wait())
+        load = asyncio.create_task(offer(self.spec, self, t0=t0), name="demo:offer")
+        stopped = asyncio.create_task(stop.wait(), name="demo:stop-wait")
         try:
-            while True:
-                offset += self._rng.expovariate(self.rate)
-                if offset >= self.duration_s:
-                    break
-                delay = t0 + offset - loop.time()
-                if delay > 0:
-                    done, _ = await asyncio.wait([stop_wait], timeout=delay)
-                    if done:
-                        ran = loop.time() - t0
-                        break
-                elif self.sent % 32 == 0:
-                    await asyncio.sleep(0)  # running late: still let responses be read
-                task = asyncio.create_task(one(offset))
-                self.sent += 1
-                outstanding.add(task)
-                task.add_done_callback(outstanding.discard)
-            # Every request ends by its deadline; a stop abandons the stragglers.
-            while outstanding and not stop.is_set():
-                await asyncio.wait([stop_wait, *outstanding], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([load, stopped], return_when=asyncio.FIRST_COMPLETED)
+            if load.done():
+                load.result()  # a failure of the load generator itself
+                return self.spec.duration_s
+            return min(loop.time() - t0, self.spec.duration_s)
         finally:
-            stop_wait.cancel()
-            for task in outstanding:
+            for task in (load, stopped):
                 task.cancel()
-            await asyncio.gather(*outstanding, stop_wait, return_exceptions=True)
-            await session.close()
-        return ran
+            await asyncio.gather(load, stopped, return_exceptions=True)
 
 
 # -- the live view -----------------------------------------------------------------------------
@@ -574,7 +543,7 @@ async def _envoy_hosts(envoy: EnvoyProcess) -> dict[str, dict[str, Any]]:
 
 async def _watch(
     stack: DemoStack,
-    load: OpenLoopLoad,
+    load: DemoLoad,
     load_task: asyncio.Task[float],
     *,
     t0: float,
@@ -752,8 +721,8 @@ async def _run_in(workdir: Path, options: DemoOptions, out: TextIO, control: _Co
         await stack.fleet.restart_clock()  # the slowdown's clock starts with the load
         control.stage = "loading"
         t0 = loop.time()
-        load = OpenLoopLoad(
-            stack.gateway_url + "/",
+        load = DemoLoad(
+            stack.gateway_url,
             host=HOST_HEADER,
             rate=options.rate,
             duration_s=options.duration_s,

@@ -20,17 +20,15 @@ import argparse
 import asyncio
 import contextlib
 import json
-import resource
 import sys
 import time
 from collections.abc import Sequence
 
-import aiohttp
 import structlog
 
-from aviator.testbed.backend import BACKEND_HEADER
 from aviator.testbed.loadresult import LoadResult, Recorder
-from aviator.testbed.loadspec import LoadSpec, plan
+from aviator.testbed.loadspec import LoadSpec
+from aviator.testbed.openloop import offer, raise_fd_limit
 
 log = structlog.get_logger(__name__)
 
@@ -38,82 +36,22 @@ log = structlog.get_logger(__name__)
 # -- the runner -------------------------------------------------------------------------------
 
 
-def _error_kind(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return "connect"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "disconnected"
-    if isinstance(exc, aiohttp.ClientError):
-        return "client_" + type(exc).__name__
-    return "other_" + type(exc).__name__
-
-
 async def run_load(spec: LoadSpec, *, start_wall: float | None = None) -> LoadResult:
-    """Offer ``spec``'s load and measure it; returns when every request has ended.
+    """Offer ``spec``'s load (:func:`~aviator.testbed.openloop.offer`) and measure it; returns
+    when every request has ended.
 
     ``start_wall``: a ``time.time()`` instant to start at (to line up with another process);
     None starts at once. Each request ends by its deadline, so this returns at most
     ``deadline_s`` after the last arrival.
     """
     loop = asyncio.get_running_loop()
-    times, target_idx = plan(spec)
-    urls = [t.rstrip("/") + spec.path for t in spec.targets]
-    headers = {"Host": spec.host} if spec.host else {}
     recorder = Recorder(spec)
-    outstanding: set[asyncio.Task[None]] = set()
-    max_outstanding = 0
-
-    connector = aiohttp.TCPConnector(
-        limit=spec.connection_limit, limit_per_host=0, keepalive_timeout=60
-    )
-    # No aiohttp timeout: the deadline (from the intended time) is enforced around each request.
-    session = aiohttp.ClientSession(
-        connector=connector, timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False
-    )
-
-    async def one(offset: float, intended: float, url: str) -> None:
-        sent = loop.time()
-        recorder.sent_at(offset, sent - intended, sent)
-        error: str | None = None
-        backend: str | None = None
-        try:
-            async with (
-                asyncio.timeout_at(intended + spec.deadline_s),
-                session.get(url, headers=headers) as resp,
-            ):
-                await resp.read()
-                backend = resp.headers.get(BACKEND_HEADER)
-                if not 200 <= resp.status < 300:
-                    error = f"http_{resp.status}"
-        except TimeoutError:
-            error = "timeout"
-        except (aiohttp.ClientError, OSError) as exc:
-            error = _error_kind(exc)
-        recorder.done(offset, loop.time() - intended, error, backend)
-
-    try:
-        if start_wall is not None:
-            await asyncio.sleep(max(start_wall - time.time(), 0.0))
-        t0 = loop.time()
-        for i, offset in enumerate(times):
-            intended = t0 + offset
-            delay = intended - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            elif i % 32 == 0:
-                await asyncio.sleep(0)  # behind schedule: still let responses be read
-            task = asyncio.create_task(one(offset, intended, urls[target_idx[i]]))
-            outstanding.add(task)
-            task.add_done_callback(outstanding.discard)
-            max_outstanding = max(max_outstanding, len(outstanding))
-        if outstanding:
-            await asyncio.gather(*outstanding)
-    finally:
-        for task in outstanding:
-            task.cancel()
-        await asyncio.gather(*outstanding, return_exceptions=True)
-        await session.close()
-    result = recorder.result(len(times), t0 + spec.warmup_s, max_outstanding)
+    if start_wall is not None:
+        await asyncio.sleep(max(start_wall - time.time(), 0.0))
+    t0 = loop.time()
+    max_outstanding = await offer(spec, recorder, t0=t0)
+    # Every planned request was sent: the run finished.
+    result = recorder.result(recorder.sent, t0 + spec.warmup_s, max_outstanding)
     log.info(
         "load done",
         offered_rate=round(result.offered_rate, 1),
@@ -157,13 +95,6 @@ async def run_load_process(
         raise LoadProcessError(f"load generator wrote an unreadable result: {exc}") from exc
 
 
-def _raise_fd_limit() -> None:
-    # Each outstanding request holds a socket; the default soft limit (often 1024) is too low.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m aviator.testbed.loadgen", description="Open-loop Poisson load."
@@ -180,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(text[1:], encoding="utf-8") as f:
             text = f.read()
     spec = LoadSpec.from_json(json.loads(text))
-    _raise_fd_limit()
+    raise_fd_limit()
     result = asyncio.run(run_load(spec, start_wall=args.start_at))
     payload = json.dumps(result.to_json())
     if args.out:

@@ -232,7 +232,7 @@ class Recorder:
         self.first_measured_send: float | None = None
         self.last_measured_send: float | None = None
 
-    def sent_at(self, offset: float, lag: float, actual: float) -> None:
+    def on_sent(self, offset: float, lag: float, actual: float) -> None:
         self.sent += 1
         if offset < self.spec.warmup_s:
             return
@@ -241,7 +241,9 @@ class Recorder:
             self.first_measured_send = actual
         self.last_measured_send = actual
 
-    def done(self, offset: float, latency: float, error: str | None, backend: str | None) -> None:
+    def on_done(
+        self, offset: float, latency: float, error: str | None, backend: str | None
+    ) -> None:
         if offset < self.spec.warmup_s:
             self.warmup += 1
             return
