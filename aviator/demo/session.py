@@ -58,8 +58,9 @@ from aviator.envoy.bootstrap import render_bootstrap
 from aviator.envoy.errors import EnvoyAdminError, EnvoyError
 from aviator.envoy.process import EnvoyProcess
 from aviator.model import WorkloadKey
-from aviator.testbed.backend import BACKEND_HEADER, BackendSpec, FleetSpec
+from aviator.testbed.backend import BACKEND_HEADER, BackendSpec
 from aviator.testbed.fleet import Fleet, FleetError
+from aviator.testbed.fleetserver import FleetSpec
 from aviator.testbed.loadspec import LoadSpec
 from aviator.testbed.openloop import offer
 from aviator.testbed.profile import Phase, Profile

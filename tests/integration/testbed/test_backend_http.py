@@ -124,7 +124,7 @@ async def test_serve_fleet_in_process_with_a_wall_clock_origin(
 ) -> None:
     import time
 
-    from aviator.testbed.backend import FleetSpec, serve_fleet
+    from aviator.testbed.fleetserver import FleetSpec, serve_fleet
 
     profile = Profile.of([Phase(0.0, capacity=4), Phase(10.0, capacity=1)])
     spec = FleetSpec(
