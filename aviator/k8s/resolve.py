@@ -27,7 +27,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from aviator.k8s.objects import ObjectRef, Pod, Workload
+from aviator.k8s.fields import ObjectRef
+from aviator.k8s.objects import Pod, Workload
 from aviator.k8s.policy import DEFAULT_PORT, AviatorPolicy, InvalidPolicy, PolicyEntry
 from aviator.k8s.state import ClusterState
 from aviator.model import EndpointAddress, WorkloadKey
