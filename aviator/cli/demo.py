@@ -10,21 +10,23 @@ from pathlib import Path
 
 from aviator import log as aviator_log
 from aviator.cli.usage import UsageError
-from aviator.demo.session import (
+from aviator.demo.scenario import (
     DEFAULT_BACKEND_PORT,
-    DEFAULT_DURATION_S,
     DEFAULT_FIRST_ADDRESS,
+    PODS,
+    SLOWED_POD,
+    pick_addresses,
+    port_free,
+)
+from aviator.demo.session import (
+    DEFAULT_DURATION_S,
     DEFAULT_GATEWAY_PORT,
     DEFAULT_INTERVAL_S,
     DEFAULT_RATE,
-    PODS,
-    SLOWED_POD,
-    DemoError,
     DemoOptions,
-    pick_addresses,
-    port_free,
     run_demo,
 )
+from aviator.demo.stack import DemoError
 from aviator.envoy.process import free_port
 from aviator.testbed.openloop import raise_fd_limit
 
