@@ -171,6 +171,9 @@ class Backend:
         self._phase_applied = asyncio.Event()  # schedule task -> hidden-load loop
         self._tasks: set[asyncio.Task[None]] = set()
         self._hidden_jobs: set[asyncio.Task[None]] = set()
+        # The tasks serving HTTP requests, also those whose client went away: aiohttp's
+        # shutdown cancels only the requests of connections still open.
+        self._requests: set[asyncio.Task[Any]] = set()
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
         self._in_app = 0
@@ -252,12 +255,16 @@ class Backend:
         return True
 
     async def _handle(self, request: web.Request) -> web.Response:
+        task = asyncio.current_task()
+        assert task is not None
+        self._requests.add(task)
         self._received += 1
         self._in_app += 1
         try:
             ok = await self.serve_one()
         finally:
             self._in_app -= 1
+            self._requests.discard(task)
         headers = {BACKEND_HEADER: self.name}
         if not ok:
             return web.Response(status=503, text="fast-fail\n", headers=headers)
@@ -297,15 +304,18 @@ class Backend:
         log.debug("backend listening", backend=self.name, url=self.url)
 
     async def stop(self) -> None:
+        """Stop listening, end every request still inside (also those whose client went
+        away), the schedule and the hidden load; return once all of them have ended."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        tasks = self._tasks | self._hidden_jobs
+        tasks = self._tasks | self._hidden_jobs | self._requests
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         self._hidden_jobs.clear()
+        self._requests.clear()
 
     def _apply_schedule(self) -> float | None:
         """Apply the phase in force now; return seconds until the next phase, or None."""
