@@ -1,8 +1,8 @@
 """Testbed for the demo and the latency benchmark: backends with private capacity and an
-open-loop load generator. Test equipment: nothing in the control plane imports it (import
-contracts in pyproject.toml). It imports only the probing agent (its backends report their
-load with it, as users' apps do) and ``aviator.log``; never the control plane, the demo or the
-benchmarks, which sit above it.
+open-loop load generator. Test equipment: no production code imports it (import contracts in
+pyproject.toml), and it never imports the demo or the benchmarks, which sit above it. Of
+Aviator it uses only the probing agent (its backends report their load with it, as users'
+apps do) and ``aviator.log``.
 
 Backends:
 
