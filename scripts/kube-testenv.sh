@@ -6,8 +6,8 @@
 # outside the clone (AVIATOR_KUBE_CACHE, default ~/.cache/aviator/kubernetes-1.20.2), so only the
 # first run on a machine pays the build (5.5 min measured on this project's 2-core machine, up
 # to ~17 min on a busy one). Elsewhere than Debian, point KUBE_APISERVER,
-# KUBE_CONTROLLER_MANAGER, ETCD and ETCDCTL at existing binaries and this script only checks
-# them. Idempotent: with everything in place it returns at once, touching nothing.
+# KUBE_CONTROLLER_MANAGER, ETCD and ETCDCTL (and KUBECTL) at existing binaries and this script
+# only checks them. Idempotent: with everything in place it returns at once, touching nothing.
 #
 # Prints nothing but progress on stderr; exits non-zero if the test environment cannot be had.
 set -euo pipefail
@@ -19,7 +19,8 @@ log() { echo "kube-testenv: $*" >&2; }
 
 runtime_ok() {
   command -v "${ETCD:-etcd}" >/dev/null && command -v "${ETCDCTL:-etcdctl}" >/dev/null &&
-    command -v openssl >/dev/null && command -v setpriv >/dev/null
+    command -v openssl >/dev/null && command -v setpriv >/dev/null &&
+    command -v "${KUBECTL:-kubectl}" >/dev/null
 }
 servers_ok() {
   [ -x "${KUBE_APISERVER:-$CACHE/kube-apiserver}" ] &&
@@ -29,9 +30,9 @@ servers_ok() {
 if runtime_ok && servers_ok; then
   exit 0
 fi
-if [ -n "${KUBE_APISERVER:-}${KUBE_CONTROLLER_MANAGER:-}${ETCD:-}${ETCDCTL:-}" ]; then
-  log "KUBE_APISERVER/KUBE_CONTROLLER_MANAGER/ETCD/ETCDCTL are set, but not all of them" \
-    "(nor openssl and setpriv) are executable"
+if [ -n "${KUBE_APISERVER:-}${KUBE_CONTROLLER_MANAGER:-}${ETCD:-}${ETCDCTL:-}${KUBECTL:-}" ]; then
+  log "KUBE_APISERVER/KUBE_CONTROLLER_MANAGER/ETCD/ETCDCTL/KUBECTL are set, but not all of" \
+    "them (nor openssl and setpriv) are executable"
   exit 1
 fi
 if ! command -v apt-get >/dev/null; then
@@ -50,14 +51,23 @@ apt_install() {
   local rc=0
   $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null || rc=$?
   if [ "$rc" != 0 ]; then # a machine whose package lists were never fetched
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    rc=0
+    { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null; } || rc=$?
   fi
   $SUDO rm -f /usr/sbin/policy-rc.d
+  return "$rc"
 }
 
 if ! runtime_ok; then
   log "installing etcd-server etcd-client openssl util-linux"
   apt_install etcd-server etcd-client openssl util-linux
+  if ! command -v "${KUBECTL:-kubectl}" >/dev/null; then
+    # The machine image's kubectl (1.32) is the `kubectl` package of its own apt source;
+    # Debian's kubernetes-client (1.20) is the fallback (enough for the tests, not for
+    # scripts/release.sh, whose kustomize needs kubectl >= 1.21).
+    log "installing kubectl"
+    apt_install kubectl 2>/dev/null || apt_install kubernetes-client
+  fi
 fi
 if servers_ok; then
   exit 0

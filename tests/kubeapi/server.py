@@ -7,33 +7,62 @@ ports, with a fresh etcd data dir, a CA, serving certificate and service-account
 made with openssl for that run, RBAC authorization on, and a static token file holding one
 admin token (user ``aviator-test-admin``, group ``system:masters``) for the test's own kubectl.
 
-Usage (the fixtures in ``tests/kubeapi/fixtures.py`` do this for a test session)::
+Usage (the fixtures in ``tests/kubeapi/fixtures.py`` do this once per test session)::
 
     env = KubeTestEnv(tmp_dir, controller_manager=True).start()   # ready: /readyz answered ok
     env.kubectl("create", "deployment", "web", "--image=example/web", "-n", ns)
-    env.apply("deploy/crd/")                       # a file, a kustomize dir, or YAML text
-    pods = env.get("pods", namespace=ns)["items"]  # GET through the REST API, as a dict
+    env.apply(Path("deploy/crd"))                  # a file, a kustomize dir, or YAML text
+    pods = env.wait_for_pods(ns, "app=web", 1)     # made by the controller-manager
     env.set_pod_status(ns, pods[0]["metadata"]["name"], ip="127.0.0.11", ready=True)
     kubeconfig = env.service_account_kubeconfig("aviator-system", "aviator")
-    env.compact()                                  # etcd compaction at the current revision
     env.stop_apiserver(); env.start_apiserver()    # same port, same etcd
     env.close()
 
+The API (all blocking):
+
+- ``KubeTestEnv(workdir, *, controller_manager=True, binaries=None,
+  extra_apiserver_flags=())``; ``start() -> Self``; ``close()``; also a context manager.
+- Attributes: ``server`` (``https://127.0.0.1:PORT``), ``port``, ``kubeconfig`` (admin,
+  context namespace ``default``), ``ca_file``, ``admin_token``, ``etcd_url``, ``workdir`` (logs
+  ``etcd.log``, ``kube-apiserver.log``, ``kube-controller-manager.log`` stay there),
+  ``startup_seconds`` (cumulative, per step), ``binaries``.
+- ``kubectl(*args, input=None, check=True, timeout=120, kubeconfig=None) ->
+  CompletedProcess[str]``: the machine's kubectl as admin (or with ``kubeconfig``); with
+  ``check`` a non-zero exit raises :class:`KubeTestEnvError` with stdout and stderr.
+- ``apply(manifest, *kubectl_args, namespace=None, check=True) -> CompletedProcess[str]``:
+  ``kubectl apply`` of a file, a kustomize directory or YAML text.
+- ``request(method, path, body=None, *, content_type="application/json", token=None,
+  timeout=30) -> Any``: one REST call as admin (or ``token``), JSON in and out;
+  :class:`KubeTestEnvError` with ``.status`` on an HTTP error.
+- ``get(resource, name=None, *, namespace=None, group="", version="v1") -> Any``.
+- ``set_pod_status(namespace, name, *, ip=None, ready=True, phase="Running") -> dict``:
+  the kubelet's part (below).
+- ``wait_for_pods(namespace, selector, count, *, within=30) -> list[dict]``: poll until exactly
+  ``count`` live Pods match the label selector; sorted by name.
+- ``create_namespace(name)``; ``wait_established(crd, *, within=30)``.
+- ``admin_kubeconfig(namespace) -> Path``: admin, with that default namespace.
+- ``service_account_kubeconfig(namespace, name, *, expiration_seconds=86400) -> Path``: a
+  TokenRequest token for that ServiceAccount, context namespace ``namespace``.
+- ``etcd_revision() -> int``; ``compact() -> int`` (below).
+- ``stop_apiserver(*, kill=False)``; ``start_apiserver()``; ``apiserver_running``.
+- Module level: ``ensure_binaries() -> KubeBinaries`` (builds them if missing, or raises),
+  ``KubeTestEnvError``, ``KUBE_VERSION``.
+
 What it is, and what it is not:
 
-- ``kubeconfig`` (admin, context namespace ``default``), ``server`` (``https://127.0.0.1:PORT``),
-  ``ca_file``, ``admin_token``, ``workdir`` (logs: ``etcd.log``, ``kube-apiserver.log``,
-  ``kube-controller-manager.log``; kept after the run).
 - The controller-manager, when on, runs every controller that needs no nodes or cloud
   (Deployments → ReplicaSets → Pods, StatefulSets → Pods, garbage collection, namespace
   deletion, default ServiceAccounts). There is no scheduler and no kubelet: Pods stay
   unscheduled (``spec.nodeName`` empty, so deleting one removes it at once, as the API server
   does for unscheduled Pods) and Pending until :meth:`KubeTestEnv.set_pod_status` gives them an
   IP, a phase and a Ready condition through the ``pods/status`` subresource, as a kubelet would.
+  A StatefulSet (OrderedReady, the default) makes ``NAME-1`` only once ``NAME-0`` is Running
+  and Ready. Scaling down removes Pods at once.
 - The ``ServiceAccount`` admission plugin is always off (with it, a Pod created in a namespace
   a moment old fails until the controller-manager has made its ``default`` ServiceAccount; with
-  no kubelet nothing would mount the token anyway). TokenRequest (``kubectl create token``)
-  works: the issuer and signing-key flags are set.
+  no kubelet nothing would mount the token anyway). TokenRequest (``kubectl create token``,
+  :meth:`KubeTestEnv.service_account_kubeconfig`) works: the issuer and signing-key flags are
+  set, and tokens stay valid across an API server restart.
 - Processes die with the test run (``setpriv --pdeathsig KILL``, and an atexit hook); a process
   that fails to start raises :class:`KubeTestEnvError` with the tail of its log.
 - The watch cache is on, as in a cluster: it sends bookmarks, and it serves watches from its own
@@ -273,6 +302,24 @@ def _wait(process: _Process, check: Callable[[], bool], *, within: float, what: 
         time.sleep(0.1)
 
 
+def _retry_on_port_clash(
+    start: Callable[[], None], process: Callable[[], _Process | None], attempts: int = 3
+) -> None:
+    """``start()``; again (it picks new free ports) if the process died because another one
+    took its port between ``free_port`` and its bind."""
+    for attempt in range(attempts):
+        try:
+            start()
+            return
+        except KubeTestEnvError:
+            proc = process()
+            if proc is None or attempt == attempts - 1:
+                raise
+            if "address already in use" not in _tail(proc.log_path, 20):
+                raise
+            proc.stop()
+
+
 def _run(argv: Sequence[str], *, cwd: Path | None = None) -> None:
     proc = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=cwd)
     if proc.returncode != 0:
@@ -325,11 +372,9 @@ class KubeTestEnv:
             self.workdir.mkdir(parents=True, exist_ok=True)
             self._make_pki()
             self.startup_seconds["pki"] = time.monotonic() - t0
-            self._start_etcd()
+            _retry_on_port_clash(self._start_etcd, lambda: self._etcd)
             self.startup_seconds["etcd"] = time.monotonic() - t0
-            self.port = free_port(self.host)
-            self._write_kubeconfig(self.kubeconfig, token=self.admin_token, namespace="default")
-            self.start_apiserver()
+            _retry_on_port_clash(self._first_apiserver_start, lambda: self._apiserver)
             self.startup_seconds["kube-apiserver"] = time.monotonic() - t0
             if self.with_controller_manager:
                 self._start_controller_manager()
@@ -340,10 +385,13 @@ class KubeTestEnv:
         return self
 
     def close(self) -> None:
-        """Stop every process (controller-manager, API server, etcd); logs stay in workdir."""
+        """Stop every process (controller-manager, API server, etcd); logs stay in workdir,
+        etcd's data (64 MB of preallocated log at least) does not."""
         for process in (self._controller_manager, self._apiserver, self._etcd):
             if process is not None:
                 process.stop()
+        if self._etcd is not None:
+            shutil.rmtree(self.workdir / "etcd", ignore_errors=True)
 
     def __enter__(self) -> Self:
         return self.start()
@@ -377,6 +425,12 @@ class KubeTestEnv:
             )
         self._apiserver.start()
         _wait(self._apiserver, self._ready, within=90, what="ready (/readyz)")
+
+    def _first_apiserver_start(self) -> None:
+        self.port = free_port(self.host)
+        self._apiserver = None  # a new port: new arguments
+        self._write_kubeconfig(self.kubeconfig, token=self.admin_token, namespace="default")
+        self.start_apiserver()
 
     # -- talking to it ---------------------------------------------------------------------
 
@@ -496,13 +550,13 @@ class KubeTestEnv:
         wanted = "True" if ready else "False"
         conditions = []
         for type_ in ("Ready", "ContainersReady"):
-            previous = old.get(type_)
-            changed = previous is None or previous.get("status") != wanted
+            previous = old.get(type_, {})
+            unchanged = previous.get("status") == wanted and "lastTransitionTime" in previous
             conditions.append(
                 {
                     "type": type_,
                     "status": wanted,
-                    "lastTransitionTime": now if changed else previous["lastTransitionTime"],
+                    "lastTransitionTime": previous["lastTransitionTime"] if unchanged else now,
                 }
             )
         old_containers = {c["name"]: c for c in pod.get("status", {}).get("containerStatuses", [])}
@@ -582,14 +636,19 @@ class KubeTestEnv:
         return path
 
     def service_account_kubeconfig(
-        self, namespace: str, name: str, *, duration: str = "24h"
+        self, namespace: str, name: str, *, expiration_seconds: int = 86400
     ) -> Path:
-        """A kubeconfig that authenticates as ServiceAccount ``namespace/name`` with a
-        TokenRequest token (``kubectl create token``), its context namespace ``namespace``
-        (as in a Pod). The ServiceAccount must exist. Written under workdir."""
-        token = self.kubectl(
-            "create", "token", name, "-n", namespace, f"--duration={duration}"
-        ).stdout.strip()
+        """A kubeconfig that authenticates as ServiceAccount ``namespace/name`` with a token
+        from the TokenRequest API (what ``kubectl create token`` asks for; called directly, so
+        any kubectl version works), its context namespace ``namespace`` (as in a Pod). The
+        ServiceAccount must exist. Written under workdir."""
+        request = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"expirationSeconds": expiration_seconds},
+        }
+        answer = self.request("POST", _path("serviceaccounts", name, namespace) + "/token", request)
+        token: str = answer["status"]["token"]
         path = self.workdir / "kubeconfigs" / f"{namespace}.{name}.kubeconfig"
         path.parent.mkdir(exist_ok=True)
         self._write_kubeconfig(path, token=token, namespace=namespace, user=f"{namespace}-{name}")
@@ -714,6 +773,7 @@ class KubeTestEnv:
 
     def _start_etcd(self) -> None:
         client, peer = free_port(self.host), free_port(self.host)
+        shutil.rmtree(self.workdir / "etcd", ignore_errors=True)  # a retry starts afresh
         self.etcd_url = f"http://{self.host}:{client}"
         peer_url = f"http://{self.host}:{peer}"
         self._etcd = _Process(

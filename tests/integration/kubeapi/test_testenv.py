@@ -4,9 +4,11 @@ happen, the API server can go away and come back, ServiceAccount tokens authenti
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -160,6 +162,9 @@ def test_service_account_kubeconfig_authenticates_as_the_account_across_restarts
         return kube_env.kubectl("auth", "can-i", *args, kubeconfig=kubeconfig, check=False).stdout
 
     assert can_i("list", "pods").strip() == "no"  # RBAC: no binding yet
+    # The same TokenRequest API through kubectl, as the docs say to use it on 1.20.
+    token = kube_env.kubectl("create", "token", "reader", "-n", ns).stdout.strip()
+    assert token.count(".") == 2  # a JWT
     kube_env.kubectl(
         "create", "rolebinding", "reader", "--clusterrole=view", f"--serviceaccount={ns}:reader",
         "-n", ns,
@@ -202,3 +207,18 @@ def test_a_server_that_cannot_start_fails_with_its_log(tmp_path: Path) -> None:
         ).stdout.splitlines()
         if "etcd" in line
     )
+
+
+async def test_restarting_from_a_worker_thread_outlives_the_thread(
+    kube_env: KubeTestEnv, kube_namespace: str
+) -> None:
+    # PR_SET_PDEATHSIG fires when the *thread* that forked a child exits: a server restarted
+    # from asyncio.to_thread must not die with that worker thread.
+    await asyncio.to_thread(kube_env.stop_apiserver)
+    worker = threading.Thread(target=kube_env.start_apiserver)
+    worker.start()
+    await asyncio.to_thread(worker.join)
+    await asyncio.sleep(1)
+    assert kube_env.apiserver_running
+    version = await asyncio.to_thread(kube_env.request, "GET", "/version")
+    assert version["gitVersion"] == f"v{KUBE_VERSION}"
