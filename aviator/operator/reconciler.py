@@ -62,6 +62,7 @@ class Reconciler(Generic[K, V]):
         material: Callable[[V | None, V | None], bool] = _differs,
         settle: Callable[[V | None], float] = _no_settle,
         backoff: tuple[float, float] = (1.0, 60.0),
+        log_each_key: bool = True,
     ) -> None:
         self.name = name
         self._write = write
@@ -76,7 +77,8 @@ class Reconciler(Generic[K, V]):
         self._retry: dict[K, tuple[int, float]] = {}  # key → (failures, not before)
         self._wake = asyncio.Event()
         self._inflight: asyncio.Task[None] | None = None
-        self._errors: dict[K, str] = {}
+        self._errors: dict[object, str] = {}  # last error logged, by key (or by kind)
+        self._log_each_key = log_each_key
         self.writes = 0  # write attempts
         self.failures = 0
 
@@ -141,6 +143,10 @@ class Reconciler(Generic[K, V]):
     def keys(self) -> list[K]:
         return list(self._desired)
 
+    def __contains__(self, key: object) -> bool:
+        """Whether ``key`` is tracked (desired, possibly as None)."""
+        return key in self._desired
+
     # -- the loop ----------------------------------------------------------------------------
 
     def _now(self) -> float:
@@ -200,7 +206,8 @@ class Reconciler(Generic[K, V]):
             return  # leadership lost mid-write: it stays dirty for the next leader term
         error = task.exception()
         if error is None:
-            self._errors.pop(key, None)
+            if self._log_each_key:
+                self._errors.pop(key, None)
             self._retry.pop(key, None)
             if key not in self._desired:
                 return  # forgotten while writing
@@ -220,8 +227,12 @@ class Reconciler(Generic[K, V]):
         low, high = self._backoff
         delay = high if not error.retryable else min(high, low * 2 ** (failures - 1))
         self._retry[key] = (failures, self._now() + delay)
-        if self._errors.get(key) != str(error):
-            self._errors[key] = str(error)
+        # One line per key and distinct error; or, for writers of many small objects (pods),
+        # one per kind of error (a missing RBAC rule must not log a line per pod).
+        slot: object = key if self._log_each_key else (type(error), error.status, error.reason)
+        text = str(error) if self._log_each_key else f"{error.status} {error.reason}"
+        if self._errors.get(slot) != text:
+            self._errors[slot] = text
             log.warning(
                 f"{self.name}: write failed, will retry",
                 object=str(key),

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -22,6 +23,8 @@ from typing import Any, TypeVar
 from aviator.k8s.resolve import PolicyResolution, resolve_state
 from aviator.k8s.state import ClusterState, decode_object
 from aviator.operator.kube import KubeApi, api_client_from_kubeconfig
+from aviator.probing.estimator import EndpointStats
+from aviator.probing.weigher import WeighResult, weigh
 from tests.kubeapi.server import KubeTestEnv
 
 T = TypeVar("T")
@@ -107,11 +110,46 @@ spec:
 {extra}"""
 
 
-def ready_pods(env: KubeTestEnv, ns: str, app: str, count: int, *, first_ip: int = 11) -> list[Any]:
+def ready_pods(
+    env: KubeTestEnv, ns: str, app: str, count: int, *, first_ip: int = 11, net: str = "127.0.0"
+) -> list[Any]:
     """Wait for ``count`` pods of ``app`` and make them Running and Ready with IPs
-    127.0.0.<first_ip>, ... (sorted by name); returns them as updated."""
+    <net>.<first_ip>, ... (sorted by name); returns them as updated. (Endpoints refuse
+    loopback addresses: tests of Services use another ``net``.)"""
     pods = env.wait_for_pods(ns, f"app={app}", count)
     return [
-        env.set_pod_status(ns, p["metadata"]["name"], ip=f"127.0.0.{first_ip + i}", ready=True)
+        env.set_pod_status(ns, p["metadata"]["name"], ip=f"{net}.{first_ip + i}", ready=True)
         for i, p in enumerate(pods)
     ]
+
+
+def weights_for(
+    resolution: PolicyResolution, latency_ms: dict[str, float], previous: WeighResult | None = None
+) -> WeighResult:
+    """The weigher's answer for ``resolution`` when each pod (by name) answers in
+    ``latency_ms`` (pods not named: 5 ms), as the control plane would compute it."""
+    policy = resolution.policy
+    assert policy is not None
+    stats = {
+        e.address: EndpointStats(
+            latency_s=latency_ms.get(e.pod, 5.0) / 1000,
+            probe_latency_s=latency_ms.get(e.pod, 5.0) / 1000,
+            reported_latency_s=None,
+            rif=None,
+            error_rate=0.0,
+            samples=50,
+            age_s=0.1,
+            consecutive_failures=0,
+        )
+        for e in resolution.endpoints
+    }
+    return weigh(
+        stats,
+        knobs=policy.weigher,
+        latency_threshold_s=policy.latency_threshold.seconds,
+        previous=previous,
+    )
+
+
+def kubectl_patch(env: KubeTestEnv, kind: str, name: str, ns: str, patch: dict[str, Any]) -> None:
+    env.kubectl("patch", kind, name, "-n", ns, "--type=merge", "-p", json.dumps(patch))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from aviator.k8s.policy import PolicyError, parse_policy
@@ -19,15 +21,16 @@ def test_both_parse_and_round_trip() -> None:
     p = parse_policy(policy_doc(annotatePods=True, publishService=True))
     assert p.annotate_pods is True
     assert p.publish_service is True
-    again = parse_policy(policy_doc(**{k: v for k, v in p.spec_dict().items()}))
+    again = parse_policy(policy_doc(**p.spec_dict()))
     assert again.annotate_pods is True
     assert again.publish_service is True
 
 
 @pytest.mark.parametrize("field", ["annotatePods", "publishService"])
 def test_a_string_is_not_a_boolean(field: str) -> None:
+    spec: dict[str, Any] = {field: "true"}
     with pytest.raises(PolicyError) as err:
-        parse_policy(policy_doc(**{field: "true"}))
+        parse_policy(policy_doc(**spec))
     (e,) = err.value.errors
     assert e.path == f"spec.{field}"
     assert e.message == "must be true or false, got a string ('true')"
