@@ -84,7 +84,8 @@ class LeaderElector:
     """Stands for leadership in Lease ``namespace/name`` as ``identity`` until cancelled.
 
     ``await run()`` in the control plane's TaskGroup; :meth:`stop` (or cancelling) releases
-    the lease if held. :meth:`is_leader` is exact at every call: it turns False at the renew
+    the lease if held (unless ``release_on_stop`` is False: then it expires, as after a
+    crash). :meth:`is_leader` is exact at every call: it turns False at the renew
     deadline even while a renewal request is still hanging. :meth:`subscribe` gets
     ``listener(True)`` on gaining and ``listener(False)`` on losing, synchronously, at the
     moment it happens (writers cancel their in-flight request there).
@@ -100,8 +101,10 @@ class LeaderElector:
         timing: ElectionTiming | None = None,
         wall: Callable[[], datetime] = lambda: datetime.now(UTC),
         rng: random.Random | None = None,
+        release_on_stop: bool = True,
     ) -> None:
         self._api = api
+        self._release_on_stop = release_on_stop
         self.namespace = namespace
         self.name = name
         self.identity = identity or default_identity()
@@ -161,7 +164,10 @@ class LeaderElector:
                     async with asyncio.timeout(period):
                         await self._stopping.wait()
         finally:
-            await asyncio.shield(self._release())
+            if self._release_on_stop:
+                await asyncio.shield(self._release())
+            else:
+                self._set_leading(False, asyncio.get_running_loop(), "stopping (not releasing)")
 
     def stop(self) -> None:
         self._stopping.set()

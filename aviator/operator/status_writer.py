@@ -111,6 +111,10 @@ class StatusWriter:
 
     def leadership(self, leading: bool) -> None:
         self.reconciler.leadership(leading)
+        if not leading:
+            # What was desired in this term may be stale by the next one: start that one
+            # from the next update (which comes once the peers' reports are read).
+            self.reconciler.sync({}, absent="forget")
 
     async def run(self) -> None:
         await self.reconciler.run()

@@ -14,20 +14,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
+
+import pytest
 
 from aviator.k8s.resolve import PolicyResolution, resolve_state
 from aviator.k8s.state import ClusterState, decode_object
 from aviator.operator.kube import KubeApi, api_client_from_kubeconfig
 from aviator.probing.estimator import EndpointStats
 from aviator.probing.weigher import WeighResult, weigh
+from tests.kubeapi.fixtures import AviatorInstall
 from tests.kubeapi.server import KubeTestEnv
 
 T = TypeVar("T")
+REPLICA_NS = "aviator-system"  # the operator's namespace, where its Leases live
 
 
 @asynccontextmanager
@@ -153,3 +158,22 @@ def weights_for(
 
 def kubectl_patch(env: KubeTestEnv, kind: str, name: str, ns: str, patch: dict[str, Any]) -> None:
     env.kubectl("patch", kind, name, "-n", ns, "--type=merge", "-p", json.dumps(patch))
+
+
+@pytest.fixture
+def replica_pods(aviator_install: AviatorInstall) -> Iterator[tuple[str, str, str]]:
+    """Two stand-in operator Pods, Ready, and the label selector that finds them."""
+    env = aviator_install.env
+    tag = secrets.token_hex(3)
+    selector = f"test-replica={tag}"
+    names = (f"aviator-{tag}-a", f"aviator-{tag}-b")
+    for i, name in enumerate(names):
+        env.apply(f"""
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {REPLICA_NS}, labels: {{test-replica: "{tag}"}}}}
+spec: {{containers: [{{name: aviator, image: example/aviator:1}}]}}
+""")  # fmt: skip
+        env.set_pod_status(REPLICA_NS, name, ip=f"10.2.0.{i + 1}", ready=True)
+    yield names[0], names[1], selector
+    env.kubectl("delete", "pods", "-n", REPLICA_NS, "-l", selector, "--wait=false")

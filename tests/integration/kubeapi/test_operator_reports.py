@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
-
-import pytest
 
 from aviator.operator.acks import ClusterAcks
 from aviator.operator.reports import REPORT_ANNOTATION, AckReports, report_lease_name
@@ -20,28 +17,18 @@ from aviator.operator.status_writer import StatusWriter
 from tests.kubeapi.fixtures import AviatorInstall
 from tests.kubeapi.server import KubeTestEnv, KubeTestEnvError
 
-from .operator_support import deployment, eventually, kube_api, policy, ready_pods, resolutions
+from .operator_support import (
+    REPLICA_NS,
+    deployment,
+    eventually,
+    kube_api,
+    policy,
+    ready_pods,
+    replica_pods,  # noqa: F401 - a fixture
+    resolutions,
+)
 
-NS = "aviator-system"
-
-
-@pytest.fixture
-def replica_pods(aviator_install: AviatorInstall) -> Iterator[tuple[str, str, str]]:
-    """Two stand-in operator Pods, Ready, and the label selector that finds them."""
-    env = aviator_install.env
-    tag = secrets.token_hex(3)
-    selector = f"test-replica={tag}"
-    names = (f"aviator-{tag}-a", f"aviator-{tag}-b")
-    for i, name in enumerate(names):
-        env.apply(f"""
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: {NS}, labels: {{test-replica: "{tag}"}}}}
-spec: {{containers: [{{name: aviator, image: example/aviator:1}}]}}
-""")  # fmt: skip
-        env.set_pod_status(NS, name, ip=f"10.2.0.{i + 1}", ready=True)
-    yield names[0], names[1], selector
-    env.kubectl("delete", "pods", "-n", NS, "-l", selector, "--wait=false")
+NS = REPLICA_NS
 
 
 @contextlib.asynccontextmanager
@@ -71,7 +58,7 @@ async def test_the_leader_counts_every_replicas_proxies(
     aviator_install: AviatorInstall,
     kube_env: KubeTestEnv,
     kube_namespace: str,
-    replica_pods: tuple[str, str, str],
+    replica_pods: tuple[str, str, str],  # noqa: F811 - the fixture
 ) -> None:
     leader_id, peer_id, selector = replica_pods
     ns = kube_namespace
