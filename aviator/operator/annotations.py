@@ -18,7 +18,11 @@ off while no replica was leading.
 
 A change is *material* (:func:`material`) when the weight changes, annotations appear or
 go, or the latency moves by more than :data:`LATENCY_CHANGE` (relative) and
-:data:`LATENCY_FLOOR_MS`; the writer also writes each pod at most once per 30 s.
+:data:`LATENCY_FLOOR_MS`; the writer also writes each pod at most once per 30 s. The latency
+is informational and noisy, and any threshold on a noisy value is crossed sooner or later:
+:func:`hold_latency` keeps the written latency (so nothing is material) until either it moves
+by a factor of :data:`LATENCY_JUMP` or a refresh is due, and the annotator makes a refresh
+due once per ``latency_refresh`` (10 min) per pod, as one comparison at that moment.
 
 Pure: no I/O, no clock.
 """
@@ -44,6 +48,7 @@ __all__ = [
     "PodAnnotations",
     "PodKey",
     "desired_annotations",
+    "hold_latency",
     "material",
     "patch_body",
 ]
@@ -54,6 +59,7 @@ DELETION_COST_ANNOTATION: Final = "controller.kubernetes.io/pod-deletion-cost"
 MANAGED_LABEL: Final = "aviator.io/annotated"
 LATENCY_CHANGE: Final = 0.25  # relative move of the latency that is worth a write
 LATENCY_FLOOR_MS: Final = 1.0  # ... and never less than this many milliseconds
+LATENCY_JUMP: Final = 2.0  # a move by this factor is written without waiting for a refresh
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -127,6 +133,22 @@ def material(old: PodAnnotations | None, new: PodAnnotations | None) -> bool:
         return old.latency_ms != new.latency_ms
     moved = abs(new.latency_ms - old.latency_ms)
     return moved > LATENCY_FLOOR_MS and moved > LATENCY_CHANGE * old.latency_ms
+
+
+def hold_latency(
+    written: PodAnnotations | None, desired: PodAnnotations, *, refresh_due: bool
+) -> PodAnnotations:
+    """``desired`` with the written latency kept, unless the weight changed, the latency
+    jumped by :data:`LATENCY_JUMP` (and :data:`LATENCY_FLOOR_MS`), or a refresh is due."""
+    if written is None or refresh_due or written.weight != desired.weight:
+        return desired
+    old, new = written.latency_ms, desired.latency_ms
+    if old is None or new is None:
+        return desired
+    low, high = sorted((old, new))
+    if high - low > LATENCY_FLOOR_MS and high > LATENCY_JUMP * low:
+        return desired
+    return PodAnnotations(desired.weight, old, desired.deletion_cost)
 
 
 def patch_body(new: PodAnnotations | None) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from aviator.operator.annotations import (
     PodAnnotations,
     PodKey,
     desired_annotations,
+    hold_latency,
     material,
     patch_body,
 )
@@ -58,10 +59,13 @@ class PodAnnotator:
         *,
         gate: LeaderGate | None = None,
         per_pod: float = 30.0,
+        latency_refresh: float = 600.0,
         rate: float = 20.0,
         burst: int = 50,
     ) -> None:
         self._api = Fenced(api, gate)
+        self._latency_refresh = latency_refresh
+        self._checked: dict[PodKey, float] = {}  # when each pod's latency was last compared
         self._gate = gate
         self._forbidden_logged = False
         self._needs_cleanup = gate is None
@@ -80,9 +84,10 @@ class PodAnnotator:
         resolutions: Iterable[PolicyResolution],
         weights: Mapping[WorkloadKey, WeighResult],
         latency_s: Callable[[WorkloadKey, EndpointAddress], float | None],
+        now: float,
     ) -> None:
-        """Every resolution, the weights by workload and the ranking latency of each
-        endpoint (None: not measured yet)."""
+        """Every resolution, the weights by workload, the ranking latency of each endpoint
+        (None: not measured yet) and the loop time."""
         desired: dict[PodKey, PodAnnotations] = {}
         for r in resolutions:
             key = r.key
@@ -90,6 +95,14 @@ class PodAnnotator:
                 continue
             lat = {e.address: latency_s(key, e.address) for e in r.endpoints}
             desired.update(desired_annotations(r, weights.get(key), lat))
+        for pod, want in desired.items():
+            checked = self._checked.setdefault(pod, now)
+            due = now - checked >= self._latency_refresh
+            if due:
+                self._checked[pod] = now  # one comparison now; the next in latency_refresh
+            desired[pod] = hold_latency(self.reconciler.written(pod), want, refresh_due=due)
+        for pod in [p for p in self._checked if p not in desired]:
+            del self._checked[pod]
         self.reconciler.sync(desired, absent="remove")
 
     def leadership(self, leading: bool) -> None:

@@ -107,7 +107,7 @@ class Operator:
     ) -> None:
         """The weights of every served workload after a reweigh, the latency the weigher
         ranked each endpoint by, and the loop time."""
-        self.annotator.update(self._resolutions, weights, latency_s)
+        self.annotator.update(self._resolutions, weights, latency_s, now)
         self.services.update(self._resolutions, weights, now)
 
     def acks_changed(self, local: Mapping[str, ClusterAcks]) -> None:

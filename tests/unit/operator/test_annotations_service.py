@@ -20,6 +20,7 @@ from aviator.operator.annotations import (
     PodAnnotations,
     PodKey,
     desired_annotations,
+    hold_latency,
     material,
     patch_body,
 )
@@ -91,6 +92,21 @@ def test_material_changes(
     old: PodAnnotations | None, new: PodAnnotations | None, expected: bool
 ) -> None:
     assert material(old, new) is expected
+
+
+def test_noisy_latency_is_held_until_it_jumps_or_a_refresh_is_due() -> None:
+    written = PodAnnotations(800, 10.0, 800)
+    noisy = PodAnnotations(800, 17.0, 800)  # 70 %: material, but noise
+    assert hold_latency(written, noisy, refresh_due=False) == written
+    assert not material(written, hold_latency(written, noisy, refresh_due=False))
+    assert hold_latency(written, noisy, refresh_due=True) == noisy
+    jumped = PodAnnotations(800, 25.0, 800)  # 2.5x
+    assert hold_latency(written, jumped, refresh_due=False) == jumped
+    reweighed = PodAnnotations(500, 12.0, 500)  # a weight change carries the latency along
+    assert hold_latency(written, reweighed, refresh_due=False) == reweighed
+    tiny = PodAnnotations(800, 0.1, 800)
+    assert hold_latency(PodAnnotations(800, 0.9, 800), tiny, refresh_due=False).latency_ms == 0.9
+    assert hold_latency(None, noisy, refresh_due=False) == noisy
 
 
 def test_the_patch_sets_or_removes_only_aviators_keys() -> None:
