@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(VENV)/bin/ruff check aviator tests
 	$(VENV)/bin/mypy aviator
+	$(VENV)/bin/lint-imports --no-cache
 
 # The real Kubernetes API server (1.20.2) and etcd the tests run against: built once into
 # ~/.cache/aviator/ (5-17 min on a fresh machine), then a no-op. See scripts/kube-testenv.sh.

@@ -1,23 +1,3 @@
-"""``aviator bench``: the benchmarks. Each one is a module with ``configure(parser)`` and
-``run(args) -> int``, printing its figures and writing JSON/Markdown (and plots) where asked."""
-
-from __future__ import annotations
-
-import argparse
-
-from aviator.cli import add_subcommands
-
-BENCHMARKS: dict[str, tuple[str, str]] = {
-    "probe": ("aviator.bench.probe", "probes per second one core sustains, CPU per probe"),
-    "latency": ("aviator.bench.latency", "tail latency: Aviator against Envoy's own balancers"),
-    "xds": ("aviator.bench.xds", "xDS fan-out: change-to-held latency, CPU, memory"),
-}
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    add_subcommands(parser, BENCHMARKS, dest="benchmark", key="benchmark_module")
-
-
-def run(args: argparse.Namespace) -> int:
-    code: int = args.benchmark_module.run(args)
-    return code
+"""The benchmarks behind ``aviator bench`` (:mod:`aviator.cli.bench`): each module has
+``configure(parser)`` and ``run(args) -> int``. Needs the ``bench`` extra; production code
+never imports this package."""

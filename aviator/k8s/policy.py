@@ -45,8 +45,7 @@ from aviator.k8s.objects import (
     ref_of,
     type_name,
 )
-from aviator.model import WorkloadKey
-from aviator.probing.weigher import KnobError, WeigherKnobs
+from aviator.model import KnobError, WeigherKnobs, WorkloadKey
 
 __all__ = [
     "API_VERSION",

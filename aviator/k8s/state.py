@@ -1,19 +1,18 @@
-"""One consistent view of the cluster, the seam between state sources and everything else.
+"""One consistent view of the cluster: the value every state source produces.
 
-A *state source* (the directory source today, the Kubernetes API tomorrow) turns what it
-reads into a :class:`ClusterState` snapshot and publishes it to a :class:`Store`; resolve,
-the prober and xDS read only snapshots, so both sources look the same downstream.
+A state source (:mod:`aviator.source`) turns what it reads into a :class:`ClusterState`
+snapshot and publishes it to a :class:`~aviator.source.store.Store`; resolve, the prober and
+xDS read only snapshots, so every source looks the same downstream.
 
-Pure values plus a small asyncio notifier: no I/O here.
+Pure values: no I/O, no clock, no asyncio.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from aviator.k8s import policy as _policy
 from aviator.k8s.objects import (
@@ -35,8 +34,6 @@ __all__ = [
     "ClusterObject",
     "ClusterState",
     "Problem",
-    "StateSource",
-    "Store",
     "decode_object",
 ]
 
@@ -196,61 +193,3 @@ class ClusterState:
 
 
 EMPTY_STATE: Final = ClusterState.build(())
-
-
-class Store:
-    """Holds the latest :class:`ClusterState` and wakes consumers when it changes.
-
-    Latest wins: a slow consumer skips intermediate states and sees the newest one, which
-    is what every consumer here wants (each state is complete). ``synced`` turns true at
-    the first publish (a source publishes once it has read everything once).
-    """
-
-    def __init__(self) -> None:
-        self._state = EMPTY_STATE
-        self._synced = False
-        self._generation = 0  # number of accepted publishes
-        self._changed = asyncio.Event()
-
-    @property
-    def current(self) -> ClusterState:
-        return self._state
-
-    @property
-    def synced(self) -> bool:
-        return self._synced
-
-    def publish(self, state: ClusterState) -> bool:
-        """Make ``state`` current; False (and no wake-up) if its version is already current."""
-        if self._synced and state.version == self._state.version:
-            return False
-        self._synced = True
-        self._state = state
-        self._generation += 1
-        # Wake every waiter of this generation; later waiters wait on a fresh event.
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
-        return True
-
-    async def updates(self) -> AsyncIterator[ClusterState]:
-        """The current state once synced, then each newer one (intermediate ones skipped)."""
-        seen = 0
-        while True:
-            while self._generation == seen:
-                await self._changed.wait()
-            seen = self._generation
-            yield self._state
-
-
-class StateSource(Protocol):
-    """A producer of cluster states (``--source dir:PATH`` or ``--source kubernetes``)."""
-
-    @property
-    def name(self) -> str:
-        """How the source is named in logs and ``/readyz``, e.g. ``dir:/etc/aviator``."""
-        ...
-
-    async def run(self, store: Store) -> None:
-        """Publish the first complete state as soon as it is read, then every change,
-        until cancelled. Raise only for failures the source cannot recover from."""
-        ...

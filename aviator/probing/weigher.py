@@ -1,7 +1,8 @@
 """The weigher: per-policy endpoint statistics → integer EDS weights and health (pure).
 
 This module reads no clock, does no I/O and mutates none of its inputs. The tuning knobs
-(:class:`WeigherKnobs`) are parsed once from a policy's ``spec.weigher`` and passed down.
+(:class:`~aviator.model.WeigherKnobs`, shared with the policy model) are parsed once from a
+policy's ``spec.weigher`` and passed down.
 
 The rule (Prequal's hot-cold lexicographic selection, NSDI 2024 §4, turned into weights):
 
@@ -34,134 +35,21 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ClassVar
 
-from aviator.model import MAX_WEIGHT, EndpointAddress, Health, WeightedEndpoint
+from aviator.model import (
+    DEFAULT_HOT_QUANTILE,
+    MAX_WEIGHT,
+    EndpointAddress,
+    Health,
+    KnobError,
+    WeigherKnobs,
+    WeightedEndpoint,
+)
 from aviator.probing.estimator import EndpointStats
 
 __all__ = ["DEFAULT_HOT_QUANTILE", "KnobError", "WeighResult", "WeigherKnobs", "weigh"]
-
-# Prequal's Q_RIF: 2^-0.25 ≈ 0.84 (NSDI 2024, §4; 0.6 to 0.9 all work).
-DEFAULT_HOT_QUANTILE = 2.0**-0.25
-
-
-class KnobError(ValueError):
-    """A ``spec.weigher`` field has a bad value; ``field`` is its camelCase name."""
-
-    def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        self.message = message
-        where = f"spec.weigher.{field}" if field else "spec.weigher"
-        super().__init__(f"{where}: {message}")
-
-
-@dataclass(frozen=True, slots=True)
-class WeigherKnobs:
-    """Per-policy tuning of the weigher. Every field has a safe default.
-
-    Invariants (checked at construction, :class:`KnobError` otherwise):
-    ``0 < hot_quantile <= 1``; ``1 <= max_weight_ratio <= MAX_WEIGHT``; ``0 <= min_change < 1``;
-    ``0 <= hysteresis < 1``; ``0 < smoothing <= 1``; ``0 <= latency_exponent <= 4``;
-    ``min_hot_rif >= 0``; every float is finite.
-    """
-
-    #: An endpoint is hot when its RIF is above this quantile of the policy's fleet RIFs.
-    hot_quantile: float = DEFAULT_HOT_QUANTILE
-    #: Largest published weight divided by smallest is at most this (anti-herding bound).
-    max_weight_ratio: float = 20.0
-    #: A new set of weights is pushed only if some endpoint's share of traffic moves by more
-    #: than this fraction of its current share (or health/membership changes).
-    min_change: float = 0.15
-    #: Hot endpoints are published DEGRADED (Envoy uses them only when healthy ones run short)
-    #: instead of HEALTHY at the weight floor. Off by default: the floor is the gentler signal.
-    degrade_hot: bool = False
-    #: A hot endpoint turns cold only once its RIF and latency fall this fraction below the
-    #: thresholds that made it hot, so probe noise does not flap its state.
-    hysteresis: float = 0.1
-    #: Each push moves a cold endpoint's weight this fraction of the way from its published
-    #: weight to its target (1 = no smoothing). Hot endpoints drop to the floor at once.
-    smoothing: float = 0.5
-    #: Cold weights are proportional to latency ** -latency_exponent (1 = inverse latency).
-    latency_exponent: float = 1.0
-    #: An endpoint with RIF at or below this is never hot by RIF: at a RIF of 0 or 1 the
-    #: fleet quantile is noise, not load.
-    min_hot_rif: float = 1.0
-
-    # camelCase name in spec.weigher → attribute name.
-    SPEC_FIELDS: ClassVar[Mapping[str, str]] = {
-        "hotQuantile": "hot_quantile",
-        "maxWeightRatio": "max_weight_ratio",
-        "minChange": "min_change",
-        "degradeHot": "degrade_hot",
-        "hysteresis": "hysteresis",
-        "smoothing": "smoothing",
-        "latencyExponent": "latency_exponent",
-        "minHotRif": "min_hot_rif",
-    }
-
-    def __post_init__(self) -> None:
-        self._check("hotQuantile", self.hot_quantile, 0.0, 1.0, low_open=True)
-        self._check("maxWeightRatio", self.max_weight_ratio, 1.0, float(MAX_WEIGHT))
-        self._check("minChange", self.min_change, 0.0, 1.0, high_open=True)
-        self._check("hysteresis", self.hysteresis, 0.0, 1.0, high_open=True)
-        self._check("smoothing", self.smoothing, 0.0, 1.0, low_open=True)
-        self._check("latencyExponent", self.latency_exponent, 0.0, 4.0)
-        self._check("minHotRif", self.min_hot_rif, 0.0, math.inf)
-        if not isinstance(self.degrade_hot, bool):
-            raise KnobError("degradeHot", f"must be a boolean, got {self.degrade_hot!r}")
-
-    @staticmethod
-    def _check(
-        name: str,
-        value: object,
-        low: float,
-        high: float,
-        *,
-        low_open: bool = False,
-        high_open: bool = False,
-    ) -> None:
-        lo = "(" if low_open else "["
-        hi = ")" if high_open or math.isinf(high) else "]"
-        allowed = f"a finite number in {lo}{low:g}, {high:g}{hi}"
-        # bool is an int subclass: reject it explicitly, `true` is not a ratio.
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise KnobError(name, f"must be {allowed}, got {value!r}")
-        v = float(value)
-        if not math.isfinite(v):
-            raise KnobError(name, f"must be {allowed}, got {value!r}")
-        if v < low or (low_open and v == low) or v > high or (high_open and v == high):
-            raise KnobError(name, f"must be {allowed}, got {value!r}")
-
-    @classmethod
-    def from_spec(cls, spec: Mapping[str, object] | None) -> WeigherKnobs:
-        """Parse the *contents* of a policy's ``spec.weigher`` (camelCase keys).
-
-        ``None`` or ``{}`` gives the defaults. Unknown keys and bad values raise
-        :class:`KnobError` naming the field and what is allowed. Integers are accepted
-        where numbers are expected; strings are not (no silent coercion).
-        """
-        if spec is None:
-            return cls()
-        if not isinstance(spec, Mapping):
-            raise KnobError("", f"must be a mapping, got {type(spec).__name__}")
-        kwargs: dict[str, Any] = {}
-        for key, value in spec.items():
-            attr = cls.SPEC_FIELDS.get(key) if isinstance(key, str) else None
-            if attr is None:
-                allowed = ", ".join(sorted(cls.SPEC_FIELDS))
-                raise KnobError(str(key), f"unknown field; allowed fields: {allowed}")
-            if attr != "degrade_hot" and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            kwargs[attr] = value
-        return cls(**kwargs)
-
-    def to_spec(self) -> dict[str, object]:
-        """The camelCase form ``from_spec`` accepts (round-trips exactly)."""
-        by_attr = {attr: key for key, attr in self.SPEC_FIELDS.items()}
-        return {by_attr[f.name]: getattr(self, f.name) for f in fields(self)}
-
 
 _NO_ENDPOINTS: Mapping[EndpointAddress, WeightedEndpoint] = MappingProxyType({})
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from aviator import inspect as inspect_cli
 from aviator.cli import build_parser
-from aviator.demo import (
+from aviator.cli import inspect as inspect_cli
+from aviator.demo.session import (
     HOST_HEADER,
     WORKLOAD,
     DemoStack,
@@ -21,8 +21,8 @@ from aviator.demo import (
     pick_addresses,
     write_objects,
 )
+from aviator.envoy.inspect import Report, collect
 from aviator.envoy.process import free_port
-from aviator.inspect import Report, collect
 from tests.envoy_fixtures import poll_until
 
 pytestmark = pytest.mark.envoy
@@ -164,7 +164,7 @@ def test_unreachable_envoy_admin_is_one_line(capsys: pytest.CaptureFixture[str])
     closed = f"http://127.0.0.1:{free_port()}"
     # The subcommand's own run(): main() would point structlog at this test's captured stderr,
     # which is closed once the test ends.
-    args = build_parser().parse_args(["inspect", "--envoy-admin", closed])
+    args = build_parser(["inspect"]).parse_args(["inspect", "--envoy-admin", closed])
     assert inspect_cli.run(args) == 1
     captured = capsys.readouterr()
     assert captured.out == ""

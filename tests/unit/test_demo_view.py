@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from aviator.cli import UsageError
-from aviator.demo import (
+from aviator.demo.session import (
     PODS,
     SLOWED_POD,
     WORKLOAD,
@@ -16,7 +15,7 @@ from aviator.demo import (
     pick_addresses,
     write_objects,
 )
-from aviator.demo_view import (
+from aviator.demo.view import (
     Completion,
     DemoPod,
     Phase,
@@ -27,8 +26,8 @@ from aviator.demo_view import (
     render_summary,
     summarize,
 )
-from aviator.k8s.dirsource import load_directory
 from aviator.k8s.resolve import resolve_state, serving
+from aviator.source.directory import load_directory
 
 PODS_3 = (
     DemoPod("web-a", "127.0.0.2:8080", 15.0),
@@ -227,9 +226,9 @@ def test_pick_addresses_skips_busy_ones() -> None:
 
 
 def test_pick_addresses_errors() -> None:
-    with pytest.raises(UsageError, match=r"127\.0\.0\.N"):
+    with pytest.raises(ValueError, match=r"127\.0\.0\.N"):
         pick_addresses(3, first="10.0.0.2")
-    with pytest.raises(UsageError, match=r"busy: 127\.0\.0\.253, 127\.0\.0\.254"):
+    with pytest.raises(ValueError, match=r"busy: 127\.0\.0\.253, 127\.0\.0\.254"):
         pick_addresses(3, first="127.0.0.253", is_free=lambda h, p: False)
 
 

@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
-from aviator.cli import UsageError
+from aviator.cli.inspect import _url
+from aviator.cli.usage import UsageError
 from aviator.envoy.admin import HostStatus
-from aviator.inspect import Report, _url, join, render_table
+from aviator.envoy.inspect import Report, join, render_table
 
 
 def host(cluster: str, address: str, weight: int, **kw: Any) -> HostStatus:

@@ -8,9 +8,9 @@ import pytest
 
 from aviator.bench.controlplane import ControlPlaneSettings, manifests, write_manifests
 from aviator.bench.policies import WORKLOAD
-from aviator.k8s.dirsource import load_directory
 from aviator.k8s.resolve import resolve_state
 from aviator.model import EndpointAddress
+from aviator.source.directory import load_directory
 
 
 def test_manifests_resolve_to_one_endpoint_per_backend(tmp_path: Path) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aviator.k8s.dirsource import load_directory
 from aviator.k8s.objects import ObjectRef
 from aviator.k8s.resolve import ACCEPTED, RESOLVED_REFS, ConditionStatus, resolve_state
+from aviator.source.directory import load_directory
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "web"
 

@@ -13,12 +13,13 @@ import pytest
 import structlog
 import yaml
 
-from aviator.k8s.dirsource import DirectorySource, SourceError, load_directory
 from aviator.k8s.objects import ObjectRef, Pod
 from aviator.k8s.policy import AviatorPolicy, InvalidPolicy
 from aviator.k8s.resolve import resolve_state, serving
-from aviator.k8s.state import ClusterState, Problem, Store
+from aviator.k8s.state import ClusterState, Problem
 from aviator.model import WorkloadKey
+from aviator.source.directory import DirectorySource, SourceError, load_directory
+from aviator.source.store import Store
 from tests.unit.k8s.builders import pod_doc, policy_doc, workload_doc
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)

@@ -9,9 +9,9 @@ import pytest
 
 from aviator.k8s.objects import ObjectError, ObjectRef, Pod, Workload, parse_pod, parse_workload
 from aviator.k8s.policy import AviatorPolicy, InvalidPolicy
-from aviator.k8s.state import ClusterState, Problem, Store, decode_object
-
-from .builders import pod_doc, policy_doc, workload_doc
+from aviator.k8s.state import ClusterState, Problem, decode_object
+from aviator.source.store import Store
+from tests.unit.k8s.builders import pod_doc, policy_doc, workload_doc
 
 
 def test_decode_dispatches_by_kind() -> None:

@@ -59,7 +59,8 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from aviator.k8s.objects import ObjectError, ObjectRef
 from aviator.k8s.policy import InvalidPolicy
-from aviator.k8s.state import ClusterObject, ClusterState, Problem, Store, decode_object
+from aviator.k8s.state import ClusterObject, ClusterState, Problem, decode_object
+from aviator.source.store import Store
 
 __all__ = ["DEFAULT_INTERVAL", "DirectorySource", "SourceError", "load_directory"]
 
@@ -476,6 +477,6 @@ def load_directory(root: str | os.PathLike[str]) -> ClusterState:
 
 
 if TYPE_CHECKING:
-    from aviator.k8s.state import StateSource
+    from aviator.source.store import StateSource
 
     _conforms: StateSource = DirectorySource(".")  # mypy checks the protocol is met

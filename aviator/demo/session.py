@@ -16,7 +16,7 @@ an error, Ctrl-C or SIGTERM):
    table is drawn from those records, Aviator's endpoint view and Envoy's ``/clusters``.
 
 The summary compares each pod's share of traffic before, during and after the slowdown
-(:mod:`aviator.demo_view`). ``--json-summary FILE`` writes it as JSON, with the per-interval
+(:mod:`aviator.demo.view`). ``--json-summary FILE`` writes it as JSON, with the per-interval
 frames and the process ids the demo started (all stopped by the time the file is written).
 
 Building blocks other code reuses (the inspect tests do): :func:`demo_backends`,
@@ -25,13 +25,10 @@ Building blocks other code reuses (the inspect tests do): :func:`demo_backends`,
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
-import logging
 import random
-import resource
 import signal
 import socket
 import sys
@@ -46,10 +43,8 @@ import aiohttp
 import structlog
 import yaml
 
-from aviator import log as aviator_log
-from aviator.cli import UsageError
 from aviator.controlplane import ControlPlane, Settings
-from aviator.demo_view import (
+from aviator.demo.view import (
     Completion,
     DemoPod,
     Frame,
@@ -61,7 +56,7 @@ from aviator.demo_view import (
 )
 from aviator.envoy.bootstrap import render_bootstrap
 from aviator.envoy.errors import EnvoyAdminError, EnvoyError
-from aviator.envoy.process import EnvoyProcess, free_port
+from aviator.envoy.process import EnvoyProcess
 from aviator.model import WorkloadKey
 from aviator.testbed.backend import BACKEND_HEADER, BackendSpec, FleetSpec
 from aviator.testbed.fleet import Fleet, FleetError
@@ -125,12 +120,12 @@ def pick_addresses(
 ) -> list[str]:
     """``count`` loopback IPs from ``first`` up (127.0.0.N) whose ``port`` is free.
 
-    Busy ones are skipped. Raises :class:`UsageError` if ``first`` is not a 127.0.0.N address
+    Busy ones are skipped. Raises ValueError if ``first`` is not a 127.0.0.N address
     or fewer than ``count`` are free up to 127.0.0.254.
     """
     prefix, _, last = first.rpartition(".")
     if prefix != "127.0.0" or not last.isdigit() or not 1 <= int(last) <= LAST_LOOPBACK:
-        raise UsageError(f"--first-address must be 127.0.0.N with N in 1..254, got {first!r}")
+        raise ValueError(f"--first-address must be 127.0.0.N with N in 1..254, got {first!r}")
     found: list[str] = []
     busy: list[str] = []
     for n in range(int(last), LAST_LOOPBACK + 1):
@@ -143,7 +138,7 @@ def pick_addresses(
                 return found
         else:
             busy.append(host)
-    raise UsageError(
+    raise ValueError(
         f"need {count} loopback addresses with port {port} free from {first} up; "
         f"busy: {', '.join(busy) or 'none'} (stop what listens there or pass --first-address)"
     )
@@ -656,127 +651,6 @@ class DemoOptions:
         """The middle third of the run."""
         third = round(self.duration_s / 3, 1)
         return Slowdown(SLOWED_POD, third, round(self.duration_s - third, 1), SLOW_FACTOR)
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--duration",
-        type=float,
-        default=DEFAULT_DURATION_S,
-        metavar="SECONDS",
-        help=f"how long the load runs; {SLOWED_POD} is slow in the middle third "
-        f"(default {DEFAULT_DURATION_S:g})",
-    )
-    parser.add_argument(
-        "--rate",
-        type=float,
-        default=DEFAULT_RATE,
-        metavar="RPS",
-        help=f"offered load, requests per second, Poisson arrivals (default {DEFAULT_RATE:g})",
-    )
-    parser.add_argument(
-        "--interval",
-        type=float,
-        default=DEFAULT_INTERVAL_S,
-        metavar="SECONDS",
-        help=f"refresh period of the live table (default {DEFAULT_INTERVAL_S:g})",
-    )
-    parser.add_argument(
-        "--workdir",
-        type=Path,
-        metavar="DIR",
-        help="write the objects (DIR/source) and Envoy's config and log (DIR/envoy) here and "
-        "keep them (default: a temporary directory, removed at the end)",
-    )
-    parser.add_argument(
-        "--json-summary",
-        type=Path,
-        metavar="FILE",
-        help="also write the summary, every frame and the pids the demo started as JSON",
-    )
-    parser.add_argument(
-        "--first-address",
-        default=DEFAULT_FIRST_ADDRESS,
-        metavar="127.0.0.N",
-        help=f"first backend address; busy ones are skipped (default {DEFAULT_FIRST_ADDRESS})",
-    )
-    parser.add_argument(
-        "--backend-port",
-        type=int,
-        default=DEFAULT_BACKEND_PORT,
-        metavar="PORT",
-        help=f"the backends' port (default {DEFAULT_BACKEND_PORT})",
-    )
-    parser.add_argument(
-        "--gateway-port",
-        type=int,
-        metavar="PORT",
-        help=f"Envoy's listener on 127.0.0.1 (default {DEFAULT_GATEWAY_PORT}, or a free port "
-        "if that one is busy)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of arrivals and service times")
-
-
-def options_from(args: argparse.Namespace) -> DemoOptions:
-    """Check the arguments and pick free addresses; :class:`UsageError` on any problem."""
-    if not 0 < args.backend_port < 65536:
-        raise UsageError(f"--backend-port must be in 1..65535, got {args.backend_port}")
-    if args.json_summary is not None and not args.json_summary.parent.is_dir():
-        raise UsageError(f"--json-summary: no directory {str(args.json_summary.parent)!r}")
-    if args.gateway_port is None:
-        gateway_port = (
-            DEFAULT_GATEWAY_PORT
-            if port_free("127.0.0.1", DEFAULT_GATEWAY_PORT)
-            else free_port("127.0.0.1")
-        )
-    else:
-        gateway_port = args.gateway_port
-        if not 0 < gateway_port < 65536:
-            raise UsageError(f"--gateway-port must be in 1..65535, got {gateway_port}")
-        if not port_free("127.0.0.1", gateway_port):
-            raise UsageError(f"--gateway-port {gateway_port}: 127.0.0.1:{gateway_port} is busy")
-    hosts = pick_addresses(len(PODS), first=args.first_address, port=args.backend_port)
-    try:
-        return DemoOptions(
-            duration_s=args.duration,
-            rate=args.rate,
-            interval_s=args.interval,
-            hosts=tuple(hosts),
-            backend_port=args.backend_port,
-            gateway_port=gateway_port,
-            workdir=args.workdir,
-            json_summary=args.json_summary,
-            seed=args.seed,
-        )
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-
-
-def _quiet_logs(args: argparse.Namespace) -> None:
-    # The table is the demo's output: at the default level only warnings are logged (to
-    # stderr); --log-level debug (or warning, error) is taken as given.
-    if getattr(args, "log_level", "info") == "info":
-        aviator_log.configure("warning", json=getattr(args, "log_json", False))
-        logging.getLogger().setLevel(logging.WARNING)
-
-
-def _raise_fd_limit() -> None:
-    # Each outstanding request holds a socket; when a backend stalls they pile up.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def run(args: argparse.Namespace) -> int:
-    _quiet_logs(args)
-    options = options_from(args)
-    _raise_fd_limit()
-    try:
-        return asyncio.run(run_demo(options, out=sys.stdout))
-    except DemoError as exc:
-        print(f"aviator demo: {exc}", file=sys.stderr)
-        return 1
 
 
 class _Control:

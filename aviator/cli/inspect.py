@@ -1,0 +1,101 @@
+"""``aviator inspect``: what an Envoy holds beside what Aviator measured."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+
+import aiohttp
+
+from aviator.cli.usage import UsageError
+from aviator.envoy.errors import EnvoyAdminError
+from aviator.envoy.inspect import AviatorAdminError, collect, render_table
+
+
+def _url(text: str, flag: str) -> str:
+    if "://" not in text:
+        text = f"http://{text}"
+    if not text.startswith(("http://", "https://")) or len(text.split("://", 1)[1]) == 0:
+        raise UsageError(f"{flag} must be an http(s) URL like http://127.0.0.1:9901, got {text!r}")
+    return text.rstrip("/")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--envoy-admin",
+        required=True,
+        metavar="URL",
+        help="Envoy's admin address, e.g. http://127.0.0.1:9901",
+    )
+    parser.add_argument(
+        "--aviator-admin",
+        metavar="URL",
+        help="Aviator's admin address (aviator run --admin-address), e.g. http://127.0.0.1:18001",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--cluster",
+        action="append",
+        default=[],
+        metavar="NAMESPACE/NAME",
+        help="show only this cluster (repeatable)",
+    )
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        dest="all_clusters",
+        help="show every cluster, also those Aviator does not publish",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=5.0, metavar="SECONDS", help="per request (default 5)"
+    )
+
+
+def _failure(what: str, url: str, exc: Exception) -> str:
+    """One line: why ``what`` at ``url`` could not be read."""
+    cause = exc.__cause__
+    if isinstance(cause, aiohttp.ClientConnectorError):
+        code = cause.os_error.errno
+        # Refused/unreachable carry a positive errno; name lookups a negative gaierror code.
+        reason = os.strerror(code) if code and code > 0 else None
+        reason = reason or cause.os_error.strerror or str(cause.os_error)
+        return f"cannot reach {what} at {url}: {reason}"
+    if isinstance(cause, TimeoutError):
+        return f"{what} at {url} did not answer in time (--timeout)"
+    return f"cannot read {what} at {url}: {' '.join(str(exc).split())}"
+
+
+def run(args: argparse.Namespace) -> int:
+    envoy_admin = _url(args.envoy_admin, "--envoy-admin")
+    aviator_admin = (
+        None if args.aviator_admin is None else _url(args.aviator_admin, "--aviator-admin")
+    )
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout must be > 0, got {args.timeout:g}")
+    try:
+        report = asyncio.run(
+            collect(
+                envoy_admin,
+                aviator_admin,
+                clusters=args.cluster,
+                all_clusters=args.all_clusters,
+                request_timeout_s=args.timeout,
+            )
+        )
+    except EnvoyAdminError as exc:
+        message = _failure("Envoy's admin", envoy_admin, exc)
+        print(f"aviator inspect: {message}", file=sys.stderr)
+        return 1
+    except AviatorAdminError as exc:
+        assert aviator_admin is not None
+        message = _failure("Aviator's admin", aviator_admin, exc)
+        print(f"aviator inspect: {message}", file=sys.stderr)
+        return 1
+    if args.json:
+        sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
+    else:
+        sys.stdout.write(render_table(report) + "\n")
+    return 0

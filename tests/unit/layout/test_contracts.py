@@ -1,0 +1,120 @@
+"""The layout's import contracts (pyproject.toml, [tool.importlinter]) hold on this tree and
+fail on a deliberate bad import, and the pure modules read no wall clock."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
+
+# Modules that must take time as an argument (the "pure" contract's source modules).
+PURE = [
+    "aviator/model.py",
+    "aviator/k8s",
+    "aviator/probing/estimator.py",
+    "aviator/probing/weigher.py",
+    "aviator/probing/results.py",
+    "aviator/probing/orca.py",
+    "aviator/xds/resources.py",
+    "aviator/xds/snapshot.py",
+    "aviator/envoy/bootstrap.py",
+    "aviator/demo/view.py",
+]
+CLOCK_CALLS = {"now", "utcnow", "today", "monotonic", "time", "perf_counter", "time_ns"}
+
+
+def _lint(tree: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache", "--config", str(tree / "pyproject.toml")],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def copy_of_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tree = tmp_path_factory.mktemp("tree")
+    shutil.copytree(
+        ROOT / "aviator", tree / "aviator", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    shutil.copy(ROOT / "pyproject.toml", tree / "pyproject.toml")
+    return tree
+
+
+def test_contracts_hold_on_this_tree(copy_of_tree: Path) -> None:
+    result = _lint(copy_of_tree)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("module", "line", "contract"),
+    [
+        ("aviator/k8s/_bad.py", "import time\n", "Pure modules import no I/O library"),
+        ("aviator/xds/_bad.py", "import aviator.k8s.policy\n", "Layers"),
+        ("aviator/controlplane_bad.py", "import aviator.testbed.backend\n", "Production code"),
+        ("aviator/xds/_bad.py", "import kubernetes\n", "Only the Kubernetes source"),
+    ],
+)
+def test_a_bad_import_breaks_its_contract(
+    copy_of_tree: Path, module: str, line: str, contract: str
+) -> None:
+    bad = copy_of_tree / module
+    # The production contract names aviator.controlplane; put the bad import inside it.
+    if module == "aviator/controlplane_bad.py":
+        bad = copy_of_tree / "aviator/controlplane.py"
+        original = bad.read_text()
+        bad.write_text(original + "\n" + line)
+    else:
+        original = None
+        bad.write_text(line)
+    try:
+        result = _lint(copy_of_tree)
+    finally:
+        if original is None:
+            bad.unlink()
+        else:
+            bad.write_text(original)
+    assert result.returncode != 0
+    broken = [ln for ln in result.stdout.splitlines() if ln.endswith("BROKEN")]
+    assert any(contract in ln for ln in broken) or contract in result.stdout.split("Broken")[-1]
+
+
+def _clock_calls(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in CLOCK_CALLS
+        ):
+            found.append(f"{path}:{node.lineno}: .{node.func.attr}()")
+    return found
+
+
+def test_pure_modules_read_no_clock() -> None:
+    files: list[Path] = []
+    for entry in PURE:
+        p = ROOT / entry
+        files.extend(sorted(p.rglob("*.py")) if p.is_dir() else [p])
+    calls = [c for f in files for c in _clock_calls(f)]
+    assert calls == []
+
+
+def test_the_clock_scan_sees_a_clock_read(tmp_path: Path) -> None:
+    bad = tmp_path / "clock.py"
+    bad.write_text("import datetime\nNOW = datetime.datetime.now()\n")
+    assert _clock_calls(bad) == [f"{bad}:2: .now()"]
