@@ -27,6 +27,12 @@ PURE = [
     "aviator/xds/snapshot.py",
     "aviator/envoy/bootstrap.py",
     "aviator/demo/view.py",
+    "aviator/operator/status.py",
+    "aviator/operator/acks.py",
+    "aviator/operator/election.py",
+    "aviator/operator/annotations.py",
+    "aviator/operator/service.py",
+    "aviator/operator/ratelimit.py",
 ]
 CLOCK_CALLS = {"now", "utcnow", "today", "monotonic", "time", "perf_counter", "time_ns"}
 
