@@ -237,3 +237,29 @@ def test_long_messages_are_cut_to_the_api_limits() -> None:
     assert len(c.message) == 32768
     with pytest.raises(ValueError, match="bad status"):
         StatusCondition("Accepted", "Maybe", "Invalid", "", 1)
+
+
+def test_an_invalid_edit_keeps_the_last_valid_spec_serving_and_says_so() -> None:
+    from aviator.k8s.lastvalid import LastValid
+
+    valid = policy_doc(generation=1)
+    valid["metadata"]["uid"] = "u1"
+    broken = policy_doc(generation=2, pingInterval="10m")
+    broken["metadata"]["uid"] = "u1"
+    workloads = [parse_workload(workload_doc())]
+    pods = [parse_pod(pod_doc("web-0", "10.0.0.1"))]
+    memory = LastValid().update([parse_policy_entry(valid)])
+    entries = [parse_policy_entry(broken)]
+    (r,) = resolve(entries, workloads, pods, last_valid=memory.update(entries))
+    s = desired_status(r, ClusterAcks(1, 1))
+    assert cond(s, "Accepted") == ("False", "Invalid")
+    accepted = s.condition("Accepted")
+    assert accepted is not None
+    assert "spec.pingInterval" in accepted.message
+    assert "the last valid spec (generation 1) keeps being served" in accepted.message
+    assert cond(s, "ResolvedRefs") == ("True", "ResolvedRefs")
+    assert cond(s, "Programmed") == ("True", "Programmed")  # the last valid spec is served
+    assert s.observed_generation == 2
+    generations = {c.type: c.observed_generation for c in s.conditions}
+    assert generations == {"Accepted": 2, "ResolvedRefs": 1, "Programmed": 1}
+    assert s.endpoints == 1
