@@ -4,25 +4,27 @@ For a policy with ``spec.annotatePods: true``, each of its ready pods that has a
 
 - ``aviator.io/weight``: the EDS weight Aviator publishes for it (1..1000);
 - ``aviator.io/latency-ms``: the latency the weigher ranks it by, in milliseconds;
-- ``controller.kubernetes.io/pod-deletion-cost``: the weight again. A ReplicaSet scaling
-  down deletes the pods of lowest cost first (after unscheduled and unready pods), and the
-  slowest or hottest pods have the lowest weights, so a scale-down removes them first.
-  The ReplicaSet controller reads this annotation from Kubernetes 1.22 (beta, on by
-  default; 1.21 behind the ``PodDeletionCost`` feature gate); on 1.20 it is ignored.
-  The weight, not a rank, because weights already move only on a material change
-  (the weigher's ``minChange``, smoothing and hysteresis); a rank would reorder on noise.
+- ``controller.kubernetes.io/pod-deletion-cost``: the weight's bucket on a log scale
+  (:func:`deletion_cost`: weights within a factor :data:`COST_BASE` share a cost). A
+  ReplicaSet scaling down deletes the pods of lowest cost first (after unscheduled and
+  unready pods), and the slowest or hottest pods have the lowest weights, so a scale-down
+  removes them first. The ReplicaSet controller reads this annotation from Kubernetes 1.22
+  (beta, on by default; 1.21 behind the ``PodDeletionCost`` feature gate); 1.20 ignores it.
 
 and the label ``aviator.io/annotated: "true"``, so that a new leader finds the pods it must
 clean up (annotations cannot be selected on) when a policy is deleted or the option turned
 off while no replica was leading.
 
-A change is *material* (:func:`material`) when the weight changes, annotations appear or
-go, or the latency moves by more than :data:`LATENCY_CHANGE` (relative) and
-:data:`LATENCY_FLOOR_MS`; the writer also writes each pod at most once per 30 s. The latency
-is informational and noisy, and any threshold on a noisy value is crossed sooner or later:
-:func:`hold_latency` keeps the written latency (so nothing is material) until either it moves
-by a factor of :data:`LATENCY_JUMP` or a refresh is due, and the annotator makes a refresh
-due once per ``latency_refresh`` (10 min) per pod, as one comparison at that moment.
+Only material changes are written, and every value here is noisy: at 1,000 pods a weigher
+fed noisy latencies moved almost every weight by a few units several times a minute (each
+move within ``minChange`` of traffic share, but a write per pod), and any threshold on a
+noisy value is crossed sooner or later. So :func:`settle` holds what was written unless it
+moved *a lot*: the cost changes only when the weight leaves its written bucket by a margin
+(:data:`COST_MARGIN`, hysteresis), the weight only by a factor :data:`WEIGHT_JUMP` (or with
+the cost), the latency only by :data:`LATENCY_JUMP` and :data:`LATENCY_FLOOR_MS`. Once per
+``refresh`` (10 min) per pod the annotator makes a *refresh* due: one comparison at that
+moment with the finer factor :data:`REFRESH_CHANGE`. The writer also writes each pod at most
+once per 30 s. A pod turning hot (weight to the floor) changes its cost at once.
 
 Pure: no I/O, no clock.
 """
@@ -39,27 +41,31 @@ from aviator.model import EndpointAddress
 from aviator.probing.weigher import WeighResult
 
 __all__ = [
+    "COST_BASE",
     "DELETION_COST_ANNOTATION",
     "LATENCY_ANNOTATION",
-    "LATENCY_CHANGE",
     "LATENCY_FLOOR_MS",
     "MANAGED_LABEL",
     "WEIGHT_ANNOTATION",
     "PodAnnotations",
     "PodKey",
+    "deletion_cost",
     "desired_annotations",
-    "hold_latency",
     "material",
     "patch_body",
+    "settle",
 ]
 
 WEIGHT_ANNOTATION: Final = "aviator.io/weight"
 LATENCY_ANNOTATION: Final = "aviator.io/latency-ms"
 DELETION_COST_ANNOTATION: Final = "controller.kubernetes.io/pod-deletion-cost"
 MANAGED_LABEL: Final = "aviator.io/annotated"
-LATENCY_CHANGE: Final = 0.25  # relative move of the latency that is worth a write
-LATENCY_FLOOR_MS: Final = 1.0  # ... and never less than this many milliseconds
-LATENCY_JUMP: Final = 2.0  # a move by this factor is written without waiting for a refresh
+COST_BASE: Final = 1.25  # weights within this factor share a deletion cost
+COST_MARGIN: Final = 1.1  # the cost changes once the weight is this far out of its bucket
+WEIGHT_JUMP: Final = 1.5  # a weight that moved by this factor is written at once
+LATENCY_JUMP: Final = 2.0  # a latency that moved by this factor is written at once
+LATENCY_FLOOR_MS: Final = 1.0  # ... and by at least this many milliseconds
+REFRESH_CHANGE: Final = 1.25  # at a refresh, weight and latency moved by this factor
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -99,6 +105,16 @@ class PodAnnotations:
         return out
 
 
+def deletion_cost(weight: int) -> int:
+    """The cost for ``weight`` (≥ 1): its bucket, ``floor(log(weight) / log(COST_BASE))``
+    (weight 1 → 0, the floor 50 → 17, 1000 → 30)."""
+    return math.floor(math.log(weight) / math.log(COST_BASE) + 1e-9)
+
+
+def _bucket(cost: int) -> tuple[float, float]:
+    return COST_BASE**cost, COST_BASE ** (cost + 1)
+
+
 def desired_annotations(
     resolution: PolicyResolution,
     weights: WeighResult | None,
@@ -118,37 +134,46 @@ def desired_annotations(
         out[PodKey(resolution.ref.namespace, e.pod)] = PodAnnotations(
             weight=weighted.weight,
             latency_ms=None if latency is None else round(latency * 1000.0, 1),
-            deletion_cost=weighted.weight,
+            deletion_cost=deletion_cost(weighted.weight),
         )
     return out
 
 
-def material(old: PodAnnotations | None, new: PodAnnotations | None) -> bool:
-    """Whether going from ``old`` (written) to ``new`` (desired) is worth a write."""
-    if old is None or new is None:
-        return old is not new
-    if old.weight != new.weight or old.deletion_cost != new.deletion_cost:
-        return True
-    if old.latency_ms is None or new.latency_ms is None:
-        return old.latency_ms != new.latency_ms
-    moved = abs(new.latency_ms - old.latency_ms)
-    return moved > LATENCY_FLOOR_MS and moved > LATENCY_CHANGE * old.latency_ms
+def _moved(old: float, new: float, factor: float, floor: float = 0.0) -> bool:
+    low, high = sorted((old, new))
+    return high - low > floor and high > factor * low
 
 
-def hold_latency(
+def settle(
     written: PodAnnotations | None, desired: PodAnnotations, *, refresh_due: bool
 ) -> PodAnnotations:
-    """``desired`` with the written latency kept, unless the weight changed, the latency
-    jumped by :data:`LATENCY_JUMP` (and :data:`LATENCY_FLOOR_MS`), or a refresh is due."""
-    if written is None or refresh_due or written.weight != desired.weight:
+    """What to write given what is written: ``desired`` where it moved enough, the written
+    values elsewhere (the rules in the module docstring). Equal to ``written`` when nothing
+    is worth a write."""
+    if written is None:
         return desired
+    low, high = _bucket(written.deletion_cost)
+    in_bucket = low / COST_MARGIN <= desired.weight < high * COST_MARGIN
+    cost = written.deletion_cost if in_bucket else desired.deletion_cost
+    weight_factor = REFRESH_CHANGE if refresh_due else WEIGHT_JUMP
+    weight = written.weight
+    if cost != written.deletion_cost or _moved(written.weight, desired.weight, weight_factor):
+        weight = desired.weight
+    latency = written.latency_ms
     old, new = written.latency_ms, desired.latency_ms
     if old is None or new is None:
-        return desired
-    low, high = sorted((old, new))
-    if high - low > LATENCY_FLOOR_MS and high > LATENCY_JUMP * low:
-        return desired
-    return PodAnnotations(desired.weight, old, desired.deletion_cost)
+        latency = new if new is not None else old
+    else:
+        latency_factor = REFRESH_CHANGE if refresh_due else LATENCY_JUMP
+        if _moved(old, new, latency_factor, LATENCY_FLOOR_MS):
+            latency = new
+    return PodAnnotations(weight, latency, cost)
+
+
+def material(old: PodAnnotations | None, new: PodAnnotations | None) -> bool:
+    """Whether going from ``old`` (written) to ``new`` is a write: after :func:`settle`,
+    any difference is one."""
+    return old != new
 
 
 def patch_body(new: PodAnnotations | None) -> dict[str, Any]:

@@ -3,8 +3,9 @@
 
 :meth:`PodAnnotator.update` takes every resolution, the last weights per workload and the
 ranking latency per endpoint; pods whose desired annotations changed *materially* are
-patched (a JSON merge patch of three annotations and one label), each at most once per
-``per_pod`` seconds (30), all together at ``rate`` per second, by the leader only. Pods that
+patched (a JSON merge patch of three annotations and one label; what is material:
+:func:`~aviator.operator.annotations.settle`), each at most once per ``per_pod`` seconds
+(30), all together at ``rate`` per second, by the leader only. Pods that
 no longer should carry them (policy deleted, option turned off, pod left the endpoints) get
 them removed. On gaining leadership the annotator lists the pods labelled
 ``aviator.io/annotated`` and removes what no policy wants any more (another leader, or none,
@@ -28,9 +29,9 @@ from aviator.operator.annotations import (
     PodAnnotations,
     PodKey,
     desired_annotations,
-    hold_latency,
     material,
     patch_body,
+    settle,
 )
 from aviator.operator.elector import Fenced, LeaderGate
 from aviator.operator.kube import (
@@ -59,13 +60,13 @@ class PodAnnotator:
         *,
         gate: LeaderGate | None = None,
         per_pod: float = 30.0,
-        latency_refresh: float = 600.0,
+        refresh: float = 600.0,
         rate: float = 20.0,
         burst: int = 50,
     ) -> None:
         self._api = Fenced(api, gate)
-        self._latency_refresh = latency_refresh
-        self._checked: dict[PodKey, float] = {}  # when each pod's latency was last compared
+        self._refresh = refresh
+        self._checked: dict[PodKey, float] = {}  # when each pod was last compared finely
         self._gate = gate
         self._forbidden_logged = False
         self._needs_cleanup = gate is None
@@ -97,10 +98,10 @@ class PodAnnotator:
             desired.update(desired_annotations(r, weights.get(key), lat))
         for pod, want in desired.items():
             checked = self._checked.setdefault(pod, now)
-            due = now - checked >= self._latency_refresh
+            due = now - checked >= self._refresh
             if due:
-                self._checked[pod] = now  # one comparison now; the next in latency_refresh
-            desired[pod] = hold_latency(self.reconciler.written(pod), want, refresh_due=due)
+                self._checked[pod] = now  # one fine comparison now; the next in `refresh`
+            desired[pod] = settle(self.reconciler.written(pod), want, refresh_due=due)
         for pod in [p for p in self._checked if p not in desired]:
             del self._checked[pod]
         self.reconciler.sync(desired, absent="remove")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -19,10 +18,11 @@ from aviator.operator.annotations import (
     WEIGHT_ANNOTATION,
     PodAnnotations,
     PodKey,
+    deletion_cost,
     desired_annotations,
-    hold_latency,
     material,
     patch_body,
+    settle,
 )
 from aviator.operator.service import (
     HotSetHysteresis,
@@ -69,44 +69,60 @@ def test_the_slowest_pod_has_the_lowest_deletion_cost() -> None:
     r = resolution(annotatePods=True)
     lat = {e.address: s for e, s in zip(r.endpoints, [0.004, 0.3, 0.0201], strict=True)}
     got = desired_annotations(r, result(r, [1000, 50, 800], hot=(1,)), lat)
-    assert got[PodKey("shop", "web-1")] == PodAnnotations(50, 300.0, 50)
+    assert got[PodKey("shop", "web-1")] == PodAnnotations(50, 300.0, 17)
     assert min(got, key=lambda k: got[k].deletion_cost) == PodKey("shop", "web-1")
     assert got[PodKey("shop", "web-2")].annotations() == {
-        WEIGHT_ANNOTATION: "800", DELETION_COST_ANNOTATION: "800", LATENCY_ANNOTATION: "20.1",
+        WEIGHT_ANNOTATION: "800", DELETION_COST_ANNOTATION: "29", LATENCY_ANNOTATION: "20.1",
     }  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("old", "new", "expected"),
-    [
-        (None, PodAnnotations(5, 1.0, 5), True),
-        (PodAnnotations(5, 1.0, 5), None, True),
-        (PodAnnotations(5, 10.0, 5), PodAnnotations(6, 10.0, 6), True),  # weight moved
-        (PodAnnotations(5, 10.0, 5), PodAnnotations(5, 12.0, 5), False),  # 20%: noise
-        (PodAnnotations(5, 10.0, 5), PodAnnotations(5, 13.0, 5), True),  # 30% and 3 ms
-        (PodAnnotations(5, 1.0, 5), PodAnnotations(5, 1.9, 5), False),  # 90%, under 1 ms
-        (PodAnnotations(5, None, 5), PodAnnotations(5, 3.0, 5), True),
-    ],
+def test_deletion_costs_are_log_buckets_of_the_weight() -> None:
+    assert [deletion_cost(w) for w in (1, 50, 800, 1000)] == [0, 17, 29, 30]
+    costs = [deletion_cost(w) for w in range(1, 1001)]
+    assert costs == sorted(costs)  # monotone: a lower weight never costs more
+
+
+def test_settle_holds_what_is_written_unless_it_moved_a_lot() -> None:
+    written = PodAnnotations(935, 10.0, deletion_cost(935))
+    assert written.deletion_cost == 30
+
+    def s(weight: int, latency: float, *, due: bool = False) -> PodAnnotations:
+        return settle(written, PodAnnotations(weight, latency, deletion_cost(weight)),
+                      refresh_due=due)  # fmt: skip
+
+    assert s(920, 10.4) == written  # the noise of a weigher fed noisy latencies
+    assert s(1000, 17.0) == written  # same bucket (30: 808..1009), a 1.7x latency
+    assert s(790, 10.0) == written  # bucket 29 by the weight, but within the 10 % margin
+    moved = s(600, 10.0)  # out of the bucket and its margin: new cost, new weight
+    assert (moved.weight, moved.deletion_cost, moved.latency_ms) == (600, 28, 10.0)
+    hot = s(50, 300.0)  # turned hot: everything at once
+    assert hot == PodAnnotations(50, 300.0, 17)
+    assert s(935, 25.0).latency_ms == 25.0  # a 2.5x latency jump
+    assert s(935, 13.0).latency_ms == 10.0  # 1.3x: held...
+    assert s(935, 13.0, due=True).latency_ms == 13.0  # ...until the pod's refresh
+    assert s(935, 12.0, due=True).latency_ms == 10.0  # 1.2x is noise even then
+    assert s(1200, 10.0, due=True).weight == 1200  # 1.28x at a refresh
+    assert settle(None, hot, refresh_due=False) == hot
+    assert settle(PodAnnotations(5, None, 7), PodAnnotations(5, 3.0, 7), refresh_due=False) == (
+        PodAnnotations(5, 3.0, 7)
+    )
+
+
+@given(
+    st.integers(60, 1000),
+    st.floats(0.5, 500.0),
+    st.lists(st.tuples(st.floats(1 / 1.09, 1.09), st.floats(1 / 1.9, 1.9)), max_size=50),
 )
-def test_material_changes(
-    old: PodAnnotations | None, new: PodAnnotations | None, expected: bool
+def test_noise_never_makes_a_write(
+    base: int, latency: float, noise: list[tuple[float, float]]
 ) -> None:
-    assert material(old, new) is expected
-
-
-def test_noisy_latency_is_held_until_it_jumps_or_a_refresh_is_due() -> None:
-    written = PodAnnotations(800, 10.0, 800)
-    noisy = PodAnnotations(800, 17.0, 800)  # 70 %: material, but noise
-    assert hold_latency(written, noisy, refresh_due=False) == written
-    assert not material(written, hold_latency(written, noisy, refresh_due=False))
-    assert hold_latency(written, noisy, refresh_due=True) == noisy
-    jumped = PodAnnotations(800, 25.0, 800)  # 2.5x
-    assert hold_latency(written, jumped, refresh_due=False) == jumped
-    reweighed = PodAnnotations(500, 12.0, 500)  # a weight change carries the latency along
-    assert hold_latency(written, reweighed, refresh_due=False) == reweighed
-    tiny = PodAnnotations(800, 0.1, 800)
-    assert hold_latency(PodAnnotations(800, 0.9, 800), tiny, refresh_due=False).latency_ms == 0.9
-    assert hold_latency(None, noisy, refresh_due=False) == noisy
+    written = PodAnnotations(base, latency, deletion_cost(base))
+    for w, lat in noise:
+        weight = max(1, round(base * w))
+        if not 1 / 1.09 <= weight / base <= 1.09:
+            continue  # rounding took it past the factor: not noise any more
+        desired = PodAnnotations(weight, latency * lat, deletion_cost(weight))
+        assert not material(written, settle(written, desired, refresh_due=False))
 
 
 def test_the_patch_sets_or_removes_only_aviators_keys() -> None:
