@@ -29,8 +29,8 @@ controller relies on, in asyncio form (kopf's ``_cogs/clients/watching.py`` is t
    not hammered.
 5. **Watchdog**: a watch that has been silent for longer than its own ``timeoutSeconds`` plus
    :attr:`InformerOptions.watchdog_margin` is dead (a half-open TCP connection, a stuck proxy:
-   the server would have ended it by then) and is dropped and reopened. The aiohttp request
-   timeout is set to the same bound, as a second line of defence.
+   the server would have ended it by then) and is dropped and reopened. The whole request
+   also has an aiohttp timeout one margin later, for a stream that trickles but never ends.
 
 Objects are read as raw JSON (the ``*_without_preload_content`` methods of ``kubernetes.aio``:
 the client's model classes are slow to build and drop fields they do not know), then passed
@@ -580,20 +580,20 @@ class Informer(Generic[T]):
     async def _get_json(self, params: dict[str, Any]) -> Mapping[str, Any]:
         resp = await self._request(params, request_timeout=self.options.list_timeout)
         try:
-            try:
-                body = await resp.read()
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                raise ApiConnectionError(
-                    f"{self.resource.path}: {exc or type(exc).__name__}"
-                ) from exc
-            if resp.status != 200:
-                raise api_error(resp.status, body)
-            try:
-                doc = json.loads(body)
-            except ValueError as exc:
-                raise MalformedResponseError(f"a list of {self.resource.path} is not JSON") from exc
-        finally:
-            resp.release()
+            body = await resp.read()
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            _abort(resp)
+            raise ApiConnectionError(f"{self.resource.path}: {exc or type(exc).__name__}") from exc
+        except BaseException:
+            _abort(resp)
+            raise
+        resp.release()  # read to the end: the connection goes back to the pool
+        if resp.status != 200:
+            raise api_error(resp.status, body)
+        try:
+            doc = json.loads(body)
+        except ValueError as exc:
+            raise MalformedResponseError(f"a list of {self.resource.path} is not JSON") from exc
         if not isinstance(doc, Mapping):
             raise MalformedResponseError(f"a list of {self.resource.path} is not an object")
         return doc
@@ -620,9 +620,10 @@ class Informer(Generic[T]):
                 "allow_watch_bookmarks": True,
                 "timeout_seconds": timeout,
             },
-            request_timeout=silence,
+            # A backstop one margin beyond the watchdog, for a stream that trickles forever.
+            request_timeout=silence + self.options.watchdog_margin,
         )
-        received = False
+        received = ended = False
         try:
             if resp.status != 200:
                 body = await _read_some(resp)
@@ -640,13 +641,17 @@ class Informer(Generic[T]):
                 except ValueError as exc:  # aiohttp: a line beyond its buffer limit
                     raise MalformedResponseError(f"watch of {self.resource.path}: {exc}") from exc
                 if not line:
+                    ended = True
                     return received  # the server ended the watch (its timeout)
                 if not line.strip():
                     continue
                 self._apply(parse_watch_event(line))
                 received = True
         finally:
-            resp.close()
+            if ended:
+                resp.release()  # the stream was read to its end: the connection is reusable
+            else:
+                _abort(resp)
 
     def _apply(self, event: WatchEvent) -> None:
         self._healthy()  # the watch delivers: back-off starts from scratch next time
@@ -668,6 +673,16 @@ class Informer(Generic[T]):
     def _notify(self, changes: Sequence[Change]) -> None:
         if self._on_change is not None:
             self._on_change(changes)
+
+
+def _abort(resp: aiohttp.ClientResponse) -> None:
+    """Drop the response's connection at once. A graceful close would start a TLS shutdown
+    that waits for the peer, which a dead or frozen peer never answers (its socket would
+    outlive the event loop); the server sees a reset, which is what a dropped watch is."""
+    connection = resp.connection
+    if connection is not None and connection.protocol is not None:
+        connection.protocol.abort()
+    resp.close()
 
 
 async def _read_some(resp: aiohttp.ClientResponse) -> bytes:

@@ -66,6 +66,8 @@ __all__ = [
     "KubernetesSource",
     "SourceError",
     "decode",
+    "new_api_client",
+    "resources",
 ]
 
 DEFAULT_COALESCE: Final = 0.05  # seconds a burst of changes is gathered into one publish
@@ -170,17 +172,21 @@ def _check_credentials(kubeconfig: str | None, context: str | None) -> None:
         ) from exc
 
 
-async def _api_client(creds: _Credentials) -> k8s_client.ApiClient:
+async def new_api_client(
+    kubeconfig: str | None = None, context: str | None = None
+) -> k8s_client.ApiClient:
+    """An ApiClient with in-cluster credentials, or those of ``kubeconfig`` (and
+    ``context``); :class:`SourceError` if they do not load. The caller closes it."""
     configuration = k8s_client.Configuration()
     try:
-        if creds.kubeconfig is None:
+        if kubeconfig is None:
             k8s_config.load_incluster_config(  # type: ignore[no-untyped-call]
                 client_configuration=configuration
             )
         else:
             await k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=creds.kubeconfig,
-                context=creds.context,
+                config_file=kubeconfig,
+                context=context,
                 client_configuration=configuration,
                 persist_config=False,
             )
@@ -317,7 +323,7 @@ class KubernetesSource:
 
     async def run(self, store: Store) -> None:
         """Watch and publish to ``store`` until cancelled (the ``StateSource`` protocol)."""
-        api = await _api_client(self._credentials)
+        api = await new_api_client(self._credentials.kubeconfig, self._credentials.context)
         try:
             scopes: Sequence[str | None] = self.namespaces or (None,)
             self.informers = tuple(
