@@ -51,13 +51,14 @@ from kubernetes.aio.config import kube_config as k8s_kube_config
 from aviator.k8s import policy as _policy
 from aviator.k8s.objects import ObjectError, dns_label_error, ref_of
 from aviator.k8s.policy import InvalidPolicy
-from aviator.k8s.state import ClusterObject, ClusterState, Problem, Store, decode_object
+from aviator.k8s.state import ClusterObject, ClusterState, Problem, decode_object
 from aviator.source.kubernetes.informer import (
     Change,
     Informer,
     InformerOptions,
     Resource,
 )
+from aviator.source.store import Store
 
 __all__ = [
     "DEFAULT_COALESCE",
@@ -412,6 +413,6 @@ def _log() -> Any:
 
 
 if TYPE_CHECKING:
-    from aviator.k8s.state import StateSource
+    from aviator.source.store import StateSource
 
     _conforms: StateSource = KubernetesSource()  # mypy checks the protocol is met

@@ -25,10 +25,11 @@ import yaml
 from aviator.controlplane import ControlPlane, Settings
 from aviator.k8s.objects import ObjectRef, Pod
 from aviator.k8s.resolve import PolicyResolution, resolve_state
-from aviator.k8s.state import ClusterState, Store
+from aviator.k8s.state import ClusterState
 from aviator.source.kubernetes import Backoff, InformerOptions, KubernetesSource
 from aviator.source.kubernetes.informer import Informer
 from aviator.source.kubernetes.source import new_api_client, resources
+from aviator.source.store import Store
 from tests.kubeapi.fixtures import AviatorInstall
 from tests.kubeapi.server import KubeTestEnv
 
