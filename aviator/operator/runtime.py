@@ -16,6 +16,33 @@ and runs them all in one TaskGroup. The control plane tells it what happened:
 Everything else (who leads, which peer reports to merge, when to write, what to skip) is
 decided inside. Every replica watches, probes and serves xDS and publishes its ACK report;
 only the leader writes status, Events, annotations and Services.
+
+Wiring into :class:`aviator.controlplane.ControlPlane` (only with ``--source kubernetes``)::
+
+    # run(), before the TaskGroup: an ApiClient of its own (writes never queue behind
+    # watches), same credentials as the source; POD_NAMESPACE/POD_NAME from the Deployment.
+    client = await new_api_client(kubeconfig, context)     # aviator.source.kubernetes.source
+    self.operator = Operator(KubeApi(client), OperatorSettings(
+        namespace=os.environ.get("POD_NAMESPACE", "aviator-system")))
+    tg.create_task(self.operator.run(), name="operator")  # stop: cancel; it releases the lease
+    tg.create_task(self._ack_loop(), name="acks")          # acks_changed every second
+    # apply_state(), after resolving:
+    self.operator.state_changed(self._resolutions)
+    # reweigh(now), when something changed and at least once a second:
+    self.operator.weights_changed(
+        {k: s.weights for k, s in self._served.items() if s.weights is not None},
+        lambda k, a: (st.latency_s if (st := self.estimator.stats(ProbeKey(k, a), now)) else None),
+        now)
+    # _ack_loop(), every second: for each served cluster, EndpointVersions.observe(name,
+    # cache entry version, frozenset of the CLA's addresses); then one ProxyHolding per
+    # (stream, EDS name it subscribes to and Aviator serves) -> acks.cluster_acks(...)
+    self.operator.acks_changed(cluster_acks(holdings, self._endpoint_versions))
+    # views: "operator": self.operator.view
+
+The ADS side needs three small accessors on a protocol stream (aviator/xds/protocol.py):
+the EDS names it subscribes to (wildcard: every served one), the version it holds (ACKed)
+of a name, and Envoy's message when its last response carrying that name was NACKed and it
+still holds an older version.
 """
 
 from __future__ import annotations
