@@ -58,16 +58,28 @@ class ControlPlaneError(Exception):
     """The control plane cannot start or keep running (bad address, source failure)."""
 
 
-def make_source(spec: str) -> StateSource:
-    """``dir:PATH`` → a directory source. ValueError for anything else."""
+def make_source(
+    spec: str,
+    *,
+    kubeconfig: str | None = None,
+    context: str | None = None,
+    namespaces: tuple[str, ...] = (),
+) -> StateSource:
+    """``dir:PATH`` → a directory source, ``kubernetes`` → the API server (in-cluster
+    credentials unless ``kubeconfig``; every namespace unless ``namespaces``). ValueError for
+    anything else, and for Kubernetes options given to another source."""
     kind, sep, arg = spec.partition(":")
+    if spec == "kubernetes":
+        from aviator.source.kubernetes import KubernetesSource
+
+        return KubernetesSource(kubeconfig=kubeconfig, context=context, namespaces=namespaces)
+    if kubeconfig is not None or context is not None or namespaces:
+        raise ValueError("--kubeconfig, --context and --namespace need --source kubernetes")
     if kind == "dir" and sep and arg:
         if not os.path.isdir(arg):
             raise ValueError(f"--source {spec}: {arg!r} is not a directory")
         return DirectorySource(arg)
-    if kind == "kubernetes":
-        raise ValueError("--source kubernetes is not available in this build yet; use dir:PATH")
-    raise ValueError(f"--source must be dir:PATH, got {spec!r}")
+    raise ValueError(f"--source must be dir:PATH or kubernetes, got {spec!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +97,10 @@ class Settings:
     publish_quiet: float = 0.05
     publish_max_delay: float = 0.25
     max_probes_in_flight: int = 256
+    # --source kubernetes only: a kubeconfig (else in-cluster), its context, the namespaces.
+    kubeconfig: str | None = None
+    context: str | None = None
+    namespaces: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         parse_host_port(self.xds_address, any_port=True)
@@ -114,7 +130,12 @@ class ControlPlane:
     ) -> None:
         self.settings = settings
         self.registry = registry or prometheus_client.CollectorRegistry()
-        self.source = source or make_source(settings.source)
+        self.source = source or make_source(
+            settings.source,
+            kubeconfig=settings.kubeconfig,
+            context=settings.context,
+            namespaces=settings.namespaces,
+        )
         self.store = Store()
         self.cache = Cache()
         self._builder = SnapshotBuilder()  # rebuilds only the workloads that changed

@@ -20,7 +20,28 @@ from aviator.xds.resources import GatewayConfig
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--source", required=True, help="where policies and pods come from: dir:PATH"
+        "--source",
+        required=True,
+        help="where policies and pods come from: dir:PATH, or kubernetes (the API server)",
+    )
+    parser.add_argument(
+        "--kubeconfig",
+        metavar="PATH",
+        help="with --source kubernetes: credentials from this kubeconfig file "
+        "(default: the pod's ServiceAccount, in-cluster)",
+    )
+    parser.add_argument(
+        "--context",
+        metavar="NAME",
+        help="with --kubeconfig: the context to use (default: its current-context)",
+    )
+    parser.add_argument(
+        "--namespace",
+        action="append",
+        dest="namespaces",
+        metavar="NS",
+        help="with --source kubernetes: watch only this namespace (repeatable; "
+        "default: every namespace)",
     )
     parser.add_argument(
         "--xds-address",
@@ -76,6 +97,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
             xds_address=args.xds_address,
             admin_address=args.admin_address,
             gateway=gateway,
+            kubeconfig=args.kubeconfig,
+            context=args.context,
+            namespaces=tuple(args.namespaces or ()),
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc

@@ -13,6 +13,8 @@ weighted::
       port: http                   # optional: traffic port, number or container port name
       probe: {path: /aviator/probe, port: http, timeout: 500ms}   # optional
       weigher: {maxWeightRatio: 10}                               # optional tuning knobs
+      annotatePods: true           # optional: weight, latency and deletion cost on each pod
+      publishService: true         # optional: Service <target>-aviator without the hot pods
 
 Validation is strict, like ``kubectl apply --validate=strict``: unknown fields are errors,
 and every error of the object is reported at once (:class:`PolicyError`), each with its
@@ -86,6 +88,7 @@ LATENCY_THRESHOLD_RANGE: Final = (Duration.of(milliseconds=1), Duration.of(secon
 TOP_FIELDS: Final = frozenset({"apiVersion", "kind", "metadata", "spec", "status"})
 SPEC_FIELDS: Final = frozenset(
     {"targetRef", "latencyThreshold", "pingInterval", "port", "probe", "weigher"}
+    | {"annotatePods", "publishService"}  # opt-in writes to the cluster (aviator.operator)
 )
 TARGET_REF_FIELDS: Final = frozenset({"apiVersion", "kind", "name"})
 PROBE_FIELDS: Final = frozenset({"path", "port", "timeout"})
@@ -138,6 +141,11 @@ class AviatorPolicy:
     probe: ProbeSpec
     port: int | str | None = None  # None: the template's first TCP port, else DEFAULT_PORT
     weigher: WeigherKnobs = field(default_factory=WeigherKnobs)
+    # Opt-in writes to the cluster, done by the leader (aviator.operator): each pod's weight,
+    # latency and pod-deletion-cost as annotations; a Service <target>-aviator whose
+    # Endpoints leave out the hot pods.
+    annotate_pods: bool = False
+    publish_service: bool = False
 
     def __post_init__(self) -> None:
         errors = _bounds_errors(self.latency_threshold, self.ping_interval, self.probe.timeout)
@@ -172,6 +180,8 @@ class AviatorPolicy:
                 "timeout": str(self.probe.timeout).replace("µs", "us"),
             },
             "weigher": self.weigher.to_spec(),
+            "annotatePods": self.annotate_pods,
+            "publishService": self.publish_service,
         }
         if self.port is not None:
             spec["port"] = self.port
@@ -415,6 +425,15 @@ def _weigher(f: Fields, spec: Mapping[str, Any]) -> WeigherKnobs | None:
         return None
 
 
+def _flag(f: Fields, spec: Mapping[str, Any], key: str) -> bool:
+    """An optional boolean field (default False); a string such as "true" is an error."""
+    value = spec.get(key, False)
+    if not isinstance(value, bool):
+        f.error(f"spec.{key}", f"must be true or false, got {type_name(value)}")
+        return False
+    return value
+
+
 def _parse_spec(
     f: Fields,
     doc: Mapping[str, Any],
@@ -444,6 +463,8 @@ def _parse_spec(
     port = _port(f, spec, "port", "spec.port")
     probe = _probe(f, spec, interval)
     knobs = _weigher(f, spec)
+    annotate_pods = _flag(f, spec, "annotatePods")
+    publish_service = _flag(f, spec, "publishService")
     timeout: Duration | None = None
     if probe is not None:
         timeout = probe[2]
@@ -468,4 +489,6 @@ def _parse_spec(
         probe=ProbeSpec(timeout=timeout, path=probe[0], port=probe[1]),
         port=port,
         weigher=knobs,
+        annotate_pods=annotate_pods,
+        publish_service=publish_service,
     )

@@ -19,7 +19,10 @@ from aviator.k8s.policy import (
 )
 from aviator.probing.weigher import WeigherKnobs
 
-SPEC_KNOWN = "known fields: latencyThreshold, pingInterval, port, probe, targetRef, weigher"
+SPEC_KNOWN = (
+    "known fields: annotatePods, latencyThreshold, pingInterval, port, probe, publishService, "
+    "targetRef, weigher"
+)
 STRICT = (
     "not in the AviatorPolicy schema (strict validation, as kubectl apply --validate=strict "
     "reports it)"
