@@ -13,6 +13,7 @@ from aviator.controlplane import (
     ControlPlane,
     ControlPlaneError,
     Settings,
+    TaskEndedError,
     run_until_signalled,
 )
 from aviator.xds.resources import GatewayConfig
@@ -73,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     try:
         asyncio.run(run_until_signalled(control_plane))
+    except TaskEndedError:
+        return 1  # logged in one line by the control plane; a supervisor restarts us
     except ControlPlaneError as exc:
         raise UsageError(str(exc)) from exc
     return 0
