@@ -18,3 +18,42 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
         main(["no-such-command"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["run", "--source", "dir:.", "--xds-address", "localhost"], "--xds-address"),
+        (["run", "--source", "dir:.", "--admin-address", "localhost"], "--admin-address"),
+        (["run", "--source", "dir:.", "--admin-address", "127.0.0.1:99999"], "--admin-address"),
+        (["run", "--source", "dir:.", "--xds-address", "::1:18000"], "--xds-address"),
+        (["run", "--source", "dir:.", "--gateway-port", "70000"], "--gateway-port"),
+        (["run", "--source", "dir:.", "--gateway-port", "-1"], "--gateway-port"),
+        (["run", "--source", "dir:.", "--gateway-address", "gw.local"], "--gateway-address"),
+        (["run", "--source", "nowhere"], "--source"),
+        (["bootstrap", "--xds", "localhost", "--node-id", "n"], "--xds"),
+        (["bootstrap", "--xds", "127.0.0.1:1", "--node-id", ""], "--node-id"),
+        (["bootstrap", "--xds", "127.0.0.1:1", "--node-id", "n", "--node-cluster", ""],
+         "--node-cluster"),
+        (["bootstrap", "--xds", "127.0.0.1:1", "--node-id", "n", "--mode", "sidecar",
+          "--listen-address", "localhost"], "--listen-address"),
+        (["bootstrap", "--xds", "127.0.0.1:1", "--node-id", "n", "--listen", "0"], "--listen"),
+        (["bootstrap", "--xds", "127.0.0.1:1", "--node-id", "n", "--admin", "x"], "--admin"),
+        (["bootstrap", "--xds", "127.0.0.1:1", "--node-id", "n", "--workload", "web"],
+         "--workload"),
+        (["inspect", "--envoy-admin", "ftp://x"], "--envoy-admin"),
+        (["inspect", "--envoy-admin", "127.0.0.1:9901", "--timeout", "0"], "--timeout"),
+    ],
+)  # fmt: skip
+def test_a_bad_flag_is_a_one_line_error_naming_the_flag(
+    argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors (type= checks)
+        code = exc.code  # type: ignore[assignment]
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert f"{flag}:" in last or f"argument {flag}" in last or f"{flag} " in last, err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import sys
 
 from aviator.cli.usage import UsageError
@@ -62,11 +63,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_names(args: argparse.Namespace) -> None:
+    """What render_bootstrap would reject, reported with the flag's name."""
+    for flag, value in (("--node-id", args.node_id), ("--node-cluster", args.node_cluster)):
+        if not value.strip():
+            raise UsageError(f"{flag} must not be empty")
+    try:
+        ipaddress.ip_address(args.listen_address)
+    except ValueError:
+        # Envoy resolves no names for a listener: it would reject the bootstrap.
+        raise UsageError(
+            f"--listen-address must be an IP address, got {args.listen_address!r}"
+        ) from None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         host, port = parse_host_port(args.xds)
     except ValueError as exc:
         raise UsageError(f"--xds: {exc}") from exc
+    _check_names(args)
     try:
         workloads = [parse_workload(w) for w in args.workload]
     except ValueError as exc:

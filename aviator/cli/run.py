@@ -16,6 +16,7 @@ from aviator.controlplane import (
     TaskEndedError,
     run_until_signalled,
 )
+from aviator.model import parse_host_port
 from aviator.xds.resources import GatewayConfig
 
 
@@ -27,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin-address", default=DEFAULT_ADMIN_ADDRESS, metavar="HOST:PORT")
     parser.add_argument(
         "--gateway-port",
-        type=int,
+        type=_listen_port,
         default=10000,
         help="port of the gateway listener sent over LDS (0: no listener, sidecars only)",
     )
@@ -37,6 +38,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="IP",
         help="address the gateway listener binds (default: every interface)",
     )
+
+
+def _listen_port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"port must be in 0..65535, got {text!r}")
+    return int(text)
+
+
+def _address(text: str, flag: str) -> str:
+    """``text`` if it is a HOST:PORT to listen on; :class:`UsageError` naming ``flag``."""
+    try:
+        parse_host_port(text, any_port=True)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from exc
+    return text
 
 
 def _is_ip(text: str) -> bool:
@@ -58,8 +74,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         )
         return Settings(
             source=args.source,
-            xds_address=args.xds_address,
-            admin_address=args.admin_address,
+            xds_address=_address(args.xds_address, "--xds-address"),
+            admin_address=_address(args.admin_address, "--admin-address"),
             gateway=gateway,
         )
     except ValueError as exc:
