@@ -97,7 +97,7 @@ def test_bad_workload(capsys: pytest.CaptureFixture[str], workload: str) -> None
 def test_empty_node_id(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "--xds", "h:1", "--node-id", "")
     assert code == 2
-    assert "node_id must not be empty" in err
+    assert "--node-id must not be empty" in err
 
 
 def test_bad_listen_port_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
