@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import argparse
+import re
+from collections.abc import Iterator
+
 import pytest
 
 from aviator import __version__
-from aviator.cli import main
+from aviator.cli import build_parser, main
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -57,3 +61,32 @@ def test_a_bad_flag_is_a_one_line_error_naming_the_flag(
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert f"{flag}:" in last or f"argument {flag}" in last or f"{flag} " in last, err
+
+
+RST = re.compile(r"``|:(class|func|meth|mod|attr|data|exc|obj|ref|doc):`|^\.\. \w+::", re.M)
+
+
+def _parsers(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ("aviator",)
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield " ".join(path), parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, (*path, name))
+
+
+def test_every_help_text_is_plain_text() -> None:
+    parsers = dict(_parsers(build_parser()))
+    # Every command and benchmark is there (the walk sees the whole tree).
+    assert {"aviator run", "aviator bootstrap", "aviator inspect", "aviator demo"} <= set(parsers)
+    assert {"aviator bench probe", "aviator bench latency", "aviator bench xds"} <= set(parsers)
+    marked = {name: RST.findall(p.format_help()) for name, p in parsers.items()}
+    assert {name: found for name, found in marked.items() if found} == {}
+    for name, p in parsers.items():
+        assert p.description, f"{name} --help has no description"
+
+
+def test_the_rst_check_sees_rst() -> None:
+    assert RST.search("The ``aviator`` command.")
+    assert RST.search("see :class:`~aviator.cli.usage.UsageError`")
