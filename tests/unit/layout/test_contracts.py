@@ -22,7 +22,7 @@ PURE = [
     "aviator/probing/estimator.py",
     "aviator/probing/weigher.py",
     "aviator/probing/results.py",
-    "aviator/probing/orca.py",
+    "agent/src/aviator_agent/orca.py",
     "aviator/xds/resources.py",
     "aviator/xds/snapshot.py",
     "aviator/envoy/bootstrap.py",
@@ -47,9 +47,10 @@ def _lint(tree: Path) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def copy_of_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tree = tmp_path_factory.mktemp("tree")
-    shutil.copytree(
-        ROOT / "aviator", tree / "aviator", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "aviator", tree / "aviator", ignore=ignore)
+    # The agent's package (its own distribution, agent/) is the contracts' second root.
+    shutil.copytree(ROOT / "agent/src/aviator_agent", tree / "aviator_agent", ignore=ignore)
     shutil.copy(ROOT / "pyproject.toml", tree / "pyproject.toml")
     return tree
 
@@ -67,15 +68,22 @@ def test_contracts_hold_on_this_tree(copy_of_tree: Path) -> None:
         ("aviator/xds/_bad.py", "import aviator.k8s.policy\n", "Layers"),
         ("aviator/controlplane_bad.py", "import aviator.testbed.backend\n", "Production code"),
         ("aviator/xds/_bad.py", "import kubernetes\n", "Only the Kubernetes source"),
+        ("aviator_agent/_bad.py", "import aviator.model\n", "The agent imports nothing"),
+        ("aviator_agent/_bad.py", "import grpc\n", "The agent imports nothing"),
+        ("aviator_agent/tracker_bad.py", "import aiohttp\n", "Only the agent's aiohttp"),
     ],
 )
 def test_a_bad_import_breaks_its_contract(
     copy_of_tree: Path, module: str, line: str, contract: str
 ) -> None:
     bad = copy_of_tree / module
-    # The production contract names aviator.controlplane; put the bad import inside it.
-    if module == "aviator/controlplane_bad.py":
-        bad = copy_of_tree / "aviator/controlplane.py"
+    # Contracts that name modules (not packages): put the bad import inside one of them.
+    named = {
+        "aviator/controlplane_bad.py": "aviator/controlplane.py",
+        "aviator_agent/tracker_bad.py": "aviator_agent/tracker.py",
+    }
+    if module in named:
+        bad = copy_of_tree / named[module]
         original = bad.read_text()
         bad.write_text(original + "\n" + line)
     else:
