@@ -10,6 +10,10 @@ from aviator.cli.usage import UsageError
 from aviator.envoy.bootstrap import bootstrap_yaml, render_bootstrap
 from aviator.model import WorkloadKey, parse_host_port
 
+# Prints the bootstrap on stdout and logs nothing: the CLI sets up no logging for it (and
+# so never imports structlog); tests/test_cli.py checks that it stays so.
+LOGS = False
+
 
 def parse_workload(text: str) -> WorkloadKey:
     """``NAMESPACE/NAME`` → WorkloadKey; raises ``ValueError`` naming the text otherwise."""

@@ -13,7 +13,7 @@ from aviator.model import WorkloadKey
 def _keep_logging_config(monkeypatch: pytest.MonkeyPatch) -> None:
     # main() configures structlog to write to the sys.stderr of the moment, which under capsys
     # is a capture closed after the test: later tests' logs would then fail.
-    monkeypatch.setattr("aviator.cli.log.configure", lambda *args, **kwargs: None)
+    monkeypatch.setattr("aviator.log.configure", lambda *args, **kwargs: None)
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
