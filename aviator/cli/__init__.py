@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from aviator import __version__
 from aviator.cli.usage import UsageError
 
-__all__ = ["COMMANDS", "UsageError", "add_subcommands", "build_parser", "main"]
+__all__ = ["COMMANDS", "UsageError", "add_subcommands", "build_parser", "main", "missing_for"]
 
 # subcommand -> (module, one-line help, the extra it needs beyond the base install)
 COMMANDS: dict[str, tuple[str, str, str | None]] = {
