@@ -14,4 +14,6 @@ COPY --from=build /install /usr/local
 USER 10001
 EXPOSE 18000 18001
 ENTRYPOINT ["aviator"]
-CMD ["run", "--source", "dir:/etc/aviator", "--xds-address", "0.0.0.0:18000", "--admin-address", "0.0.0.0:18001"]
+# In a cluster: watch the API server with the pod's ServiceAccount (deploy/operator). Outside
+# one, override the command: `run --source dir:/etc/aviator ...`.
+CMD ["run", "--source", "kubernetes", "--xds-address", "0.0.0.0:18000", "--admin-address", "0.0.0.0:18001"]

@@ -31,7 +31,8 @@ import prometheus_client
 import structlog
 
 from aviator.admin import AdminServer
-from aviator.k8s.resolve import PolicyResolution, resolve_state, serving
+from aviator.k8s.lastvalid import LastValid
+from aviator.k8s.resolve import ACCEPTED, PolicyResolution, resolve_state, serving
 from aviator.k8s.state import ClusterState
 from aviator.model import WeightedWorkload, WorkloadKey, parse_host_port
 from aviator.probing.estimator import Estimator
@@ -42,7 +43,7 @@ from aviator.source.directory import DirectorySource
 from aviator.source.store import StateSource, Store
 from aviator.xds.cache import Cache
 from aviator.xds.publisher import Publisher
-from aviator.xds.resources import GatewayConfig
+from aviator.xds.resources import GatewayConfig, ListenSpec
 from aviator.xds.server import AdsServer
 from aviator.xds.snapshot import SnapshotBuilder, SnapshotError
 
@@ -149,8 +150,16 @@ class ControlPlane:
         self.publisher = Publisher(
             self.cache, quiet=settings.publish_quiet, max_delay=settings.publish_max_delay
         )
+        # The gateway listeners connected nodes want (their bootstraps' --listen and
+        # --listen-address); built into every snapshot next to the default one.
+        self._listeners: frozenset[ListenSpec] = frozenset()
+        self._built = False  # a snapshot was built from the state: listener changes rebuild
         self.ads = AdsServer(
-            self.cache, identifier=settings.identifier, metrics_registry=self.registry
+            self.cache,
+            identifier=settings.identifier,
+            metrics_registry=self.registry,
+            gateway=settings.gateway,
+            on_listeners=self._listeners_wanted,
         )
         self.estimator: Estimator[ProbeKey] = Estimator()
         self.prober: Prober[ProbeKey] = Prober(
@@ -170,6 +179,7 @@ class ControlPlane:
         )
         self._state: ClusterState | None = None
         self._resolutions: tuple[PolicyResolution, ...] = ()
+        self._last_valid = LastValid()  # what an invalid policy keeps serving (issue 9)
         self._served: dict[WorkloadKey, _Served] = {}
         self._reported: dict[str, str] = {}  # what was last logged per object, to log changes
         self._stop = asyncio.Event()
@@ -258,7 +268,9 @@ class ControlPlane:
     def apply_state(self, state: ClusterState) -> None:
         """Resolve ``state``, retarget the prober and publish the new set of workloads."""
         self._state = state
-        self._resolutions = resolve_state(state)
+        # Every source's invalid policies keep serving their last valid spec (issue 9).
+        self._last_valid = self._last_valid.update(state.policies)
+        self._resolutions = resolve_state(state, last_valid=self._last_valid)
         self._report()
         now_serving = serving(self._resolutions)
         served: dict[WorkloadKey, _Served] = {}
@@ -268,7 +280,8 @@ class ControlPlane:
         self._served = served
         targets = self._probe_targets()
         self.prober.set_targets(targets)
-        self.estimator.retain(targets)
+        # Staleness and half-lives follow each endpoint's pingInterval (issue 9).
+        self.estimator.track({k: t.interval_s for k, t in targets.items()})
         self._policies.labels(serving="true").set(len(served))
         self._policies.labels(serving="false").set(len(self._resolutions) - len(served))
         self._endpoints.set(sum(len(s.resolution.endpoints) for s in served.values()))
@@ -335,9 +348,19 @@ class ControlPlane:
             out.append(WeightedWorkload(key, port, endpoints))
         return out
 
+    def _listeners_wanted(self, listeners: frozenset[ListenSpec]) -> None:
+        """The ADS server's nodes want other gateway listeners: rebuild with them (not before
+        the state was read: an empty snapshot would withdraw every cluster)."""
+        self._listeners = listeners
+        if self._built:
+            self._submit()
+
     def _submit(self) -> None:
+        self._built = True
         try:
-            snapshot = self._builder.build(self.workloads(), gateway=self.settings.gateway)
+            snapshot = self._builder.build(
+                self.workloads(), gateway=self.settings.gateway, listeners=self._listeners
+            )
         except SnapshotError as exc:
             log.error("cannot build a snapshot, keeping the last one", problems=exc.problems)
             return
@@ -350,9 +373,23 @@ class ControlPlane:
         for r in self._resolutions:
             ref = str(r.ref)
             seen[ref] = "; ".join(f"{c.type}={c.status} {c.reason}" for c in r.conditions)
+            accepted = r.condition(ACCEPTED)
+            if r.last_valid and r.serving and accepted is not None:
+                # Once per invalid update, whatever else changes while it is served.
+                seen[ref] = f"last valid: {accepted.message}"
             if self._reported.get(ref) == seen[ref]:
                 continue
             bad = [c for c in r.conditions if c.status.value != "True"]
+            if r.last_valid and r.serving and r.policy is not None and accepted is not None:
+                log.warning(
+                    "policy update invalid, serving its last valid spec",
+                    policy=ref,
+                    reason=accepted.reason.value,
+                    message=accepted.message,
+                    resource_version=r.policy.meta.resource_version,
+                    generation=r.policy.meta.generation,
+                )
+                continue
             for c in bad:
                 log.warning(
                     "policy not serving",
@@ -372,6 +409,8 @@ class ControlPlane:
             {
                 "policy": str(r.ref),
                 "serving": r.serving,
+                # The current spec is invalid; "spec" is the last valid one, still served.
+                "servingLastValid": r.last_valid and r.serving,
                 "target": str(r.target.ref) if r.target is not None else None,
                 "port": r.port,
                 "conditions": [

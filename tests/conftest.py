@@ -8,6 +8,18 @@ from collections.abc import Iterator
 
 import pytest
 
+# The real-API-server fixtures (kube_env, kube_namespace, release_dir, aviator_crd,
+# aviator_install), registered here once so that a session starts at most one API server.
+from tests.kubeapi.fixtures import (
+    aviator_crd,
+    aviator_install,
+    kube_env,
+    kube_namespace,
+    release_dir,
+)
+
+__all__ = ["aviator_crd", "aviator_install", "kube_env", "kube_namespace", "release_dir"]
+
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     asyncio.set_event_loop(None)

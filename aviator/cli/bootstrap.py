@@ -29,6 +29,14 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--xds", required=True, metavar="HOST:PORT", help="address of Aviator's ADS (gRPC) port"
@@ -41,15 +49,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--listen",
         type=_port,
-        default=10000,
         metavar="PORT",
-        help="traffic port: the sidecar's listener, or the port a gateway asks for over LDS",
+        help="traffic port. Gateway: the port of the listener the control plane sends it over "
+        "LDS (default: aviator run's --gateway-port, 10000 unless told). Sidecar: its listener's "
+        "port (default 10000)",
     )
     parser.add_argument(
         "--listen-address",
-        default="127.0.0.1",
-        metavar="ADDR",
-        help="sidecar listener address (default 127.0.0.1)",
+        metavar="IP",
+        help="traffic address. Gateway: where the listener the control plane sends binds "
+        "(default: aviator run's --gateway-address, 0.0.0.0 = every interface unless told). "
+        "Sidecar: its listener's address (default 127.0.0.1)",
     )
     parser.add_argument(
         "--admin", type=_port, default=9901, metavar="PORT", help="admin port on 127.0.0.1"
@@ -72,13 +82,6 @@ def _check_names(args: argparse.Namespace) -> None:
     for flag, value in (("--node-id", args.node_id), ("--node-cluster", args.node_cluster)):
         if not value.strip():
             raise UsageError(f"{flag} must not be empty")
-    try:
-        ipaddress.ip_address(args.listen_address)
-    except ValueError:
-        # Envoy resolves no names for a listener: it would reject the bootstrap.
-        raise UsageError(
-            f"--listen-address must be an IP address, got {args.listen_address!r}"
-        ) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,6 +94,11 @@ def run(args: argparse.Namespace) -> int:
         workloads = [parse_workload(w) for w in args.workload]
     except ValueError as exc:
         raise UsageError(f"--workload: {exc}") from exc
+    if args.listen_address is not None and not _is_ip(args.listen_address):
+        raise UsageError(
+            "--listen-address must be an IP address such as 0.0.0.0, 127.0.0.1 or ::, "
+            f"got {args.listen_address!r}"
+        )
     if workloads and args.mode != "sidecar":
         raise UsageError("--workload needs --mode sidecar (a gateway gets its routes over ADS)")
     try:

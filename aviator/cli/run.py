@@ -24,19 +24,35 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--source", required=True, help="where policies and pods come from: dir:PATH"
     )
-    parser.add_argument("--xds-address", default=DEFAULT_XDS_ADDRESS, metavar="HOST:PORT")
-    parser.add_argument("--admin-address", default=DEFAULT_ADMIN_ADDRESS, metavar="HOST:PORT")
+    parser.add_argument(
+        "--xds-address",
+        default=DEFAULT_XDS_ADDRESS,
+        metavar="HOST:PORT",
+        help="where the ADS (gRPC) server listens for Envoys; port 0 picks a free one "
+        "(default %(default)s: this machine only)",
+    )
+    parser.add_argument(
+        "--admin-address",
+        default=DEFAULT_ADMIN_ADDRESS,
+        metavar="HOST:PORT",
+        help="where the admin HTTP server listens: /healthz, /readyz, /metrics, /debug/... "
+        "(default %(default)s)",
+    )
     parser.add_argument(
         "--gateway-port",
         type=_listen_port,
-        default=10000,
-        help="port of the gateway listener sent over LDS (0: no listener, sidecars only)",
+        default=GatewayConfig().port,
+        metavar="PORT",
+        help="port of the gateway listener sent over LDS to gateways whose bootstrap names "
+        "none (aviator bootstrap --listen names one per gateway); 0: no gateway listeners, "
+        "sidecars only (default %(default)s)",
     )
     parser.add_argument(
         "--gateway-address",
         default=GatewayConfig().address,
         metavar="IP",
-        help="address the gateway listener binds (default: every interface)",
+        help="address gateway listeners bind when the gateway's bootstrap names none "
+        "(aviator bootstrap --listen-address) (default %(default)s: every interface)",
     )
 
 

@@ -2,7 +2,10 @@
 
 *Gateway*: the bootstrap holds only the admin endpoint and the ``aviator-xds`` cluster that
 reaches the control plane; listeners, routes, clusters and endpoints all arrive over ADS
-(LDS → RDS, CDS → EDS).
+(LDS → RDS, CDS → EDS). The node metadata says where the gateway's listener should bind
+(``aviator.io/listen-port``, ``aviator.io/listen-address``); what it leaves out the control
+plane fills in (``aviator run --gateway-port``, default 10000, and ``--gateway-address``,
+default 0.0.0.0: every interface).
 
 *Sidecar*: clusters and endpoints arrive over ADS (CDS → EDS); the listener and its routes are
 static, because a sidecar's job (send this pod's outbound calls to the right workload) does not
@@ -49,8 +52,14 @@ CLUSTER_HEADER = "x-aviator-cluster"
 # subdomain. Requiring the slash keeps the header from naming the static aviator-xds cluster.
 _CLUSTER_HEADER_REGEX = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 
+# Read by the control plane (``aviator.xds.resources``, which holds the same keys: a test
+# checks they agree).
 META_MODE = "aviator.io/mode"
 META_LISTEN_PORT = "aviator.io/listen-port"
+META_LISTEN_ADDRESS = "aviator.io/listen-address"
+
+SIDECAR_PORT = 10000
+SIDECAR_ADDRESS = "127.0.0.1"  # a sidecar serves its own pod
 
 _HCM_TYPE = (
     "type.googleapis.com/"
@@ -210,8 +219,8 @@ def render_bootstrap(
     xds_port: int,
     node_id: str,
     mode: Mode = "gateway",
-    listen_port: int = 10000,
-    listen_address: str = "127.0.0.1",
+    listen_port: int | None = None,
+    listen_address: str | None = None,
     admin_port: int = 9901,
     admin_address: str = "127.0.0.1",
     cluster: str = "aviator",
@@ -224,9 +233,11 @@ def render_bootstrap(
     """Build an Envoy v3 bootstrap as plain data (JSON/YAML-ready).
 
     ``node_id`` and ``cluster`` become ``node.id`` / ``node.cluster``; the node metadata carries
-    ``aviator.io/mode`` and, for a gateway, ``aviator.io/listen-port`` (the port the control
-    plane's LDS listener should bind). ``listen_address`` is used by the sidecar's static
-    listener only (loopback by default: a sidecar serves its own pod). ``admin_port`` 0 lets
+    ``aviator.io/mode``. For a gateway, ``listen_port`` and ``listen_address`` go into the
+    metadata (``aviator.io/listen-port``, ``aviator.io/listen-address``): where the listener the
+    control plane sends over LDS binds; left None, the control plane's defaults apply
+    (``--gateway-port``, ``--gateway-address``: 10000 on 0.0.0.0 unless told). For a sidecar
+    they place its static listener (default 127.0.0.1:10000). ``admin_port`` 0 lets
     Envoy pick a port (read it back with ``--admin-address-path``). ``workloads`` is for sidecars
     only. ``delta`` selects incremental ADS (``DELTA_GRPC``) instead of state-of-the-world.
     ``max_downstream_connections`` caps accepted connections across all listeners (Envoy's
@@ -250,7 +261,15 @@ def render_bootstrap(
     if not cluster:
         raise ValueError("cluster must not be empty")
     _check_port("xds_port", xds_port)
-    _check_port("listen_port", listen_port)
+    if listen_port is not None:
+        _check_port("listen_port", listen_port)
+    if listen_address is not None:
+        if not _is_ip(listen_address):  # Envoy binds listeners to IP addresses only
+            raise ValueError(
+                f"listen_address must be an IP address such as 0.0.0.0, 127.0.0.1 or ::, "
+                f"got {listen_address!r}"
+            )
+        listen_address = ipaddress.ip_address(listen_address).compressed
     _check_port("admin_port", admin_port, allow_zero=True)
     if initial_fetch_timeout is not None and not 0 <= initial_fetch_timeout < 315_576_000_000:
         raise ValueError(f"initial_fetch_timeout must be >= 0, got {initial_fetch_timeout}")
@@ -276,10 +295,18 @@ def render_bootstrap(
     static: dict[str, Any] = {"clusters": [_xds_cluster(xds_host, xds_port)]}
     if mode == "gateway":
         dynamic["lds_config"] = _ads_source(initial_fetch_timeout)
-        metadata[META_LISTEN_PORT] = listen_port
+        if listen_port is not None:
+            metadata[META_LISTEN_PORT] = listen_port
+        if listen_address is not None:
+            metadata[META_LISTEN_ADDRESS] = listen_address
     else:
         static["listeners"] = [
-            _sidecar_listener(listen_address, listen_port, workloads, cluster_domain)
+            _sidecar_listener(
+                listen_address if listen_address is not None else SIDECAR_ADDRESS,
+                listen_port if listen_port is not None else SIDECAR_PORT,
+                workloads,
+                cluster_domain,
+            )
         ]
     return {
         "node": {"id": node_id, "cluster": cluster, "metadata": metadata},

@@ -11,7 +11,15 @@ ports (named ports looked up in each pod's own container ports, as a Service's n
 * ``ResolvedRefs``: True, or False with reason ``TargetNotFound`` (no such workload; the
   message points out a workload of the other kind with that name) or ``PortNotFound`` (a
   named port that neither the pod template nor any selected pod declares). Unknown with
-  reason ``Invalid`` for an invalid policy.
+  reason ``Invalid`` for an invalid policy that has no last valid spec.
+
+An invalid policy that had a valid spec before (``last_valid``, a
+:class:`~aviator.k8s.lastvalid.LastValid`) is resolved from that spec and keeps serving it, as
+Kubernetes controllers keep acting on the last spec they accepted: Accepted=False, reason
+``Invalid``, whose message gives the validation errors and which spec (resourceVersion,
+generation) keeps being served; ResolvedRefs is that spec's, with its generation as
+observedGeneration. Such a policy takes part in conflicts with its last valid spec, so the
+older policy keeps winning whichever of the two is being edited.
 
 Conflicts are decided per *workload name* (namespace/name), not per kind: Envoy clusters
 and gateway hosts are named ``namespace/name`` and ``name.namespace``, so a Deployment and
@@ -22,12 +30,14 @@ Pure: no I/O, no clock; the result depends only on the arguments.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from aviator.k8s.objects import ObjectRef, Pod, Workload
+from aviator.k8s.lastvalid import LastValid
+from aviator.k8s.objects import ObjectMeta, ObjectRef, Pod, Workload
 from aviator.k8s.policy import DEFAULT_PORT, AviatorPolicy, InvalidPolicy, PolicyEntry
 from aviator.k8s.state import ClusterState
 from aviator.model import EndpointAddress, WorkloadKey
@@ -95,9 +105,11 @@ class PolicyResolution:
     """What one policy resolved to.
 
     Invariants: ``endpoints`` is sorted, has unique addresses, and is empty unless
-    ``serving``; ``serving`` ⇔ Accepted=True and ResolvedRefs=True (and then ``policy`` and
-    ``target`` are set). ``pods`` counts every pod the target selects; ``not_ready`` and
-    ``without_port`` name those left out, for views and status messages.
+    ``serving``; ``serving`` ⇔ ResolvedRefs=True and either Accepted=True or ``last_valid``
+    without a conflict (and then ``policy`` and ``target`` are set). ``last_valid``: the
+    policy's current spec is invalid and ``policy`` is its last valid one, the spec resolved
+    and (when serving) served. ``pods`` counts every pod the target selects; ``not_ready``
+    and ``without_port`` name those left out, for views and status messages.
     """
 
     ref: ObjectRef
@@ -110,8 +122,11 @@ class PolicyResolution:
     not_ready: tuple[str, ...] = ()
     without_port: tuple[str, ...] = ()
     conflicts_with: ObjectRef | None = None  # the winning policy, when Conflicted
+    last_valid: bool = False  # resolved from the last valid spec: the current one is invalid
 
     def __post_init__(self) -> None:
+        if self.last_valid and self.policy is None:
+            raise ValueError(f"{self.ref}: a last valid resolution needs the spec it resolved")
         if self.endpoints and not self.serving:
             raise ValueError(f"{self.ref}: endpoints are only resolved for a serving policy")
         if len({e.address for e in self.endpoints}) != len(self.endpoints):
@@ -123,10 +138,12 @@ class PolicyResolution:
     @property
     def serving(self) -> bool:
         """Whether this policy's workload should be an Envoy cluster now."""
-        return all(
-            (c := self.condition(t)) is not None and c.status is ConditionStatus.TRUE
-            for t in (ACCEPTED, RESOLVED_REFS)
-        )
+        refs, accepted = self.condition(RESOLVED_REFS), self.condition(ACCEPTED)
+        if refs is None or refs.status is not ConditionStatus.TRUE or accepted is None:
+            return False
+        if accepted.status is ConditionStatus.TRUE:
+            return True
+        return self.last_valid and self.conflicts_with is None
 
     @property
     def key(self) -> WorkloadKey | None:
@@ -160,8 +177,15 @@ def resolve(
     policies: Iterable[PolicyEntry],
     workloads: Iterable[Workload],
     pods: Iterable[Pod],
+    *,
+    last_valid: LastValid | None = None,
 ) -> tuple[PolicyResolution, ...]:
-    """Resolve every policy; the result is sorted by policy reference."""
+    """Resolve every policy; the result is sorted by policy reference.
+
+    ``last_valid`` gives the spec an invalid policy keeps serving (pass the memory updated
+    with these ``policies``: :meth:`LastValid.update`); without it an invalid policy serves
+    nothing.
+    """
     by_name: dict[tuple[str, str], list[Workload]] = {}
     for w in workloads:
         by_name.setdefault((w.meta.namespace, w.meta.name), []).append(w)
@@ -172,25 +196,36 @@ def resolve(
         group.sort(key=lambda p: p.meta.name)
 
     entries = sorted(policies, key=lambda e: e.ref)
-    # Winner per workload name: the oldest valid policy.
-    claims: dict[WorkloadKey, list[AviatorPolicy]] = {}
+    # The spec each policy is resolved with: its own, or an invalid one's last valid spec.
+    specs: dict[ObjectRef, AviatorPolicy] = {}
     for e in entries:
         if isinstance(e, AviatorPolicy):
-            claims.setdefault(e.key, []).append(e)
+            specs[e.ref] = e
+        elif last_valid is not None and (spec := last_valid.fallback(e)) is not None:
+            specs[e.ref] = spec
+    # Winner per workload name: the oldest policy that has a spec to serve.
+    claims: dict[WorkloadKey, list[AviatorPolicy]] = {}
+    for spec in specs.values():
+        claims.setdefault(spec.key, []).append(spec)
     winners = {key: _sort_age(group)[0] for key, group in claims.items()}
 
     out: list[PolicyResolution] = []
     for e in entries:
-        if isinstance(e, InvalidPolicy):
+        spec_or_none = specs.get(e.ref)
+        if spec_or_none is None:
+            assert isinstance(e, InvalidPolicy)  # every valid policy is its own spec
             out.append(_invalid(e))
-        else:
-            out.append(_resolve_one(e, winners[e.key], by_name, pods_by_ns))
+            continue
+        r = _resolve_one(spec_or_none, winners[spec_or_none.key], by_name, pods_by_ns)
+        out.append(_on_last_valid(e, r) if isinstance(e, InvalidPolicy) else r)
     return tuple(out)
 
 
-def resolve_state(state: ClusterState) -> tuple[PolicyResolution, ...]:
+def resolve_state(
+    state: ClusterState, *, last_valid: LastValid | None = None
+) -> tuple[PolicyResolution, ...]:
     """:func:`resolve` on a :class:`ClusterState`."""
-    return resolve(state.policies, state.workloads, state.pods)
+    return resolve(state.policies, state.workloads, state.pods, last_valid=last_valid)
 
 
 def serving(resolutions: Iterable[PolicyResolution]) -> dict[WorkloadKey, PolicyResolution]:
@@ -202,11 +237,24 @@ def serving(resolutions: Iterable[PolicyResolution]) -> dict[WorkloadKey, Policy
     return out
 
 
-def _invalid(e: InvalidPolicy) -> PolicyResolution:
-    gen = e.meta.generation
+def _errors_text(e: InvalidPolicy) -> str:
     first = "; ".join(str(err) for err in e.errors[:3])
     more = f" (and {len(e.errors) - 3} more)" if len(e.errors) > 3 else ""
     noun = "error" if len(e.errors) == 1 else "errors"
+    return f"{len(e.errors)} validation {noun}: {first}{more}"
+
+
+def _version_text(meta: ObjectMeta) -> str:
+    parts = []
+    if meta.resource_version:
+        parts.append(f"resourceVersion {meta.resource_version}")
+    if meta.generation:
+        parts.append(f"generation {meta.generation}")
+    return ", ".join(parts) or "no resourceVersion"
+
+
+def _invalid(e: InvalidPolicy) -> PolicyResolution:
+    gen = e.meta.generation
     return PolicyResolution(
         ref=e.ref,
         conditions=(
@@ -214,7 +262,8 @@ def _invalid(e: InvalidPolicy) -> PolicyResolution:
                 ACCEPTED,
                 ConditionStatus.FALSE,
                 Reason.INVALID,
-                f"{len(e.errors)} validation {noun}: {first}{more}",
+                f"{_errors_text(e)}; nothing is served: there is no last valid spec to fall "
+                "back on",
                 gen,
             ),
             Condition(
@@ -226,6 +275,33 @@ def _invalid(e: InvalidPolicy) -> PolicyResolution:
             ),
         ),
     )
+
+
+def _on_last_valid(e: InvalidPolicy, r: PolicyResolution) -> PolicyResolution:
+    """``r``, resolved from the last valid spec of ``e``, with the conditions of ``e``."""
+    assert r.policy is not None
+    version = _version_text(r.policy.meta)
+    accepted, refs = r.condition(ACCEPTED), r.condition(RESOLVED_REFS)
+    assert accepted is not None
+    assert refs is not None
+    if accepted.status is not ConditionStatus.TRUE:  # the last valid spec lost a conflict
+        outcome = f"its last valid spec ({version}) is not served either: {accepted.message}"
+    elif refs.status is not ConditionStatus.TRUE:
+        outcome = f"its last valid spec ({version}) is not served either: see ResolvedRefs"
+    else:
+        outcome = (
+            f"the last valid spec ({version}) keeps being served until the policy is fixed "
+            "or deleted"
+        )
+    invalid = Condition(
+        ACCEPTED,
+        ConditionStatus.FALSE,
+        Reason.INVALID,
+        f"{_errors_text(e)}; {outcome}",
+        e.meta.generation,
+    )
+    resolved = dataclasses.replace(refs, message=f"{refs.message} (last valid spec)")
+    return dataclasses.replace(r, ref=e.ref, conditions=(invalid, resolved), last_valid=True)
 
 
 def _resolve_one(

@@ -3,13 +3,25 @@
 Per endpoint it keeps time-decayed exponentially weighted moving averages (EWMA) of the probe
 latency, of the error rate, and of the RIF and latency the server itself reports (ORCA), with
 a decay that depends on the time between samples, not on their number (as linkerd's EWMA
-does): the same half-life holds at any probe interval.
+does): a sample's weight does not depend on how many others came in between.
+
+Each endpoint's settings follow its probe interval (:meth:`EstimatorConfig.for_interval`,
+issue 9): staleness is ``max(stale_after_s, stale_after_intervals * interval)`` (30 s, or five
+intervals when that is longer), so a policy probing every minute never sees its endpoints go
+stale between two probes; the latency and error half-lives scale with the interval above
+``reference_interval_s`` (1 s), so the averages span the same number of probes at any
+interval. The RIF half-life does not scale: load information is only worth its freshest value.
 
 Invariants:
 - No clock reads: every method that needs the time takes ``now``.
 - A failed probe is a latency sample, ``max(rtt, failure_penalty * timeout)``: a fast-failing
   endpoint looks slow, never fast ("sinkholing", Prequal §2).
-- Samples older than ``stale_after_s`` on arrival, from the future, or not newer than the
+- Recovery: an endpoint that failed ``down_after_failures`` probes in a row and then answers
+  two in a row restarts its latency average from those two answers. The penalised samples
+  stood for "down", not for a latency the pod has now; decaying them away took longer than
+  the outage's back-off (~20 s at 1 s probes). One answer alone does not restart it, so an
+  endpoint that flaps (fail, fail, answer, ...) stays slow.
+- Samples older than the staleness on arrival, from the future, or not newer than the
   endpoint's last sample are dropped (out of order).
 - Every statistic is finite: latencies in ``[min_latency_s, max_latency_s]``, error rate in
   ``[0, 1]``, RIF ≥ 0; "no data yet" and "stale" are ``None``, never NaN.
@@ -39,7 +51,12 @@ K = TypeVar("K", bound=Hashable)
 @dataclass(frozen=True, slots=True)
 class EstimatorConfig:
     """Decay and staleness settings. Invariant: every field finite and > 0,
-    ``failure_penalty >= 1`` and ``min_latency_s < max_latency_s``."""
+    ``failure_penalty >= 1``, ``min_latency_s < max_latency_s`` and
+    ``down_after_failures >= 1``.
+
+    The half-lives and ``stale_after_s`` are those of an endpoint probed every
+    ``reference_interval_s`` or faster; :meth:`for_interval` gives an endpoint's own.
+    """
 
     #: Half-life of the probe-latency and reported-latency averages.
     latency_half_life_s: float = 2.0
@@ -48,8 +65,19 @@ class EstimatorConfig:
     #: Half-life of the error-rate average.
     error_half_life_s: float = 10.0
     #: An endpoint with no sample for this long has no statistics (``None``); a sample this old
-    #: on arrival is dropped. Keep it above the prober's longest back-off.
+    #: on arrival is dropped. The floor of every endpoint's staleness: see
+    #: ``stale_after_intervals``.
     stale_after_s: float = 30.0
+    #: An endpoint is stale only after this many of its probe intervals without a sample (if
+    #: longer than ``stale_after_s``). Above the prober's longest gap between two results of
+    #: one endpoint: its back-off cap (3 intervals), jitter (10%) and a timeout (≤ 1 interval).
+    stale_after_intervals: float = 5.0
+    #: The half-lives above hold for probes this often or more; a slower endpoint's latency and
+    #: error half-lives are multiplied by interval / reference_interval_s.
+    reference_interval_s: float = 1.0
+    #: An endpoint that failed this many probes in a row is down; two answers in a row then
+    #: restart its latency average (see the module docstring).
+    down_after_failures: int = 2
     #: A failed probe counts as a latency of ``failure_penalty * timeout`` (at least its RTT).
     failure_penalty: float = 2.0
     #: Latencies are clamped into this range (an RTT of 0 on a fake clock must not become an
@@ -63,6 +91,8 @@ class EstimatorConfig:
             "rif_half_life_s",
             "error_half_life_s",
             "stale_after_s",
+            "stale_after_intervals",
+            "reference_interval_s",
             "failure_penalty",
             "min_latency_s",
             "max_latency_s",
@@ -74,6 +104,31 @@ class EstimatorConfig:
             raise ValueError(f"failure_penalty must be >= 1, got {self.failure_penalty}")
         if self.min_latency_s >= self.max_latency_s:
             raise ValueError("min_latency_s must be below max_latency_s")
+        if isinstance(self.down_after_failures, bool) or self.down_after_failures < 1:
+            raise ValueError(f"down_after_failures must be >= 1, got {self.down_after_failures!r}")
+
+    def for_interval(self, interval_s: float | None) -> EstimatorConfig:
+        """The settings of an endpoint probed every ``interval_s`` (``None``: this config).
+
+        Staleness ``max(stale_after_s, stale_after_intervals * interval)``; latency and error
+        half-lives * ``max(1, interval / reference_interval_s)``; RIF half-life unchanged.
+        Idempotent: ``c.for_interval(i).for_interval(i) == c.for_interval(i)``.
+        """
+        if interval_s is None:
+            return self
+        if not (math.isfinite(interval_s) and interval_s > 0):
+            raise ValueError(f"interval_s must be finite and > 0, got {interval_s!r}")
+        scale = max(1.0, interval_s / self.reference_interval_s)
+        stale = max(self.stale_after_s, self.stale_after_intervals * interval_s)
+        if scale == 1.0 and stale == self.stale_after_s:
+            return self
+        return replace(
+            self,
+            latency_half_life_s=self.latency_half_life_s * scale,
+            error_half_life_s=self.error_half_life_s * scale,
+            stale_after_s=stale,
+            reference_interval_s=self.reference_interval_s * scale,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +159,9 @@ class EndpointEstimate:
     probe_latency_s: float
     error_rate: float
     consecutive_failures: int
+    #: The first answer after the endpoint was down (latency sample, time): a second answer
+    #: in a row restarts the latency average from the two.
+    recovery: tuple[float, float] | None = None
     reported_latency_s: float | None = None
     reported_latency_at: float | None = None
     rif: float | None = None
@@ -136,7 +194,8 @@ def update_estimate(
     """Fold one probe result into ``estimate``; returns the same object if it is dropped.
 
     A result is dropped when it finished more than ``stale_after_s`` before ``now``, after
-    ``now``, or not after the endpoint's last accepted sample.
+    ``now``, or not after the endpoint's last accepted sample. ``config`` is the endpoint's
+    own (:meth:`EstimatorConfig.for_interval`).
     """
     at = result.finished_at
     if at > now or now - at > config.stale_after_s:
@@ -156,19 +215,24 @@ def update_estimate(
         )
     else:
         dt = at - estimate.last_at
+        probe_latency = _decay(estimate.probe_latency_s, latency, dt, config.latency_half_life_s)
+        recovery: tuple[float, float] | None = None
+        if result.ok and estimate.recovery is not None:
+            # The second answer in a row after being down: restart from the two answers.
+            first, first_at = estimate.recovery
+            probe_latency = _decay(first, latency, at - first_at, config.latency_half_life_s)
+        elif result.ok and estimate.consecutive_failures >= config.down_after_failures:
+            recovery = (latency, at)  # the first answer after being down: wait for a second
         estimate = replace(
             estimate,
             samples=estimate.samples + 1,
             last_at=at,
-            probe_latency_s=_clamp(
-                _decay(estimate.probe_latency_s, latency, dt, config.latency_half_life_s),
-                config.min_latency_s,
-                config.max_latency_s,
-            ),
+            probe_latency_s=_clamp(probe_latency, config.min_latency_s, config.max_latency_s),
             error_rate=_clamp(
                 _decay(estimate.error_rate, failed, dt, config.error_half_life_s), 0.0, 1.0
             ),
             consecutive_failures=0 if result.ok else estimate.consecutive_failures + 1,
+            recovery=recovery,
         )
     if not result.ok:
         # A failure says nothing about the server's own load: keep its last report (it ages
@@ -211,7 +275,9 @@ def update_estimate(
 def estimate_stats(
     estimate: EndpointEstimate | None, now: float, config: EstimatorConfig
 ) -> EndpointStats | None:
-    """The statistics of ``estimate`` at ``now``; ``None`` if there is no data or it is stale."""
+    """The statistics of ``estimate`` at ``now``; ``None`` if there is no data or it is stale.
+
+    ``config`` is the endpoint's own (:meth:`EstimatorConfig.for_interval`)."""
     if estimate is None:
         return None
     age = now - estimate.last_at
@@ -242,17 +308,38 @@ def estimate_stats(
 class Estimator(Generic[K]):
     """A table of :class:`EndpointEstimate` by key. Holds state, reads no clock.
 
-    Not thread-safe; meant to be fed by the prober's sink on the event loop.
+    Each key's settings follow the probe interval :meth:`track` gave it (``config`` itself
+    for a key without one). Not thread-safe; meant to be fed by the prober's sink on the
+    event loop.
     """
 
     def __init__(self, config: EstimatorConfig | None = None) -> None:
         self.config = config or EstimatorConfig()
         self._estimates: dict[K, EndpointEstimate] = {}
+        self._intervals: dict[K, float] = {}
+        self._configs: dict[float, EstimatorConfig] = {}  # by interval: few distinct values
+
+    def config_for(self, key: K) -> EstimatorConfig:
+        """The settings of ``key``: ``config`` for its probe interval."""
+        interval = self._intervals.get(key)
+        if interval is None:
+            return self.config
+        config = self._configs.get(interval)
+        if config is None:
+            config = self._configs[interval] = self.config.for_interval(interval)
+        return config
+
+    def track(self, intervals: Mapping[K, float]) -> None:
+        """Keep exactly the keys of ``intervals`` (as :meth:`retain`), each with the probe
+        interval (seconds) its staleness and half-lives follow."""
+        self.retain(intervals)
+        self._intervals = dict(intervals)
+        self._configs = {i: c for i, c in self._configs.items() if i in intervals.values()}
 
     def observe(self, key: K, result: ProbeResult, now: float) -> bool:
         """Fold ``result`` into ``key``'s estimate; False if the sample was dropped."""
         before = self._estimates.get(key)
-        after = update_estimate(before, result, now, self.config)
+        after = update_estimate(before, result, now, self.config_for(key))
         if after is before or after is None:
             return False
         self._estimates[key] = after
@@ -260,7 +347,7 @@ class Estimator(Generic[K]):
 
     def stats(self, key: K, now: float) -> EndpointStats | None:
         """``key``'s statistics at ``now``; ``None`` for no data yet or stale data."""
-        return estimate_stats(self._estimates.get(key), now, self.config)
+        return estimate_stats(self._estimates.get(key), now, self.config_for(key))
 
     def snapshot(self, keys: Iterable[K], now: float) -> dict[K, EndpointStats | None]:
         """Statistics of each of ``keys`` (``None`` where there are none) at ``now``."""
@@ -273,10 +360,13 @@ class Estimator(Generic[K]):
         self._estimates.pop(key, None)
 
     def retain(self, keys: Iterable[K]) -> None:
-        """Drop every estimate whose key is not in ``keys`` (endpoints that went away)."""
+        """Drop every estimate (and interval) whose key is not in ``keys`` (endpoints that
+        went away)."""
         keep = set(keys)
         for key in [k for k in self._estimates if k not in keep]:
             del self._estimates[key]
+        for key in [k for k in self._intervals if k not in keep]:
+            del self._intervals[key]
 
     def __len__(self) -> int:
         return len(self._estimates)

@@ -12,10 +12,15 @@ decided here, per stream and per type URL (rules from XDS-CHECKLIST.md):
   Changes meanwhile are merged into the next response.
 - **Versions are content hashes** (``content_version``) of exactly what a response carries, so
   they never repeat across restarts for other content, and equal content gets equal versions on
-  every replica. For wildcard CDS/LDS this is the server's type version.
+  every replica. For wildcard CDS this is the server's type version; a gateway's wildcard LDS
+  carries its own listener, and its version names that.
 - **NACK** (``error_detail`` set): recorded (log with node, type, version, message; metric;
-  :class:`NackJournal`) and that exact version is never sent again on the stream; the next push
-  waits for the desired state to change (go-control-plane #962 resends forever).
+  :class:`NackJournal`) and that exact version is not sent again to that node, on this stream
+  or a later one (:class:`RejectedVersions`, per node id); the next push waits for the desired
+  state to change (go-control-plane #962 resends forever). A proxy that comes back with
+  nothing of a type (SotW: no ``version_info``; delta: no ``initial_resource_versions``: a
+  restarted Envoy) is sent the current state even if that node rejected it before: it holds
+  nothing, and Envoy applies the valid clusters and listeners of a response it rejects.
 - **Warming**: after a CDS response that adds or changes EDS clusters, the next EDS request is
   answered even if it looks like an ACK (Envoy re-requests endpoints for a changed cluster with
   a request identical to its last ACK; silence leaves the cluster warming until
@@ -28,6 +33,12 @@ decided here, per stream and per type URL (rules from XDS-CHECKLIST.md):
 - **Nothing before the first snapshot**: until the cache is ready no request is answered (an
   empty answer would make Envoy drop everything it holds); owed answers go out on the first
   publish.
+- **A gateway's listener is its own**: a wildcard LDS subscription resolves to the one listener
+  built for the node (its metadata, read by :func:`~aviator.xds.resources.read_node_listener`,
+  and the server's :class:`~aviator.xds.resources.GatewayConfig` for what it leaves out),
+  never to another gateway's (Envoy binds every listener it holds); a sidecar's to none. Until
+  that listener is in the cache the subscription is not answered (an answer without it would
+  make Envoy drop the listener it holds), and a listener the node holds is never removed.
 - **Wildcard**: an empty first CDS/LDS request (legacy) or ``*``. Names requested but unknown
   are remembered (watched in the cache) and sent when they appear; delta reports them once in
   ``removed_resources`` so the client need not wait for its fetch timeout.
@@ -61,13 +72,18 @@ from aviator.xds.resources import (
     ROUTE_TYPE,
     TYPE_ORDER,
     TYPE_SHORT,
+    GatewayConfig,
+    ListenSpec,
+    read_node_listener,
 )
 from aviator.xds.snapshot import ResourceEntry, entries_version
 
 log = structlog.get_logger(__name__)
 
 WILDCARD = "*"
-_MAX_NACKED_VERSIONS = 64  # per stream and type; content versions, so old ones rarely matter
+_MAX_NACKED_VERSIONS = 64  # per node and type; content versions, so old ones rarely matter
+_MAX_NACKING_NODES = 4096  # nodes whose rejected versions are remembered (least recent go)
+DEFAULT_GATEWAY = GatewayConfig()
 _MAX_CHANGE_SETS = 64  # publishes remembered while a response is in flight; then look at all
 
 # What a resource of each type needs the proxy to hold *first*, and who refers to it.
@@ -141,6 +157,44 @@ class NackJournal:
         return tuple(sorted((n for rs in self._by_node.values() for n in rs), key=lambda n: n.at))
 
 
+class RejectedVersions:
+    """The versions each node rejected, per type: what must not be sent to it again.
+
+    Kept by node id rather than by stream, so a proxy that reconnects is not sent again what
+    it rejected on its previous stream. Bounded: at most ``per_type`` versions per node and
+    type (the oldest rejection is forgotten first) for at most ``max_nodes`` nodes (the node
+    that rejected least recently is forgotten first).
+    """
+
+    def __init__(
+        self, *, per_type: int = _MAX_NACKED_VERSIONS, max_nodes: int = _MAX_NACKING_NODES
+    ) -> None:
+        if per_type < 1 or max_nodes < 1:
+            raise ValueError(f"need per_type >= 1 and max_nodes >= 1, got {per_type}, {max_nodes}")
+        self._per_type = per_type
+        self._max_nodes = max_nodes
+        self._by_node: OrderedDict[str, dict[str, OrderedDict[str, None]]] = OrderedDict()
+
+    def add(self, node_id: str, type_url: str, version: str) -> None:
+        types = self._by_node.pop(node_id, None) or {}
+        self._by_node[node_id] = types
+        versions = types.setdefault(type_url, OrderedDict())
+        versions.pop(version, None)
+        versions[version] = None
+        while len(versions) > self._per_type:
+            versions.popitem(last=False)
+        while len(self._by_node) > self._max_nodes:
+            self._by_node.popitem(last=False)
+
+    def of(self, node_id: str, type_url: str) -> tuple[str, ...]:
+        """The versions of ``type_url`` that ``node_id`` rejected, oldest first."""
+        return tuple(self._by_node.get(node_id, {}).get(type_url, ()))
+
+    def __len__(self) -> int:
+        """Nodes remembered."""
+        return len(self._by_node)
+
+
 @dataclass(frozen=True, slots=True)
 class TypeStatus:
     """One type URL on one stream, for the connected-proxies view."""
@@ -168,6 +222,8 @@ class ProxyStatus:
     kind: StreamKind
     connected_at: float
     types: tuple[TypeStatus, ...]
+    listener: str | None = None  # the gateway listener this node is given (None: none)
+    problems: tuple[str, ...] = ()  # node metadata that was ignored, and why
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +274,10 @@ class _TypeState:
     force_names: set[str] = field(default_factory=set)  # delta: resend these names
     warming: set[str] = field(default_factory=set)  # EDS names of clusters changed since
     reported_absent: set[str] = field(default_factory=set)  # delta
+    # LDS of a gateway: a wildcard means these names only (the node's own listener); None for
+    # every other type (a wildcard is everything).
+    only: frozenset[str] | None = None
+    waiting: bool = False  # LDS: held back until the node's own listener is in the cache
     last_nack: NackRecord | None = None
     # Names the cache changed since this type was last evaluated (one set per publish), and
     # whether the next evaluation must look at every name instead (see ``_take_changes``).
@@ -226,7 +286,17 @@ class _TypeState:
     request_names: list[str] | None = None  # SotW: the name list of the last request
 
     def in_scope(self, name: str) -> bool:
-        return self.wildcard or name in self.names
+        if name in self.names:
+            return True
+        return self.wildcard and (self.only is None or name in self.only)
+
+    def scope(self) -> set[str] | frozenset[str] | None:
+        """The names this subscription covers; None for everything of the type."""
+        if not self.wildcard:
+            return self.names
+        if self.only is None:
+            return None
+        return self.names | self.only
 
 
 Req = TypeVar("Req", discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest)
@@ -272,13 +342,25 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
         identifier: str,
         metrics: XdsMetrics | None = None,
         journal: NackJournal | None = None,
+        rejected: RejectedVersions | None = None,
+        gateway: GatewayConfig | None = DEFAULT_GATEWAY,
+        on_node: Callable[[ProtocolStream[Any, Any]], None] | None = None,
         clock: Callable[[], float] = time.time,
         wake: Callable[[], None] | None = None,
         bodies: ResponseBodies | None = None,
     ) -> None:
+        """``gateway``: the defaults for what a gateway node's metadata leaves out (None: no
+        gateway listeners at all). ``on_node`` is called once, when the first request has told
+        who the proxy is (:attr:`node_id`, :attr:`listen_spec`)."""
         self.stream_id = next(_stream_ids)
         self._bodies = bodies if bodies is not None else ResponseBodies(size=2)
         self.node_id = ""
+        self.listen_spec: ListenSpec | None = None  # the gateway listener this node gets
+        self.node_problems: tuple[str, ...] = ()
+        self._node_read = False
+        self._gateway = gateway
+        self._on_node = on_node
+        self._rejected = rejected if rejected is not None else RejectedVersions()
         self.connected_at = clock()
         self._cache = cache
         self._identifier = identifier
@@ -322,12 +404,45 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
         if request.HasField("node") and request.node.id and not self.node_id:
             self.node_id = request.node.id
             self._log = self._log.bind(node=self.node_id)
+        if not self._node_read:
+            # Envoy sends its node on the first request only (set_node_on_first_message_only).
+            self._read_node(request.node if request.HasField("node") else base_pb2.Node())
         type_url = request.type_url
         if type_url not in TYPE_SHORT:
             self._log.warning("unsupported xDS type requested", type_url=type_url)
             return []
-        st = self._types.setdefault(type_url, _TypeState())
+        st = self._types.get(type_url)
+        if st is None:
+            st = self._types[type_url] = self._new_type(type_url, request)
         return self._handle(type_url, st, request)
+
+    def _read_node(self, node: base_pb2.Node) -> None:
+        self._node_read = True
+        info = read_node_listener(node.metadata)
+        if info.gateway and self._gateway is not None:
+            self.listen_spec = self._gateway.resolve(info.request)
+        self.node_problems = info.problems
+        for problem in info.problems:
+            self._log.warning("node metadata ignored", problem=problem)
+        if self._on_node is not None:
+            self._on_node(self)
+
+    def _new_type(self, type_url: str, request: Req) -> _TypeState:
+        st = _TypeState()
+        if type_url == LISTENER_TYPE:
+            spec = self.listen_spec
+            st.only = frozenset({spec.listener_name}) if spec is not None else frozenset()
+        if self._claims_state(request):
+            # A proxy back with what it holds (a reconnect) rejected these versions on an
+            # earlier stream: sent again, they would only be rejected again.
+            st.nacked.update(dict.fromkeys(self._rejected.of(self._node_key, type_url)))
+        return st
+
+    @property
+    def _node_key(self) -> str:
+        """The key of this proxy's rejected versions: its node id (a stream without one
+        shares them with nobody)."""
+        return self.node_id or f"stream {self.stream_id}"
 
     def close(self) -> None:
         """Stop watching the cache. Idempotent."""
@@ -335,7 +450,7 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
             return
         self._closed = True
         for type_url, st in self._types.items():
-            self._cache.unwatch(self, type_url, st.names)
+            self._cache.unwatch(self, type_url, st.names | (st.only or frozenset()))
             self._cache.unwatch_all(self, type_url)
 
     def status(self) -> ProxyStatus:
@@ -358,6 +473,8 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
                 for t in TYPE_ORDER
                 if (st := self._types.get(t)) is not None and st.requested
             ),
+            listener=self.listen_spec.listener_name if self.listen_spec is not None else None,
+            problems=self.node_problems,
         )
 
     # -- subclass hooks ---------------------------------------------------------------------
@@ -373,6 +490,11 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
 
     @abstractmethod
     def _apply_ack(self, type_url: str, st: _TypeState, sent: _Sent) -> None: ...
+
+    @staticmethod
+    @abstractmethod
+    def _claims_state(request: Req) -> bool:
+        """True if the proxy says it already holds resources of the request's type."""
 
     # -- shared helpers ---------------------------------------------------------------------
 
@@ -417,7 +539,25 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
     @staticmethod
     def _in_scope(st: _TypeState, names: frozenset[str]) -> frozenset[str] | set[str]:
         """``names`` the stream subscribes to (a set intersection, not a call per name)."""
-        return names if st.wildcard else names & st.names
+        scope = st.scope()
+        return names if scope is None else names & scope
+
+    def _waiting(self, type_url: str, st: _TypeState, force: bool) -> bool:
+        """True while the node's own listener is not in the cache (the producer adds it once
+        told the node connected): the wildcard LDS subscription stays unanswered, and what
+        was owed stays owed. An answer without it would remove the listener Envoy holds."""
+        if not st.wildcard or not st.only:
+            return False
+        current = self._cache.resources(type_url)
+        missing = sorted(st.only - current.keys())
+        if not missing:
+            st.waiting = False
+            return False
+        st.force = st.force or force
+        if not st.waiting:
+            st.waiting = True
+            self._log.debug("waiting for this gateway's listener", listener=missing[0])
+        return True
 
     def _defer(self, st: _TypeState, force: bool, scoped: bool) -> None:
         """A response of this type is in flight: evaluate again once it is answered."""
@@ -453,6 +593,7 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
         st.nacked[sent.version] = None
         while len(st.nacked) > _MAX_NACKED_VERSIONS:
             st.nacked.popitem(last=False)
+        self._rejected.add(self._node_key, type_url, sent.version)
         record = NackRecord(
             node_id=self.node_id,
             stream_id=self.stream_id,
@@ -477,19 +618,28 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
         )
         return True
 
-    def _watch_diff(self, type_url: str, before: set[str], after: set[str]) -> None:
+    def _watch_diff(self, type_url: str, st: _TypeState, before: set[str], after: set[str]) -> None:
         self._cache.watch(self, type_url, after - before)
-        self._cache.unwatch(self, type_url, before - after)
+        kept = st.only if st.wildcard and st.only is not None else frozenset()
+        self._cache.unwatch(self, type_url, before - after - kept)
 
     def _set_wildcard(self, type_url: str, st: _TypeState, wildcard: bool) -> bool:
         """Switch wildcard on/off; True if it was just switched on."""
         if wildcard == st.wildcard:
             return False
         st.wildcard = wildcard
-        if wildcard:
+        if st.only is not None:
+            # A node-scoped wildcard (a gateway's LDS) watches its own names only: another
+            # gateway's listener changing wakes nobody else.
+            if wildcard:
+                self._cache.watch(self, type_url, st.only)
+            else:
+                self._cache.unwatch(self, type_url, st.only - st.names)
+        elif wildcard:
             self._cache.watch_all(self, type_url)
         else:
             self._cache.unwatch_all(self, type_url)
+        if not wildcard:
             st.held = {n: h for n, h in st.held.items() if n in st.names}
         return wildcard
 
@@ -501,7 +651,8 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
         holds.
         """
         current = self._cache.resources(type_url)
-        out = dict(current) if st.wildcard else {n: current[n] for n in st.names if n in current}
+        scope = st.scope()
+        out = dict(current) if scope is None else {n: current[n] for n in scope if n in current}
         kept: set[str] = set()
         cds = self._types.get(CLUSTER_TYPE)
         if type_url == ROUTE_TYPE and cds is not None and cds.requested:
@@ -612,20 +763,24 @@ class SotwStream(ProtocolStream[discovery_pb2.DiscoveryRequest, discovery_pb2.Di
         st.legacy_wildcard = legacy
         newly_wildcard = self._set_wildcard(type_url, st, explicit_wildcard or legacy)
         added = requested - st.names
-        self._watch_diff(type_url, st.names, requested)
+        self._watch_diff(type_url, st, st.names, requested)
         st.names = requested
         if not st.wildcard:
             # The proxy dropped these (SotW: the request lists everything it wants).
             st.held = {n: h for n, h in st.held.items() if n in requested}
         return bool(added) or newly_wildcard
 
+    @staticmethod
+    def _claims_state(request: discovery_pb2.DiscoveryRequest) -> bool:
+        return bool(request.version_info)
+
     def _apply_ack(self, type_url: str, st: _TypeState, sent: _Sent) -> None:
         # Only names in scope: the proxy dropped the others (``_subscribe`` keeps ``held``
         # within the subscription, so nothing else needs filtering).
         accepted = (
             sent.entries
-            if st.wildcard
-            else {n: e for n, e in sent.entries.items() if n in st.names}
+            if st.scope() is None
+            else {n: e for n, e in sent.entries.items() if st.in_scope(n)}
         )
         if type_url in FULL_STATE_TYPES:
             st.held = dict(accepted)  # full state
@@ -639,6 +794,8 @@ class SotwStream(ProtocolStream[discovery_pb2.DiscoveryRequest, discovery_pb2.Di
             return None
         if st.outstanding is not None:
             self._defer(st, force, scoped)  # answer once the in-flight response is resolved
+            return None
+        if self._waiting(type_url, st, force):
             return None
         force = force or st.force
         changed = self._take_changes(st, scoped and not force)
@@ -786,7 +943,7 @@ class DeltaStream(
                     st.force_names.add(name)
                 st.reported_absent.discard(name)
         st.names |= subscribe
-        self._watch_diff(type_url, before, st.names)
+        self._watch_diff(type_url, st, before, st.names)
         if wildcard and not st.wildcard:
             self._set_wildcard(type_url, st, True)
         elif not wildcard and st.wildcard:
@@ -810,13 +967,19 @@ class DeltaStream(
             eds.warming -= resend
             self._follow_up.add(ENDPOINT_TYPE)
 
+    @staticmethod
+    def _claims_state(request: discovery_pb2.DeltaDiscoveryRequest) -> bool:
+        return len(request.initial_resource_versions) > 0
+
     def _apply_ack(self, type_url: str, st: _TypeState, sent: _Sent) -> None:
         for name, entry in sent.entries.items():
             if st.in_scope(name):
                 st.held[name] = entry
         for name in sent.removed:
             st.held.pop(name, None)
-        st.reported_absent |= {n for n in sent.absent if st.in_scope(n)}
+        # A removal told the proxy the name is gone: a name it still subscribes to needs no
+        # second "does not exist" after it.
+        st.reported_absent |= {n for n in sent.absent | sent.removed if n in st.names}
 
     def _evaluate(
         self, type_url: str, st: _TypeState, force: bool, scoped: bool
@@ -825,6 +988,8 @@ class DeltaStream(
             return None
         if st.outstanding is not None:
             self._defer(st, force, scoped)
+            return None
+        if self._waiting(type_url, st, force):
             return None
         force = force or st.force
         changed = self._take_changes(st, scoped and not force and not st.force_names)
@@ -899,6 +1064,9 @@ def make_stream(
     identifier: str,
     metrics: XdsMetrics | None = None,
     journal: NackJournal | None = None,
+    rejected: RejectedVersions | None = None,
+    gateway: GatewayConfig | None = DEFAULT_GATEWAY,
+    on_node: Callable[[ProtocolStream[Any, Any]], None] | None = None,
     clock: Callable[[], float] = time.time,
     bodies: ResponseBodies | None = None,
 ) -> SotwStream | DeltaStream:
@@ -910,6 +1078,9 @@ def make_stream(
         identifier=identifier,
         metrics=metrics,
         journal=journal,
+        rejected=rejected,
+        gateway=gateway,
+        on_node=on_node,
         clock=clock,
         bodies=bodies,
     )

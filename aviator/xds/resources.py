@@ -6,7 +6,15 @@ endpoints in the input, so content hashes make stable versions.
 
 Resource naming:
 - Cluster and ClusterLoadAssignment: ``WorkloadKey.cluster_name`` (``namespace/name``).
-- Gateway mode: one Listener and one RouteConfiguration, named by :class:`GatewayConfig`.
+- Gateway mode: one RouteConfiguration (``GatewayConfig.route_name``) shared by every gateway,
+  and one Listener per address and port some gateway asks for (:class:`ListenSpec`), named
+  ``aviator-gateway-<address>-<port>``: a gateway receives only its own (Envoy binds every
+  listener it holds). The name is a function of where it binds, so gateways asking for the same
+  address and port share one listener resource, and the name says where it binds (in
+  /debug/proxies and Envoy's config dump). A gateway told to move gets a new listener and the
+  old one's removal in one LDS response; Envoy 1.40 accepts that, and replaced a listener of
+  another name on the same address without a failed request (measured while upgrading from
+  the single ``aviator-gateway`` listener).
 - gRPC proxyless clients: one API listener per workload named ``name.namespace`` and
   ``name.namespace:port`` (the target of ``xds:///name.namespace[:port]``), sharing one
   RouteConfiguration (:data:`GRPC_ROUTE_NAME`).
@@ -14,6 +22,7 @@ Resource naming:
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -34,7 +43,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.extensions.load_balancing_policies.least_request.v3 import least_request_pb2
 from envoy.extensions.load_balancing_policies.round_robin.v3 import round_robin_pb2
-from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from aviator.model import Health, WeightedWorkload, WorkloadKey
@@ -91,22 +100,175 @@ _HEALTH = {
 }
 
 
+GATEWAY_LISTENER_PREFIX = "aviator-gateway"
+
+# Node metadata a gateway's bootstrap carries (``aviator bootstrap``; the same keys are defined
+# in ``aviator.envoy.bootstrap``, which this layer may not import: a test holds them equal).
+META_MODE = "aviator.io/mode"
+META_LISTEN_PORT = "aviator.io/listen-port"
+META_LISTEN_ADDRESS = "aviator.io/listen-address"
+
+
+def _ip(text: str, what: str) -> str:
+    """``text`` as an IP address in its canonical form; ValueError naming ``what`` otherwise
+    (Envoy rejects a listener whose address is not an IP)."""
+    try:
+        return ipaddress.ip_address(text).compressed
+    except ValueError:
+        raise ValueError(f"{what} must be an IP address, got {text!r}") from None
+
+
+def _listen_port(port: int, what: str) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"{what} must be in 1..65535, got {port!r}")
+    return port
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ListenSpec:
+    """Where one gateway listener binds: an IP address (canonical form) and a port."""
+
+    address: str
+    port: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "address", _ip(self.address, "a listener address"))
+        _listen_port(self.port, "a listener port")
+
+    @property
+    def listener_name(self) -> str:
+        """``aviator-gateway-0.0.0.0-10000`` (``[::]`` for IPv6): one name per place a
+        listener binds, shared by every gateway asking for it."""
+        return f"{GATEWAY_LISTENER_PREFIX}-{self._host()}-{self.port}"
+
+    def _host(self) -> str:
+        return f"[{self.address}]" if ":" in self.address else self.address
+
+    def __str__(self) -> str:
+        return f"{self._host()}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenRequest:
+    """What a node's metadata asks for; a field left None takes the control plane's default
+    (``aviator run --gateway-address``, ``--gateway-port``)."""
+
+    address: str | None = None
+    port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeListener:
+    """A node's metadata as the control plane reads it (:func:`read_node_listener`).
+
+    ``gateway`` is False for a sidecar (``aviator.io/mode: sidecar``): it gets no gateway
+    listener. ``problems`` name each field that was ignored, its value and what is allowed; a
+    node with a bad listen field gets the default listener.
+    """
+
+    gateway: bool = True
+    request: ListenRequest = ListenRequest()
+    problems: tuple[str, ...] = ()
+
+
+def _describe(value: struct_pb2.Value) -> str:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return f"the string {value.string_value!r}"
+    if kind == "number_value":
+        return f"{value.number_value:g}"
+    if kind == "bool_value":
+        return f"the boolean {str(value.bool_value).lower()}"
+    return {"null_value": "null", "struct_value": "a map", "list_value": "a list"}.get(
+        kind or "", "nothing"
+    )
+
+
+def read_node_listener(metadata: struct_pb2.Struct) -> NodeListener:
+    """Read ``aviator.io/mode``, ``aviator.io/listen-port`` and ``aviator.io/listen-address``
+    from a node's metadata. Never raises: a bad field is reported and ignored."""
+    fields = metadata.fields
+    problems: list[str] = []
+    gateway = True
+    if META_MODE in fields:
+        mode = fields[META_MODE]
+        if mode.WhichOneof("kind") == "string_value" and mode.string_value in (
+            "gateway",
+            "sidecar",
+        ):
+            gateway = mode.string_value == "gateway"
+        else:
+            problems.append(
+                f"{META_MODE} must be 'gateway' or 'sidecar', got {_describe(mode)}: "
+                "treated as a gateway"
+            )
+    port: int | None = None
+    address: str | None = None
+    bad_listen = False
+    if META_LISTEN_PORT in fields:
+        value = fields[META_LISTEN_PORT]
+        number = value.number_value if value.WhichOneof("kind") == "number_value" else None
+        if number is not None and number.is_integer() and 0 < number < 65536:
+            port = int(number)
+        else:
+            bad_listen = True
+            problems.append(
+                f"{META_LISTEN_PORT} must be a port number in 1..65535, got {_describe(value)}"
+            )
+    if META_LISTEN_ADDRESS in fields:
+        value = fields[META_LISTEN_ADDRESS]
+        text = value.string_value if value.WhichOneof("kind") == "string_value" else ""
+        try:
+            address = _ip(text, META_LISTEN_ADDRESS)
+        except ValueError:
+            bad_listen = True
+            problems.append(
+                f"{META_LISTEN_ADDRESS} must be an IP address such as 0.0.0.0, 127.0.0.1 or ::, "
+                f"got {_describe(value)}"
+            )
+    if bad_listen and gateway:
+        # Half a request (a good address with a bad port) could bind where nobody expects:
+        # a node whose listen fields are wrong gets the default listener, and says so.
+        problems.append("this node gets the default gateway listener")
+        port = address = None
+    return NodeListener(gateway, ListenRequest(address, port), tuple(problems))
+
+
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
-    """The gateway Listener and its RouteConfiguration (gateway mode only)."""
+    """Gateway mode: the shared RouteConfiguration and the default listener.
 
-    listener_name: str = "aviator-gateway"
+    ``address`` and ``port`` are the default :class:`ListenSpec`, for gateways whose metadata
+    names none (a gateway listens on every interface unless told otherwise).
+    """
+
     route_name: str = "aviator-gateway"
-    address: str = "0.0.0.0"  # a gateway listens on every interface by design
+    address: str = "0.0.0.0"
     port: int = 10000
     cluster_domain: str = "cluster.local"
     stat_prefix: str = "aviator_gateway"
 
     def __post_init__(self) -> None:
-        if not 0 < self.port < 65536:
-            raise ValueError(f"gateway port must be in 1..65535, got {self.port}")
-        if not self.listener_name or not self.route_name:
-            raise ValueError("gateway listener and route names must not be empty")
+        _listen_port(self.port, "gateway port")
+        object.__setattr__(self, "address", _ip(self.address, "gateway address"))
+        if not self.route_name:
+            raise ValueError("the gateway route name must not be empty")
+
+    @property
+    def default(self) -> ListenSpec:
+        return ListenSpec(self.address, self.port)
+
+    @property
+    def listener_name(self) -> str:
+        """The name of the default listener."""
+        return self.default.listener_name
+
+    def resolve(self, request: ListenRequest) -> ListenSpec:
+        """The listener for a node's request: its address and port, or the defaults."""
+        return ListenSpec(
+            request.address if request.address is not None else self.address,
+            request.port if request.port is not None else self.port,
+        )
 
 
 def _ads_config_source() -> config_source_pb2.ConfigSource:
@@ -206,15 +368,15 @@ def _http_connection_manager(stat_prefix: str, route_name: str) -> hcm_pb2.HttpC
     )
 
 
-def build_listener(gateway: GatewayConfig) -> listener_pb2.Listener:
-    """The gateway listener: one HTTP connection manager taking its routes over RDS (ADS)."""
+def build_listener(gateway: GatewayConfig, spec: ListenSpec | None = None) -> listener_pb2.Listener:
+    """A gateway listener (``spec``, by default the gateway's default one): one HTTP connection
+    manager taking the shared routes over RDS (ADS)."""
+    spec = spec if spec is not None else gateway.default
     hcm = _http_connection_manager(gateway.stat_prefix, gateway.route_name)
     return listener_pb2.Listener(
-        name=gateway.listener_name,
+        name=spec.listener_name,
         address=address_pb2.Address(
-            socket_address=address_pb2.SocketAddress(
-                address=gateway.address, port_value=gateway.port
-            )
+            socket_address=address_pb2.SocketAddress(address=spec.address, port_value=spec.port)
         ),
         filter_chains=[
             listener_components_pb2.FilterChain(
@@ -238,21 +400,14 @@ def grpc_listener_names(workload: WeightedWorkload) -> tuple[str, str]:
     return base, f"{base}:{workload.port}"
 
 
-def host_domains(
-    key: WorkloadKey, ports: Iterable[int], cluster_domain: str = "cluster.local"
-) -> list[str]:
-    """Every Host a client may send for a workload, bare and with each port.
-
-    Envoy matches the Host header literally, port included (unless the connection manager
-    strips it), so ``name.ns:8080`` needs its own entry next to ``name.ns``.
-    """
-    names = [
+def host_domains(key: WorkloadKey, cluster_domain: str = "cluster.local") -> list[str]:
+    """Every name a client may send in ``Host`` for a workload (the port is not matched: see
+    :func:`build_route_configuration`)."""
+    return [
         f"{key.name}.{key.namespace}",
         f"{key.name}.{key.namespace}.svc",
         f"{key.name}.{key.namespace}.svc.{cluster_domain}",
     ]
-    unique_ports = sorted(set(ports))
-    return names + [f"{n}:{p}" for n in names for p in unique_ports]
 
 
 def _virtual_host(key: WorkloadKey, domains: Sequence[str]) -> route_components_pb2.VirtualHost:
@@ -273,14 +428,16 @@ def build_route_configuration(
 ) -> route_pb2.RouteConfiguration:
     """Routes ``Host: <name>.<namespace>[.svc[.<cluster domain>]][:port]`` to the workload.
 
-    The ports are the gateway's listener port and the workload's own port.
+    Any port: the configuration is shared by gateways on different ports, and a client behind
+    a Service or load balancer sends the port it dialled, which need not be the listener's.
+    ``ignore_port_in_host_matching`` matches the name only and leaves the Host header as the
+    client sent it.
     """
     return route_pb2.RouteConfiguration(
         name=gateway.route_name,
+        ignore_port_in_host_matching=True,
         virtual_hosts=[
-            _virtual_host(
-                w.key, host_domains(w.key, (gateway.port, w.port), gateway.cluster_domain)
-            )
+            _virtual_host(w.key, host_domains(w.key, gateway.cluster_domain))
             for w in sorted(workloads, key=lambda w: w.key)
         ],
     )

@@ -2,7 +2,10 @@
 
 This layer only moves messages between gRPC and a :class:`~aviator.xds.protocol.ProtocolStream`
 (where every protocol rule lives), keeps the registry of open streams for the
-connected-proxies view, and the :class:`~aviator.xds.protocol.NackJournal`.
+connected-proxies view, the :class:`~aviator.xds.protocol.NackJournal` and the
+:class:`~aviator.xds.protocol.RejectedVersions` of every node, and tells the producer of
+snapshots which gateway listeners its connected nodes want (``on_listeners``): the snapshot
+must hold a node's listener for that node to get one.
 
 Each stream runs one loop: a reader task queues requests, the cache wakes the loop through the
 stream's watches, and the loop yields the responses the state machine returns, in order.
@@ -13,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -25,15 +28,18 @@ from prometheus_client import CollectorRegistry
 from aviator.xds.cache import Cache
 from aviator.xds.metrics import XdsMetrics
 from aviator.xds.protocol import (
+    DEFAULT_GATEWAY,
     DeltaStream,
     NackJournal,
     NackRecord,
     ProtocolStream,
     ProxyStatus,
+    RejectedVersions,
     ResponseBodies,
     SotwStream,
     StreamKind,
 )
+from aviator.xds.resources import GatewayConfig, ListenSpec
 
 log = structlog.get_logger(__name__)
 
@@ -103,19 +109,77 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         identifier: str,
         metrics: XdsMetrics,
         journal: NackJournal,
+        rejected: RejectedVersions | None = None,
+        gateway: GatewayConfig | None = DEFAULT_GATEWAY,
+        on_listeners: Callable[[frozenset[ListenSpec]], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._cache = cache
         self._identifier = identifier
         self._metrics = metrics
         self._journal = journal
+        self._rejected = rejected if rejected is not None else RejectedVersions()
+        self._gateway = gateway
+        self._on_listeners = on_listeners
         self._clock = clock
         self._streams: dict[int, ProtocolStream[Any, Any]] = {}
         self._bodies = ResponseBodies()  # one body per content, copied by every stream
         self._tasks: dict[int, asyncio.Task[Any]] = {}
+        # The gateway listener of each open stream whose node told it, and how many want each.
+        self._listening: dict[int, ListenSpec] = {}
+        self._wanted: Counter[ListenSpec] = Counter()
 
     def streams(self) -> list[ProtocolStream[Any, Any]]:
         return list(self._streams.values())
+
+    def wanted_listeners(self) -> frozenset[ListenSpec]:
+        """The gateway listeners the nodes of the open streams are given."""
+        return frozenset(self._wanted)
+
+    def _node_known(self, stream: ProtocolStream[Any, Any]) -> None:
+        """A stream's first request said who the proxy is: count the listener it wants."""
+        spec = stream.listen_spec
+        if spec is None or stream.stream_id in self._listening:
+            return
+        self._listening[stream.stream_id] = spec
+        self._wanted[spec] += 1
+        if self._wanted[spec] == 1:
+            self._listeners_changed()
+
+    def _stream_gone(self, stream_id: int) -> None:
+        spec = self._listening.pop(stream_id, None)
+        if spec is None:
+            return
+        self._wanted[spec] -= 1
+        if self._wanted[spec] <= 0:
+            del self._wanted[spec]
+            self._listeners_changed()
+
+    def _listeners_changed(self) -> None:
+        if self._on_listeners is None:
+            return
+        wanted = self.wanted_listeners()
+        log.info("gateway listeners wanted", listeners=sorted(str(s) for s in wanted))
+        try:
+            self._on_listeners(wanted)
+        except Exception:  # a broken producer must not end the stream that told it
+            log.exception("the listener callback failed")
+
+    def _new_stream(self, kind: StreamKind) -> ProtocolStream[Any, Any]:
+        cls: type[SotwStream] | type[DeltaStream] = (
+            SotwStream if kind is StreamKind.SOTW else DeltaStream
+        )
+        return cls(
+            self._cache,
+            identifier=self._identifier,
+            metrics=self._metrics,
+            journal=self._journal,
+            rejected=self._rejected,
+            gateway=self._gateway,
+            on_node=self._node_known,
+            clock=self._clock,
+            bodies=self._bodies,
+        )
 
     async def drain(self, within: float) -> None:
         """Wait (at most ``within`` s) for the handlers of ended RPCs to finish their cleanup.
@@ -129,6 +193,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         for stream_id, stream in list(self._streams.items()):  # handlers that never cleaned up
             stream.close()
             self._streams.pop(stream_id, None)
+            self._stream_gone(stream_id)
 
     async def _serve(
         self, stream: ProtocolStream[Req, Resp], requests: AsyncIterator[Req], peer: str
@@ -147,6 +212,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
             gauge.dec()
             self._streams.pop(stream.stream_id, None)
             self._tasks.pop(stream.stream_id, None)
+            self._stream_gone(stream.stream_id)
             log.info(
                 "ADS stream closed",
                 stream=stream.stream_id,
@@ -159,14 +225,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
-        stream = SotwStream(
-            self._cache,
-            identifier=self._identifier,
-            metrics=self._metrics,
-            journal=self._journal,
-            clock=self._clock,
-            bodies=self._bodies,
-        )
+        stream = self._new_stream(StreamKind.SOTW)
         async for response in self._serve(stream, request_iterator, context.peer()):
             yield response
             del response  # see run_stream
@@ -176,14 +235,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[discovery_pb2.DeltaDiscoveryResponse]:
-        stream = DeltaStream(
-            self._cache,
-            identifier=self._identifier,
-            metrics=self._metrics,
-            journal=self._journal,
-            clock=self._clock,
-            bodies=self._bodies,
-        )
+        stream = self._new_stream(StreamKind.DELTA)
         async for response in self._serve(stream, request_iterator, context.peer()):
             yield response
             del response  # see run_stream
@@ -249,16 +301,31 @@ class AdsServer:
         *,
         identifier: str,
         metrics_registry: CollectorRegistry | None = None,
+        gateway: GatewayConfig | None = DEFAULT_GATEWAY,
+        on_listeners: Callable[[frozenset[ListenSpec]], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``gateway``: the defaults of gateway listeners, as the snapshots are built with
+        (None: no gateway listeners). ``on_listeners`` is called with every gateway listener
+        the connected nodes want whenever that set changes (a gateway connects on a new
+        address or port, or the last one on it leaves); its producer builds them into the
+        snapshots (``SnapshotBuilder.build(listeners=...)``)."""
         if not identifier:
             raise ValueError("the control plane identifier must not be empty")
         self.cache = cache
         self.identifier = identifier
         self.metrics = XdsMetrics(metrics_registry)
         self.journal = NackJournal()
+        self.rejected = RejectedVersions()
         self.servicer = AdsServicer(
-            cache, identifier=identifier, metrics=self.metrics, journal=self.journal, clock=clock
+            cache,
+            identifier=identifier,
+            metrics=self.metrics,
+            journal=self.journal,
+            rejected=self.rejected,
+            gateway=gateway,
+            on_listeners=on_listeners,
+            clock=clock,
         )
         self._server: grpc.aio.Server | None = None
         self._port: int | None = None
@@ -305,6 +372,10 @@ class AdsServer:
         return tuple(
             sorted((s.status() for s in self.servicer.streams()), key=lambda p: p.stream_id)
         )
+
+    def wanted_listeners(self) -> frozenset[ListenSpec]:
+        """The gateway listeners the connected nodes are given."""
+        return self.servicer.wanted_listeners()
 
     def nacks(self, node_id: str | None = None) -> tuple[NackRecord, ...]:
         """Recorded NACKs (oldest first), of one node or of all."""

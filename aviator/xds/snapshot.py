@@ -225,16 +225,19 @@ def build_snapshot(
     workloads: Iterable[WeightedWorkload],
     *,
     gateway: r.GatewayConfig | None = None,
+    listeners: Iterable[r.ListenSpec] = (),
     grpc_api_listeners: bool = False,
 ) -> Snapshot:
-    """One Cluster and one ClusterLoadAssignment per workload; in gateway mode a Listener and
-    its RouteConfiguration; optionally API listeners for gRPC proxyless clients.
+    """One Cluster and one ClusterLoadAssignment per workload; in gateway mode the shared
+    RouteConfiguration and one Listener per distinct :class:`~aviator.xds.resources.ListenSpec`
+    of ``listeners`` plus the gateway's default one; optionally API listeners for gRPC
+    proxyless clients.
 
     Builds everything from scratch; a producer that publishes again and again should keep a
     :class:`SnapshotBuilder`, which rebuilds only what changed.
     """
     return SnapshotBuilder().build(
-        workloads, gateway=gateway, grpc_api_listeners=grpc_api_listeners
+        workloads, gateway=gateway, listeners=listeners, grpc_api_listeners=grpc_api_listeners
     )
 
 
@@ -260,6 +263,7 @@ class SnapshotBuilder:
         workloads: Iterable[WeightedWorkload],
         *,
         gateway: r.GatewayConfig | None = None,
+        listeners: Iterable[r.ListenSpec] = (),
         grpc_api_listeners: bool = False,
     ) -> Snapshot:
         workloads = list(workloads)
@@ -290,11 +294,19 @@ class SnapshotBuilder:
                 entry = ResourceEntry.from_message(type_url, build())
             others.append((key, entry))
 
-        # Routes depend on the workloads' keys and ports only, not on their endpoints.
+        # Routes depend on the workloads' keys and ports only, not on their endpoints (nor on
+        # the gateway listeners: every gateway shares one route configuration).
         shape = tuple(sorted((w.key, w.port) for w in workloads))
         if gateway is not None:
             gw = gateway
-            other(("listener", gw), r.LISTENER_TYPE, lambda: r.build_listener(gw))
+            # The default listener (for nodes that name no address or port) and every one
+            # some gateway asked for: each node receives only its own (the ADS streams).
+            for spec in sorted({gw.default, *listeners}):
+                other(
+                    ("listener", gw, spec),
+                    r.LISTENER_TYPE,
+                    functools.partial(r.build_listener, gw, spec),
+                )
             other(
                 ("route", gw, shape),
                 r.ROUTE_TYPE,

@@ -13,9 +13,11 @@ import itertools
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import aiohttp
+import yaml
 from aiohttp import web
 
 from aviator.envoy.admin import EnvoyAdmin
@@ -142,6 +144,7 @@ async def gateway_factory(envoy_factory: EnvoyFactory) -> AsyncIterator[GatewayF
                 xds_port=xds_port,
                 node_id=node_id,
                 listen_port=port,
+                listen_address="127.0.0.1",  # the node asks for the listener of gateway_config
                 admin_port=0,
                 delta=delta,
                 initial_fetch_timeout=initial_fetch_timeout,
@@ -260,6 +263,61 @@ async def gated_backend(name: str) -> AsyncIterator[GatedBackend]:
         await runner.cleanup()
 
 
+def http_port(port: int) -> dict[str, Any]:
+    return {"name": "http", "containerPort": port}
+
+
+def manifests(backends: list[Backend]) -> list[dict[str, Any]]:
+    """AviatorPolicy, Deployment ``shop/web`` and one ready Pod per backend. Every backend
+    listens on 127.0.0.1 at its own port, declared as the pod's container port ``http``."""
+    meta = {"name": "web", "namespace": "shop"}
+    policy = {
+        "apiVersion": "aviator.io/v1alpha1",
+        "kind": "AviatorPolicy",
+        "metadata": dict(meta),
+        "spec": {
+            "targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+            "port": "http",
+            "pingInterval": "200ms",
+            "latencyThreshold": "100ms",
+        },
+    }
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": dict(meta),
+        "spec": {
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "web", "ports": [http_port(8080)]}]},
+            },
+        },
+    }
+    pods = [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"web-{b.name}", "namespace": "shop", "labels": {"app": "web"}},
+            "spec": {"containers": [{"name": "web", "ports": [http_port(b.port)]}]},
+            "status": {
+                "phase": "Running",
+                "podIP": b.host,
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        }
+        for b in backends
+    ]
+    return [policy, deployment, *pods]
+
+
+def write_source(directory: Path, backends: list[Backend]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / ".web.yaml.tmp"  # dot file: the source skips it
+    tmp.write_text(yaml.safe_dump_all(manifests(backends), sort_keys=False))
+    tmp.replace(directory / "web.yaml")  # atomic: never read half-written
+
+
 __all__ = [
     "IDENTIFIER",
     "RDS_PREFIX",
@@ -279,4 +337,5 @@ __all__ = [
     "sample",
     "versions",
     "workload",
+    "write_source",
 ]

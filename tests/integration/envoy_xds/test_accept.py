@@ -96,15 +96,16 @@ async def test_gateway_routes_every_kubernetes_host_form_to_the_workload(
         "web.shop.svc.cluster.local",
         "web.shop.svc.cluster.local:8080",  # the workload's port
         f"web.shop:{gw.port}",  # the gateway's own port, as a client dialling it sends
+        "web.shop:80",  # the port of a Service or load balancer in front of the gateway
     ):
         assert await gw.get(host, "/some/path") == (200, "web-1"), host
-    assert web.seen[-1]["Host"] == f"web.shop:{gw.port}"  # passed on as the client sent it
+    assert web.seen[-1]["Host"] == "web.shop:80"  # passed on as the client sent it
     assert await gw.get("cart.shop.svc.cluster.local:8080") == (200, "cart-1")
-    # Routing is by Host, not a catch-all: other names (and other ports) find no route.
-    for host in ("unknown.shop", "web.other", "web.shop:9999", "web"):
+    # Routing is by Host, not a catch-all: other names (on any port) find no route.
+    for host in ("unknown.shop", "web.other", "web.other:8080", "web", "web:8080"):
         status, _ = await gw.get(host)
         assert status == 404, host
-    assert web.hits == 5
+    assert web.hits == 6
 
 
 @pytest.mark.parametrize("kind", [StreamKind.SOTW, StreamKind.DELTA])

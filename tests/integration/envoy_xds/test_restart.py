@@ -15,7 +15,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from prometheus_client import CollectorRegistry
 
 from aviator.envoy.admin import EnvoyAdmin
@@ -35,6 +34,7 @@ from tests.integration.envoy_xds.harness import (
     rejections,
     sample,
     workload,
+    write_source,
 )
 
 pytestmark = pytest.mark.envoy
@@ -42,61 +42,6 @@ pytestmark = pytest.mark.envoy
 WEB = cluster_name("web")
 EDS_VERSION = f"cluster.{WEB}.version_text"
 CDS_VERSION = "cluster_manager.cds.version_text"
-
-
-def http_port(port: int) -> dict[str, Any]:
-    return {"name": "http", "containerPort": port}
-
-
-def manifests(backends: list[Backend]) -> list[dict[str, Any]]:
-    """AviatorPolicy, Deployment ``shop/web`` and one ready Pod per backend. Every backend
-    listens on 127.0.0.1 at its own port, declared as the pod's container port ``http``."""
-    meta = {"name": "web", "namespace": "shop"}
-    policy = {
-        "apiVersion": "aviator.io/v1alpha1",
-        "kind": "AviatorPolicy",
-        "metadata": dict(meta),
-        "spec": {
-            "targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
-            "port": "http",
-            "pingInterval": "200ms",
-            "latencyThreshold": "100ms",
-        },
-    }
-    deployment = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": dict(meta),
-        "spec": {
-            "selector": {"matchLabels": {"app": "web"}},
-            "template": {
-                "metadata": {"labels": {"app": "web"}},
-                "spec": {"containers": [{"name": "web", "ports": [http_port(8080)]}]},
-            },
-        },
-    }
-    pods = [
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": f"web-{b.name}", "namespace": "shop", "labels": {"app": "web"}},
-            "spec": {"containers": [{"name": "web", "ports": [http_port(b.port)]}]},
-            "status": {
-                "phase": "Running",
-                "podIP": b.host,
-                "conditions": [{"type": "Ready", "status": "True"}],
-            },
-        }
-        for b in backends
-    ]
-    return [policy, deployment, *pods]
-
-
-def write_source(directory: Path, backends: list[Backend]) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / ".web.yaml.tmp"  # dot file: the source skips it
-    tmp.write_text(yaml.safe_dump_all(manifests(backends), sort_keys=False))
-    tmp.replace(directory / "web.yaml")  # atomic: never read half-written
 
 
 @contextlib.asynccontextmanager

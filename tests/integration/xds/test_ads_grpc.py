@@ -79,7 +79,8 @@ class AdsClient:
 async def server() -> AsyncIterator[AdsServer]:
     cache = Cache()
     cache.publish(build_snapshot([workload("a", 1), workload("b", 2)], gateway=GW))
-    ads = AdsServer(cache, identifier=IDENTIFIER, metrics_registry=CollectorRegistry())
+    # The clients send no node metadata: they get the default listener of GW.
+    ads = AdsServer(cache, identifier=IDENTIFIER, metrics_registry=CollectorRegistry(), gateway=GW)
     await ads.start("127.0.0.1:0")
     yield ads
     await ads.stop(0)
@@ -401,3 +402,90 @@ async def test_nack_of_a_bad_cluster_over_grpc(
         assert nack.error_code == 13
     finally:
         client.close()
+
+
+def _with_bad_cluster_b(server: AdsServer) -> None:
+    snap = build_snapshot([workload("a", 1), workload("b", 2)], gateway=GW)
+    bad = r.build_cluster(WorkloadKey("default", "b"))
+    bad.connect_timeout.seconds = -1
+    entries = [
+        e
+        for t, es in snap.resources.items()
+        for e in es.values()
+        if not (t == r.CLUSTER_TYPE and e.name == "default/b")
+    ]
+    server.cache.publish(
+        Snapshot.from_entries([*entries, ResourceEntry.from_message(r.CLUSTER_TYPE, bad)])
+    )
+
+
+async def test_a_nacked_version_is_not_resent_to_the_node_after_it_reconnects(
+    server: AdsServer, channel: grpc.aio.Channel
+) -> None:
+    """The stream breaks after a NACK and the same node opens a new one, holding the version it
+    accepted: the rejected version is not sent on the new stream. Silence is proven by the next
+    answer (EDS) arriving first; another node does get the version; a change reaches both."""
+    first = AdsClient(channel, StreamKind.SOTW)
+    try:
+        first.send(discovery_pb2.DiscoveryRequest(type_url=r.CLUSTER_TYPE, node={"id": "gw-9"}))
+        good = await first.receive()
+        first.send(
+            discovery_pb2.DiscoveryRequest(
+                type_url=r.CLUSTER_TYPE, version_info=good.version_info, response_nonce=good.nonce
+            )
+        )
+        _with_bad_cluster_b(server)
+        rejected = await first.receive()
+        first.send(
+            discovery_pb2.DiscoveryRequest(
+                type_url=r.CLUSTER_TYPE,
+                version_info=good.version_info,
+                response_nonce=rejected.nonce,
+                error_detail=status_pb2.Status(code=13, message="Invalid duration"),
+            )
+        )
+
+        # Requests are handled in order: this answer means the NACK was.
+        first.send(
+            discovery_pb2.DiscoveryRequest(type_url=r.ENDPOINT_TYPE, resource_names=["default/a"])
+        )
+        assert (await first.receive()).type_url == r.ENDPOINT_TYPE
+        assert len(server.nacks("gw-9")) == 1
+    finally:
+        first.close()  # the stream breaks
+
+    again = AdsClient(channel, StreamKind.SOTW)
+    other = AdsClient(channel, StreamKind.SOTW)
+    try:
+        again.send(
+            discovery_pb2.DiscoveryRequest(
+                type_url=r.CLUSTER_TYPE, version_info=good.version_info, node={"id": "gw-9"}
+            )
+        )
+        again.send(
+            discovery_pb2.DiscoveryRequest(type_url=r.ENDPOINT_TYPE, resource_names=["default/a"])
+        )
+        eds = await again.receive()
+        assert eds.type_url == r.ENDPOINT_TYPE  # no CDS response came before it
+
+        other.send(
+            discovery_pb2.DiscoveryRequest(
+                type_url=r.CLUSTER_TYPE, version_info=good.version_info, node={"id": "gw-10"}
+            )
+        )
+        assert (await other.receive()).version_info == rejected.version_info
+
+        server.cache.publish(
+            build_snapshot([workload("a", 1), workload("b", 2), workload("c", 1)], gateway=GW)
+        )
+        repaired = await again.receive()
+        assert repaired.type_url == r.CLUSTER_TYPE
+        assert repaired.version_info not in {good.version_info, rejected.version_info}
+        assert _names(repaired) == ["default/a", "default/b", "default/c"]
+        assert (
+            _sample(server, "aviator_xds_nacked_resends_suppressed_total", type="cds", kind="sotw")
+            >= 1
+        )
+    finally:
+        again.close()
+        other.close()

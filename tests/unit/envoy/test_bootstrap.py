@@ -72,6 +72,34 @@ def test_node_and_admin() -> None:
     }
 
 
+def test_gateway_metadata_asks_for_a_listener_or_leaves_it_to_the_control_plane() -> None:
+    assert gateway()["node"]["metadata"] == {"aviator.io/mode": "gateway"}
+    assert gateway(listen_port=44639, listen_address="0:0::0")["node"]["metadata"] == {
+        "aviator.io/mode": "gateway",
+        "aviator.io/listen-port": 44639,
+        "aviator.io/listen-address": "::",  # canonical, as the control plane names it
+    }
+
+
+def test_the_control_plane_reads_the_keys_the_bootstrap_writes() -> None:
+    from google.protobuf import struct_pb2
+
+    from aviator.xds import resources
+
+    assert (b.META_MODE, b.META_LISTEN_PORT, b.META_LISTEN_ADDRESS) == (
+        resources.META_MODE,
+        resources.META_LISTEN_PORT,
+        resources.META_LISTEN_ADDRESS,
+    )
+    metadata = struct_pb2.Struct()
+    metadata.update(gateway(listen_port=44639, listen_address="127.0.0.1")["node"]["metadata"])
+    info = resources.read_node_listener(metadata)
+    assert (info.gateway, info.problems) == (True, ())
+    assert resources.GatewayConfig().resolve(info.request) == resources.ListenSpec(
+        "127.0.0.1", 44639
+    )
+
+
 def test_delta_selects_incremental_ads() -> None:
     assert gateway(delta=True)["dynamic_resources"]["ads_config"]["api_type"] == "DELTA_GRPC"
     assert sidecar(delta=True)["dynamic_resources"]["ads_config"]["api_type"] == "DELTA_GRPC"
@@ -92,6 +120,11 @@ def test_xds_cluster_speaks_http2_to_the_control_plane(host: str, kind: str) -> 
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
     ]
     assert "http2_protocol_options" in options["explicit_http_config"]
+
+
+def test_sidecar_listener_defaults_to_loopback() -> None:
+    (listener,) = sidecar()["static_resources"]["listeners"]
+    assert listener["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 10000}
 
 
 def test_sidecar_gets_clusters_over_ads_and_a_static_listener() -> None:
@@ -199,6 +232,8 @@ def test_render_is_deterministic() -> None:
         ({"xds_port": 0}, "xds_port must be in 1..65535, got 0"),
         ({"xds_port": 70000}, "xds_port must be in 1..65535, got 70000"),
         ({"listen_port": 0}, "listen_port must be in 1..65535"),
+        ({"listen_address": "localhost"}, "listen_address must be an IP address"),
+        ({"listen_address": "", "mode": "sidecar"}, "listen_address must be an IP address"),
         ({"admin_port": -1}, "admin_port must be in 0..65535"),
         ({"node_id": ""}, "node_id must not be empty"),
         ({"xds_host": ""}, "xds_host must not be empty"),

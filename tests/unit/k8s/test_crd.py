@@ -1,10 +1,18 @@
 """The CRD in deploy/crd/ and the model in aviator/k8s/policy.py accept the same policies.
 
-There is no API server in the test environment (``kubectl create --dry-run=client`` needs
-one for discovery), so the schema is checked here: its fields are exactly the model's, and
-a small validator for the OpenAPI subset the CRD uses (types, required, enum, pattern,
-lengths, ranges, int-or-string, strict unknown fields) plus the CRD's CEL duration rules
-gives the same verdict as the model on a battery of good and bad policies.
+The CRD ships in two forms: the base (deploy/crd/, in dist/crd.yaml), which must install on
+Kubernetes 1.20, so it has no CEL rules; and the CEL overlay (deploy/overlays/cel, Kubernetes
+>= 1.25), which adds the rules OpenAPI cannot say (duration bounds, probe.timeout <=
+pingInterval). A small validator for the OpenAPI subset the CRD uses (types, required, enum,
+pattern, lengths, ranges, allOf, int-or-string, strict unknown fields) plus the overlay's CEL
+rules checks, on a battery of good and bad policies:
+
+- with the overlay, the schema gives exactly the model's verdict;
+- the base schema never rejects a policy the model accepts, and what it lets through that the
+  model rejects is only what the CEL rules cover (Aviator reports it on the policy's status).
+
+That the base really installs and rejects what it should is checked against a real API server
+in tests/integration/kubeapi/test_manifests.py.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import pytest
 import yaml
 
 from aviator.k8s.duration import DURATION_PATTERN, DurationError, parse_duration
-from aviator.k8s.objects import WorkloadKind
+from aviator.k8s.objects import FieldError, WorkloadKind
 from aviator.k8s.policy import (
     API_VERSION,
     DEFAULT_PROBE_PATH,
@@ -39,6 +47,9 @@ from .builders import policy_doc
 
 ROOT = Path(__file__).resolve().parents[3]
 CRD_PATH = ROOT / "deploy" / "crd" / "aviatorpolicies.aviator.io.yaml"
+CEL_OVERLAY = ROOT / "deploy" / "overlays" / "cel"
+# The fields whose rules need CEL: the base schema lets their out-of-range values through.
+CEL_FIELDS = frozenset({"spec.latencyThreshold", "spec.pingInterval", "spec.probe.timeout"})
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +57,31 @@ def crd() -> dict[str, Any]:
     doc = yaml.safe_load(CRD_PATH.read_text())
     assert isinstance(doc, dict)
     return doc
+
+
+def _json_patch_add(doc: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
+    """RFC 6902 ``add`` operations (the only kind the overlay uses), on a copy."""
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        assert op["op"] == "add", op
+        *parents, leaf = op["path"].lstrip("/").split("/")
+        node: Any = doc
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        assert leaf not in node, f"{op['path']} already exists in the base"
+        node[leaf] = op["value"]
+    return doc
+
+
+@pytest.fixture(scope="module")
+def cel_crd(crd: dict[str, Any]) -> dict[str, Any]:
+    """The base CRD with the CEL overlay's patch applied, as kustomize builds it."""
+    kustomization = yaml.safe_load((CEL_OVERLAY / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../../crd"]
+    (patch,) = kustomization["patches"]
+    assert patch["target"]["name"] == crd["metadata"]["name"]
+    ops = yaml.safe_load((CEL_OVERLAY / patch["path"]).read_text())
+    return _json_patch_add(crd, ops)
 
 
 def version(crd: dict[str, Any]) -> dict[str, Any]:
@@ -107,6 +143,8 @@ def validate(s: Mapping[str, Any], value: Any, path: str = "") -> list[str]:
     }
     if t is not None and not checks[t](value):
         return [f"{path}: must be of type {t}"]
+    for branch in s.get("allOf", []):
+        errors.extend(validate(branch, value, path))
     if "enum" in s and value not in s["enum"]:
         errors.append(f"{path}: not in enum")
     if isinstance(value, str):
@@ -116,7 +154,11 @@ def validate(s: Mapping[str, Any], value: Any, path: str = "") -> list[str]:
             errors.append(f"{path}: too short")
         if "pattern" in s and not re.search(s["pattern"], value):
             errors.append(f"{path}: does not match pattern")
-    if t in ("integer", "number"):
+    # Value validations apply to the values they are defined for: on a typeless int-or-string
+    # node, ranges to numbers and patterns to strings (as the API server's validator does).
+    if t in ("integer", "number") or (
+        t is None and isinstance(value, int | float) and not isinstance(value, bool)
+    ):
         v = float(value)
         if not math.isfinite(v):
             errors.append(f"{path}: not finite")
@@ -189,6 +231,53 @@ def test_schema_fields_are_the_models_fields(crd: dict[str, Any]) -> None:
         assert field["pattern"] == DURATION_PATTERN
 
 
+def _nodes(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """Every schema node under ``node`` with its path (properties, items, junctors)."""
+    found = [(path, node)]
+    for key, child in node.get("properties", {}).items():
+        found += _nodes(child, f"{path}.{key}")
+    if "items" in node:
+        found += _nodes(node["items"], f"{path}[]")
+    for junctor in ("allOf", "anyOf", "oneOf"):
+        for i, child in enumerate(node.get(junctor, [])):
+            found += _nodes(child, f"{path}.{junctor}[{i}]")
+    if "not" in node:
+        found += _nodes(node["not"], f"{path}.not")
+    return found
+
+
+def test_base_schema_is_structural_and_has_no_cel(crd: dict[str, Any]) -> None:
+    # Kubernetes 1.20 refuses the CRD otherwise (kubectl: unknown field
+    # x-kubernetes-validations; the server: "not structural" for anyOf with types).
+    assert "x-kubernetes-validations" not in CRD_PATH.read_text()
+    for path, node in _nodes(schema(crd)):
+        in_junctor = "allOf[" in path or "anyOf[" in path or "oneOf[" in path or ".not" in path
+        if in_junctor:
+            # No type, default, description, nullable or additionalProperties in a junctor.
+            assert not {"type", "default", "description", "nullable"} & set(node), path
+        elif node.get("x-kubernetes-int-or-string"):
+            assert "type" not in node, path
+            assert "anyOf" not in node, path
+        else:
+            assert "type" in node, f"{path}: every field needs a type"
+
+
+def test_int_or_string_fields(crd: dict[str, Any]) -> None:
+    spec = schema(crd)["properties"]["spec"]["properties"]
+    for node in (spec["port"], spec["probe"]["properties"]["port"]):
+        assert node["x-kubernetes-int-or-string"] is True
+        assert (node["minimum"], node["maximum"], node["maxLength"]) == (1, 65535, 15)
+
+
+def test_printer_columns(crd: dict[str, Any]) -> None:
+    columns = version(crd)["additionalPrinterColumns"]
+    default = [c["name"] for c in columns if not c.get("priority")]
+    assert default == [
+        "Target", "Threshold", "Interval", "Accepted", "Programmed", "Endpoints", "Age"
+    ]  # fmt: skip
+    assert crd["spec"]["names"]["shortNames"] == ["avp"]
+
+
 def test_printer_columns_point_at_real_fields(crd: dict[str, Any]) -> None:
     spec_props = schema(crd)["properties"]["spec"]["properties"]
     for col in version(crd)["additionalPrinterColumns"]:
@@ -206,9 +295,12 @@ def test_printer_columns_point_at_real_fields(crd: dict[str, Any]) -> None:
             assert path in {".metadata.creationTimestamp", ".status.endpoints"}, path
 
 
-def test_example_policy_is_valid_for_the_schema(crd: dict[str, Any]) -> None:
+def test_example_policy_is_valid_for_the_schema(
+    crd: dict[str, Any], cel_crd: dict[str, Any]
+) -> None:
     doc = yaml.safe_load((ROOT / "examples" / "web" / "policy.yaml").read_text())
     assert validate(schema(crd), doc) == []
+    assert validate(schema(cel_crd), doc) == []
     parse_policy(doc)
 
 
@@ -308,22 +400,43 @@ CASES: list[tuple[str, Any]] = [
 ]
 
 
-@pytest.mark.parametrize(("path", "value"), CASES, ids=[f"{p}={v!r}"[:60] for p, v in CASES])
-def test_schema_and_model_agree(crd: dict[str, Any], path: str, value: Any) -> None:
-    doc = _set(policy_doc(pingInterval="1s"), path, value)
-    schema_errors = validate(schema(crd), doc)
+def _model_errors(doc: dict[str, Any]) -> list[FieldError]:
     try:
         parse_policy(doc)
     except PolicyError as exc:
-        model_errors = [str(e) for e in exc.errors]
-    else:
-        model_errors = []
+        return list(exc.errors)
+    return []
+
+
+_IDS = [f"{p}={v!r}"[:60] for p, v in CASES]
+
+
+@pytest.mark.parametrize(("path", "value"), CASES, ids=_IDS)
+def test_cel_schema_and_model_agree(cel_crd: dict[str, Any], path: str, value: Any) -> None:
+    doc = _set(policy_doc(pingInterval="1s"), path, value)
+    schema_errors = validate(schema(cel_crd), doc)
+    model_errors = _model_errors(doc)
     assert bool(schema_errors) == bool(model_errors), (schema_errors, model_errors)
 
 
-def test_the_battery_has_both_verdicts(crd: dict[str, Any]) -> None:
-    # A battery where everything passes (or fails) would prove nothing.
+@pytest.mark.parametrize(("path", "value"), CASES, ids=_IDS)
+def test_base_schema_lets_through_only_what_cel_covers(
+    crd: dict[str, Any], path: str, value: Any
+) -> None:
+    doc = _set(policy_doc(pingInterval="1s"), path, value)
+    schema_errors = validate(schema(crd), doc)
+    model_errors = _model_errors(doc)
+    if schema_errors:  # never stricter than the model
+        assert model_errors, schema_errors
+    elif model_errors:  # let through: only what the CEL rules (or Aviator's status) catch
+        assert {e.path for e in model_errors} <= CEL_FIELDS, model_errors
+
+
+def test_the_battery_has_every_verdict(crd: dict[str, Any], cel_crd: dict[str, Any]) -> None:
+    # A battery where everything passes (or fails), or where the base and the overlay never
+    # differ, would prove nothing.
     verdicts = set()
     for path, value in CASES:
-        verdicts.add(not validate(schema(crd), _set(policy_doc(pingInterval="1s"), path, value)))
-    assert verdicts == {True, False}
+        doc = _set(policy_doc(pingInterval="1s"), path, value)
+        verdicts.add((not validate(schema(crd), doc), not validate(schema(cel_crd), doc)))
+    assert verdicts == {(True, True), (False, False), (True, False)}

@@ -237,7 +237,8 @@ def test_invalid_policy_is_reported_and_serves_nothing() -> None:
             ConditionStatus.FALSE,
             Reason.INVALID,
             "2 validation errors: spec.pingInterval: 1h0m0s is out of range; allowed: 10ms to "
-            "5m0s; spec.port: port number must be in 1..65535, got 0",
+            "5m0s; spec.port: port number must be in 1..65535, got 0; nothing is served: "
+            "there is no last valid spec to fall back on",
             7,
         ),
         Condition(

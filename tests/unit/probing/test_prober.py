@@ -218,10 +218,26 @@ async def test_in_flight_is_capped_globally() -> None:
     assert all(r.rtt_s == pytest.approx(0.4) for _, r in sink.results)
 
 
-async def test_failing_endpoint_backs_off_and_recovers() -> None:
+@pytest.mark.parametrize(
+    ("max_intervals", "want"),
+    [
+        (3.0, [1.0, 2.0, 3.0, 3.0, 3.0]),  # the default: capped at 3 intervals (issue 9)
+        (100.0, [1.0, 2.0, 4.0, 8.0, 8.0]),  # then by backoff_max_s
+    ],
+)
+async def test_failing_endpoint_backs_off_and_recovers(
+    max_intervals: float, want: list[float]
+) -> None:
     net, sink = FakeNetwork(), Collector()
     net.behaviour["127.0.0.1"] = refuse
-    prober = make(net, sink, jitter=0.0, backoff_after=2, backoff_max_s=8.0)
+    prober = make(
+        net,
+        sink,
+        jitter=0.0,
+        backoff_after=2,
+        backoff_max_s=8.0,
+        backoff_max_intervals=max_intervals,
+    )
     prober.set_targets({"t1": target(1)})
     async with running(prober):
         await asyncio.sleep(30.0)
@@ -229,7 +245,7 @@ async def test_failing_endpoint_backs_off_and_recovers() -> None:
         net.behaviour["127.0.0.1"] = respond()
         await asyncio.sleep(20.0)
     gaps = [round(b - a, 6) for a, b in itertools.pairwise(failing)]
-    assert gaps[:5] == [1.0, 2.0, 4.0, 8.0, 8.0]
+    assert gaps[:5] == want
     times = net.times("127.0.0.1")
     healed = [round(b - a, 6) for a, b in itertools.pairwise(times)][-5:]
     assert healed == [1.0] * 5

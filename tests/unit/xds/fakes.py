@@ -6,6 +6,8 @@ Every response a fake receives is checked against the rules a proxy relies on:
 - the version is not one this proxy has rejected for that type;
 - at most one response per type is in flight (the previous one was ACKed or NACKed);
 - every resource has the response's type URL;
+- a gateway listener (``aviator-gateway-…``) is only ever the node's own (Envoy would bind
+  another gateway's);
 - make before break: a RouteConfiguration names only clusters the proxy has accepted (or that
   are unknown to the server altogether); a Cluster that an accepted route still names is never
   removed; delta never removes a CLA an accepted cluster uses or a route an accepted listener uses.
@@ -23,6 +25,7 @@ from typing import Any
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 
@@ -30,7 +33,13 @@ from aviator.model import EndpointAddress, Health, WeightedEndpoint, WeightedWor
 from aviator.xds import resources as r
 from aviator.xds.cache import Cache
 from aviator.xds.metrics import XdsMetrics
-from aviator.xds.protocol import DeltaStream, NackJournal, SotwStream
+from aviator.xds.protocol import (
+    DEFAULT_GATEWAY,
+    DeltaStream,
+    NackJournal,
+    RejectedVersions,
+    SotwStream,
+)
 
 IDENTIFIER = "aviator-test"
 
@@ -77,11 +86,26 @@ class _FakeProxy:
         node_id: str = "proxy-1",
         journal: NackJournal | None = None,
         metrics: XdsMetrics | None = None,
+        *,
+        metadata: dict[str, Any] | None = None,
+        gateway: r.GatewayConfig | None = DEFAULT_GATEWAY,
+        rejected: RejectedVersions | None = None,
     ) -> None:
+        """``metadata``: the node metadata sent on the first request (as a bootstrap's
+        ``node.metadata``); ``gateway``: the server's gateway defaults; ``rejected``: shared
+        by fakes that play one node reconnecting."""
         self.cache = cache
         self.node_id = node_id
+        self.metadata = metadata or {}
         self.metrics = metrics or XdsMetrics()
         self.journal = journal or NackJournal()
+        self.stream_options: dict[str, Any] = {
+            "identifier": IDENTIFIER,
+            "metrics": self.metrics,
+            "journal": self.journal,
+            "gateway": gateway,
+            "rejected": rejected,
+        }
         self.seen_nonces: set[str] = set()
         self.nacked: dict[str, set[str]] = {}
         self.in_flight: dict[str, str] = {}  # type → nonce of the unanswered response
@@ -137,6 +161,15 @@ class _FakeProxy:
             for gone in self.held[r.ROUTE_TYPE].keys() - new_state.keys():
                 assert gone not in used, f"route {gone} removed while a held listener uses it"
 
+    def _check_listeners(self, type_url: str, names: Iterable[str]) -> None:
+        if type_url != r.LISTENER_TYPE:
+            return
+        spec = self.stream.listen_spec
+        own = spec.listener_name if spec is not None else None
+        for name in names:
+            if name.startswith(r.GATEWAY_LISTENER_PREFIX + "-"):
+                assert name == own, f"node {self.node_id} (listener {own}) was sent {name}"
+
     @property
     def uses_cds(self) -> bool:
         return True
@@ -168,6 +201,11 @@ class _FakeProxy:
         del self.in_flight[resp.type_url]
         self.inbox = [x for x in self.inbox if x is not resp]
 
+    def node(self) -> base_pb2.Node:
+        metadata = struct_pb2.Struct()
+        metadata.update(self.metadata)
+        return base_pb2.Node(id=self.node_id, metadata=metadata)
+
     def inbox_types(self) -> list[str]:
         return [r.TYPE_SHORT[x.type_url] for x in self.inbox]
 
@@ -184,9 +222,7 @@ class SotwProxy(_FakeProxy):
 
     def __init__(self, cache: Cache, node_id: str = "proxy-1", **kw: Any) -> None:
         super().__init__(cache, node_id, **kw)
-        self.stream = SotwStream(
-            cache, identifier=IDENTIFIER, metrics=self.metrics, journal=self.journal
-        )
+        self.stream = SotwStream(cache, **self.stream_options)
         self.version: dict[str, str] = {}  # accepted version_info per type
         self.subscribed: dict[str, list[str]] = {}
 
@@ -196,6 +232,7 @@ class SotwProxy(_FakeProxy):
             r.resource_name(resp.type_url, m): m
             for m in (decode(resp.type_url, a) for a in resp.resources)
         }
+        self._check_listeners(resp.type_url, state)
         if resp.type_url in r.FULL_STATE_TYPES:
             self._check_order(resp.type_url, state)
         else:
@@ -226,7 +263,7 @@ class SotwProxy(_FakeProxy):
             response_nonce=self.latest_nonce.get(type_url, "") if nonce is None else nonce,
         )
         if not self.sent_node:
-            req.node.CopyFrom(base_pb2.Node(id=self.node_id))
+            req.node.CopyFrom(self.node())
             self.sent_node = True
         if error is not None:
             req.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
@@ -314,9 +351,7 @@ class DeltaProxy(_FakeProxy):
 
     def __init__(self, cache: Cache, node_id: str = "proxy-1", **kw: Any) -> None:
         super().__init__(cache, node_id, **kw)
-        self.stream = DeltaStream(
-            cache, identifier=IDENTIFIER, metrics=self.metrics, journal=self.journal
-        )
+        self.stream = DeltaStream(cache, **self.stream_options)
         self.versions: dict[str, dict[str, str]] = {t: {} for t in r.TYPE_ORDER}
         self.subscribed: dict[str, set[str]] = {}
         self.wildcard: dict[str, bool] = {}
@@ -326,6 +361,7 @@ class DeltaProxy(_FakeProxy):
         state = dict(self.held[resp.type_url])
         names = [res.name for res in resp.resources]
         assert len(set(names)) == len(names), "a name twice in one response"
+        self._check_listeners(resp.type_url, names)
         assert not set(names) & set(resp.removed_resources), "a name both sent and removed"
         for res in resp.resources:
             # Per-resource version: hash of the serialised resource.
@@ -371,7 +407,7 @@ class DeltaProxy(_FakeProxy):
             initial_resource_versions=initial or {},
         )
         if not self.sent_node:
-            req.node.CopyFrom(base_pb2.Node(id=self.node_id))
+            req.node.CopyFrom(self.node())
             self.sent_node = True
         if error is not None:
             req.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))

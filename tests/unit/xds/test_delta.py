@@ -267,16 +267,18 @@ def test_gateway_add_and_remove_in_make_before_break_order() -> None:
 
 
 def test_route_removal_waits_for_the_listener_removal() -> None:
-    cache = _cache(workload("a", 1), gateway=GW)
+    # A gRPC client's API listener, subscribed by name, and the route it uses.
+    cache = Cache()
+    cache.publish(build_snapshot([workload("a", 1)], grpc_api_listeners=True))
     proxy = DeltaProxy(cache)
     proxy.ack(proxy.request(r.CLUSTER_TYPE)[0])
-    proxy.ack(proxy.request(r.LISTENER_TYPE)[0])
-    proxy.ack(proxy.request(r.ROUTE_TYPE, [GW.route_name])[0])
-    cache.publish(build_snapshot([workload("a", 1)]))  # gateway off
+    proxy.ack(proxy.request(r.LISTENER_TYPE, ["a.default"])[0])
+    proxy.ack(proxy.request(r.ROUTE_TYPE, [r.GRPC_ROUTE_NAME])[0])
+    cache.publish(build_snapshot([workload("a", 1)]))  # API listeners off
     sent = proxy.flush()
     assert [r.TYPE_SHORT[x.type_url] for x in sent] == ["lds"]
     (rds,) = proxy.ack(proxy.take(r.LISTENER_TYPE))
-    assert list(rds.removed_resources) == [GW.route_name]
+    assert list(rds.removed_resources) == [r.GRPC_ROUTE_NAME]
 
 
 def test_change_reaches_only_subscribed_delta_streams() -> None:

@@ -118,11 +118,9 @@ def test_load_assignment_bytes_do_not_depend_on_endpoint_order(
 
 
 def test_listener_uses_rds_over_ads_and_the_router() -> None:
-    gateway = r.GatewayConfig(
-        listener_name="gw", route_name="gw-routes", address="127.0.0.1", port=10080
-    )
+    gateway = r.GatewayConfig(route_name="gw-routes", address="127.0.0.1", port=10080)
     listener = r.build_listener(gateway)
-    assert listener.name == "gw"
+    assert listener.name == "aviator-gateway-127.0.0.1-10080" == gateway.listener_name
     assert listener.address.socket_address.address == "127.0.0.1"
     assert listener.address.socket_address.port_value == 10080
     (chain,) = listener.filter_chains
@@ -142,18 +140,16 @@ def test_gateway_defaults() -> None:
     assert (gateway.address, gateway.port) == ("0.0.0.0", 10000)
 
 
-def test_route_domains_cover_every_host_form_with_and_without_ports() -> None:
+def test_route_domains_cover_every_host_form_on_any_port() -> None:
     gateway = r.GatewayConfig(port=10000)
     other = WeightedWorkload(WorkloadKey("shop", "cart"), 9090, ())
     routes = r.build_route_configuration(gateway, [other, _workload(port=8080)])
     assert routes.name == gateway.route_name
     assert [v.name for v in routes.virtual_hosts] == ["shop/api", "shop/cart"]  # sorted
     api = routes.virtual_hosts[0]
-    expected = set()
-    for host in ("api.shop", "api.shop.svc", "api.shop.svc.cluster.local"):
-        expected |= {host, f"{host}:10000", f"{host}:8080"}
-    assert set(api.domains) == expected
-    assert len(api.domains) == len(expected)
+    assert list(api.domains) == ["api.shop", "api.shop.svc", "api.shop.svc.cluster.local"]
+    # One configuration for gateways on every port: Envoy matches the name, not the port.
+    assert routes.ignore_port_in_host_matching
     (route,) = api.routes
     assert route.match.prefix == "/"
     assert route.route.cluster == "shop/api"
@@ -163,10 +159,8 @@ def test_route_domains_cover_every_host_form_with_and_without_ports() -> None:
     assert r.references(r.ROUTE_TYPE, routes) == {"shop/api", "shop/cart"}
 
 
-def test_route_domains_deduplicate_equal_ports() -> None:
-    domains = r.host_domains(KEY, (8080, 8080), "corp.local")
-    assert "api.shop.svc.corp.local:8080" in domains
-    assert len(domains) == len(set(domains)) == 6
+def test_route_domains_follow_the_cluster_domain() -> None:
+    assert r.host_domains(KEY, "corp.local")[-1] == "api.shop.svc.corp.local"
 
 
 def test_api_listener_for_grpc_clients() -> None:

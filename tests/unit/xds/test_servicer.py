@@ -11,7 +11,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import struct_pb2
 from google.rpc import status_pb2
 from prometheus_client import CollectorRegistry
 
@@ -20,7 +22,7 @@ from aviator.xds.cache import Cache
 from aviator.xds.protocol import StreamKind
 from aviator.xds.server import AdsServer
 from aviator.xds.snapshot import build_snapshot
-from tests.unit.xds.fakes import IDENTIFIER, workload
+from tests.unit.xds.fakes import IDENTIFIER, decode, workload
 
 
 class FakeContext:
@@ -224,3 +226,88 @@ def test_server_needs_an_identifier() -> None:
 def test_two_servers_have_separate_metrics() -> None:
     one, two = AdsServer(Cache(), identifier="x"), AdsServer(Cache(), identifier="y")
     assert one.metrics.registry is not two.metrics.registry
+
+
+def _hello(kind: StreamKind, node_id: str, meta: dict[str, Any], type_url: str) -> Any:
+    metadata = struct_pb2.Struct()
+    metadata.update(meta)
+    node = base_pb2.Node(id=node_id, metadata=metadata)
+    if kind is StreamKind.SOTW:
+        return discovery_pb2.DiscoveryRequest(type_url=type_url, node=node)
+    return discovery_pb2.DeltaDiscoveryRequest(type_url=type_url, node=node)
+
+
+async def _ended(client: Client) -> None:
+    client.send(None)
+    while await asyncio.wait_for(client.inbox.get(), 5) is not None:
+        pass
+    await client.pump
+
+
+@pytest.mark.looptime
+async def test_the_server_tells_which_gateway_listeners_its_nodes_want() -> None:
+    gw = r.GatewayConfig(address="127.0.0.1", port=10000)
+    cache = Cache()
+    cache.publish(build_snapshot([workload("a", 1)], gateway=gw))
+    told: list[frozenset[r.ListenSpec]] = []
+    server = AdsServer(
+        cache,
+        identifier=IDENTIFIER,
+        metrics_registry=CollectorRegistry(),
+        gateway=gw,
+        on_listeners=told.append,
+    )
+    a = r.ListenSpec("127.0.0.1", 44639)
+    port_a = {r.META_MODE: "gateway", r.META_LISTEN_PORT: a.port}
+    one = Client(server, StreamKind.SOTW)
+    one.send(_hello(StreamKind.SOTW, "gw-1", port_a, r.CLUSTER_TYPE))
+    await one.receive()
+    assert told == [frozenset({a})]
+    two = Client(server, StreamKind.DELTA)  # a second gateway on the same port: no news
+    two.send(_hello(StreamKind.DELTA, "gw-2", port_a, r.CLUSTER_TYPE))
+    await two.receive()
+    sidecar = Client(server, StreamKind.SOTW)  # a sidecar wants no gateway listener
+    sidecar.send(_hello(StreamKind.SOTW, "sc", {r.META_MODE: "sidecar"}, r.CLUSTER_TYPE))
+    await sidecar.receive()
+    assert told == [frozenset({a})]
+    plain = Client(server, StreamKind.SOTW)  # no metadata: the default
+    plain.send(_hello(StreamKind.SOTW, "gw-3", {}, r.CLUSTER_TYPE))
+    await plain.receive()
+    assert told[-1] == server.wanted_listeners() == frozenset({a, gw.default})
+    await _ended(one)  # gw-2 still wants it
+    assert len(told) == 2
+    two.pump.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await two.pump
+    assert told[-1] == server.wanted_listeners() == frozenset({gw.default})
+    await _ended(plain)
+    await _ended(sidecar)
+    assert told[-1] == server.wanted_listeners() == frozenset()
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("kind", [StreamKind.SOTW, StreamKind.DELTA])
+async def test_a_gateway_gets_its_listener_once_the_producer_builds_it(kind: StreamKind) -> None:
+    """What the control plane does: told a node wants a listener, it builds it in."""
+    cache = Cache()
+    workloads = [workload("a", 1)]
+    cache.publish(build_snapshot(workloads, gateway=r.GatewayConfig()))
+
+    def rebuild(listeners: frozenset[r.ListenSpec]) -> None:
+        cache.publish(build_snapshot(workloads, gateway=r.GatewayConfig(), listeners=listeners))
+
+    server = AdsServer(
+        cache, identifier=IDENTIFIER, metrics_registry=CollectorRegistry(), on_listeners=rebuild
+    )
+    client = Client(server, kind)
+    client.send(_hello(kind, "gw", {r.META_LISTEN_PORT: 44639}, r.LISTENER_TYPE))
+    lds = await client.receive()
+    if kind is StreamKind.SOTW:
+        names = [
+            r.resource_name(r.LISTENER_TYPE, decode(r.LISTENER_TYPE, x)) for x in lds.resources
+        ]
+    else:
+        names = [x.name for x in lds.resources]
+    assert names == ["aviator-gateway-0.0.0.0-44639"]
+    await _ended(client)
+    assert set(cache.resources(r.LISTENER_TYPE)) == {"aviator-gateway-0.0.0.0-10000"}

@@ -74,7 +74,8 @@ def test_every_broken_reference_is_reported() -> None:
         "endpoints 'default/orphan' belong to no EDS cluster",
         "endpoints 'default/zero' carry load_balancing_weight 0",
         "route configuration 'other' routes to unknown cluster 'default/ghost'",
-        "listener 'aviator-gateway' uses unknown route configuration 'aviator-gateway'",
+        "listener 'aviator-gateway-0.0.0.0-10000' uses unknown route configuration "
+        "'aviator-gateway'",
     )
 
 

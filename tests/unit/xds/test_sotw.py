@@ -67,11 +67,11 @@ def test_nothing_is_answered_before_the_first_publish() -> None:
     assert proxy.request(r.CLUSTER_TYPE, []) == []
     assert proxy.request(r.LISTENER_TYPE, []) == []
     assert proxy.flush() == []
-    cache.publish(build_snapshot([workload("a", 1)]))
+    cache.publish(build_snapshot([workload("a", 1)], gateway=GW))
     cds, lds = proxy.flush()  # the owed answers, in order
     assert (cds.type_url, lds.type_url) == (r.CLUSTER_TYPE, r.LISTENER_TYPE)
     assert proxy.names(cds) == ["default/a"]
-    assert list(lds.resources) == []
+    assert proxy.names(lds) == [GW.listener_name]
 
 
 def test_removing_a_cluster_sends_the_smaller_full_state() -> None:
