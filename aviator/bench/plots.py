@@ -15,7 +15,7 @@ from typing import Any
 
 from aviator.bench.records import RunRecord
 from aviator.bench.report import PERCENTILE_LABELS, PERCENTILES, PolicySummary
-from aviator.testbed.loadgen import NO_BACKEND
+from aviator.testbed.loadresult import NO_BACKEND
 
 __all__ = ["percentile_plot", "representative", "share_plot", "timeline_plot", "weights_plot"]
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from aviator.testbed.loadgen import LoadResult
+from aviator.testbed.loadresult import LoadResult
 
 __all__ = ["RunRecord", "WeightSample"]
 

@@ -33,9 +33,12 @@ from aviator.bench.scenarios import RunPlan, shift_profile
 from aviator.envoy.errors import EnvoyAdminError
 from aviator.envoy.process import EnvoyProcess, free_port
 from aviator.model import EndpointAddress
-from aviator.testbed.backend import BackendSpec, FleetSpec
+from aviator.testbed.backend import BackendSpec
 from aviator.testbed.fleet import Fleet
-from aviator.testbed.loadgen import LoadResult, LoadSpec, run_load_process
+from aviator.testbed.fleetserver import FleetSpec
+from aviator.testbed.loadgen import run_load_process
+from aviator.testbed.loadresult import LoadResult
+from aviator.testbed.loadspec import LoadSpec
 
 __all__ = ["LEAD_S", "run_once"]
 

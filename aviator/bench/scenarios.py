@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from aviator.testbed.loadgen import RateStep
+from aviator.testbed.loadspec import RateStep
 from aviator.testbed.profile import Phase, Profile
 
 __all__ = [

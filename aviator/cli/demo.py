@@ -4,30 +4,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import resource
 import sys
 from pathlib import Path
 
 from aviator import log as aviator_log
 from aviator.cli.usage import UsageError
-from aviator.demo.session import (
+from aviator.demo.scenario import (
     DEFAULT_BACKEND_PORT,
-    DEFAULT_DURATION_S,
     DEFAULT_FIRST_ADDRESS,
+    PODS,
+    SLOWED_POD,
+    pick_addresses,
+    port_free,
+)
+from aviator.demo.session import (
+    DEFAULT_DURATION_S,
     DEFAULT_GATEWAY_PORT,
     DEFAULT_INTERVAL_S,
     DEFAULT_RATE,
-    PODS,
-    SLOWED_POD,
-    DemoError,
     DemoOptions,
-    pick_addresses,
-    port_free,
     run_demo,
 )
+from aviator.demo.stack import DemoError
 from aviator.envoy.process import free_port
+from aviator.testbed.openloop import raise_fd_limit
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -135,18 +136,10 @@ def _quiet_logs(args: argparse.Namespace) -> None:
         logging.getLogger().setLevel(logging.WARNING)
 
 
-def _raise_fd_limit() -> None:
-    # Each outstanding request holds a socket; when a backend stalls they pile up.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def run(args: argparse.Namespace) -> int:
     _quiet_logs(args)
     options = options_from(args)
-    _raise_fd_limit()
+    raise_fd_limit()
     try:
         return asyncio.run(run_demo(options, out=sys.stdout))
     except DemoError as exc:

@@ -27,7 +27,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from aviator.k8s.objects import ObjectMeta, ObjectRef
+from aviator.k8s.fields import ObjectRef
+from aviator.k8s.objects import ObjectMeta
 from aviator.k8s.policy import AviatorPolicy, InvalidPolicy, PolicyEntry
 
 __all__ = ["LastValid", "same_object"]

@@ -6,7 +6,8 @@ the API server already validated the whole object, and manifests in a directory 
 fields (``status``, ``managedFields``...) that are none of Aviator's business.
 
 Parsing collects *every* error of an object (field path + what was wrong + what is allowed)
-and raises one :class:`ObjectError`; a value that exists was validated at construction.
+and raises one :class:`~aviator.k8s.fields.ObjectError`, in the vocabulary of
+:mod:`aviator.k8s.fields`; a value that exists was validated at construction.
 This module is pure: no I/O, no clock, no Kubernetes client.
 """
 
@@ -14,29 +15,37 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
+from aviator.k8s.fields import (
+    Fields,
+    ObjectError,
+    ObjectRef,
+    dns_label_error,
+    dns_subdomain_error,
+    label_key_error,
+    label_value_error,
+    port_name_error,
+    ref_of,
+    type_name,
+)
 from aviator.model import WorkloadKey
 
 __all__ = [
     "ZONE_LABELS",
     "ContainerPort",
-    "FieldError",
-    "Fields",
     "LabelSelector",
     "Labels",
-    "ObjectError",
     "ObjectMeta",
-    "ObjectRef",
     "Operator",
     "Pod",
     "Requirement",
     "Workload",
     "WorkloadKind",
+    "parse_labels",
     "parse_meta",
     "parse_pod",
     "parse_workload",
@@ -53,40 +62,7 @@ class WorkloadKind(enum.StrEnum):
     STATEFUL_SET = "StatefulSet"
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class ObjectRef:
-    """Names one object: ``Kind namespace/name``."""
-
-    kind: str
-    namespace: str
-    name: str
-
-    def __str__(self) -> str:
-        return f"{self.kind} {self.namespace}/{self.name}"
-
-
-@dataclass(frozen=True, slots=True)
-class FieldError:
-    """One invalid field: its path (``spec.targetRef.kind``) and what was wrong / allowed."""
-
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}"
-
-
-class ObjectError(ValueError):
-    """An object that could not be parsed; ``errors`` holds every invalid field, in order."""
-
-    def __init__(self, ref: ObjectRef, errors: tuple[FieldError, ...]) -> None:
-        if not errors:
-            raise ValueError("ObjectError needs at least one FieldError")
-        self.ref = ref
-        self.errors = errors
-        lines = "\n".join(f"  {e}" for e in errors)
-        noun = "error" if len(errors) == 1 else "errors"
-        super().__init__(f"{ref} is invalid ({len(errors)} {noun}):\n{lines}")
+# --- labels ---------------------------------------------------------------------------------
 
 
 class Labels(Mapping[str, str]):
@@ -122,215 +98,31 @@ class Labels(Mapping[str, str]):
         return f"Labels({self._items!r})"
 
 
-# --- syntax of names and labels, as apimachinery's validation checks them -----------------
-
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-_LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
-# IANA_SVC_NAME: a named container port (at most 15 characters, at least one letter).
-_PORT_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
-
-
-def dns_subdomain_error(value: str) -> str | None:
-    """Why ``value`` is not a DNS-1123 subdomain (object names), or None if it is one."""
-    if len(value) > 253:
-        return f"must be at most 253 characters, got {len(value)}"
-    if not _DNS_SUBDOMAIN.fullmatch(value):
-        return (
-            f"{value!r} is not a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', "
-            "starting and ending with a letter or digit"
-        )
-    return None
-
-
-def dns_label_error(value: str) -> str | None:
-    """Why ``value`` is not a DNS-1123 label (namespaces), or None if it is one."""
-    if len(value) > 63:
-        return f"must be at most 63 characters, got {len(value)}"
-    if not _DNS_LABEL.fullmatch(value):
-        return (
-            f"{value!r} is not a DNS-1123 label: lowercase letters, digits and '-', "
-            "starting and ending with a letter or digit"
-        )
-    return None
-
-
-def label_key_error(key: str) -> str | None:
-    """Why ``key`` is not a valid label key (``[prefix/]name``), or None."""
-    prefix, slash, name = key.rpartition("/")
-    if slash and not prefix:
-        return f"label key {key!r} has an empty prefix before '/'"
-    if slash and (why := dns_subdomain_error(prefix)) is not None:
-        return f"label key {key!r}: prefix {why}"
-    if not name or len(name) > 63 or not _LABEL_NAME.fullmatch(name):
-        return (
-            f"label key {key!r}: name part must be 1-63 characters of letters, digits, "
-            "'-', '_' and '.', starting and ending with a letter or digit"
-        )
-    return None
-
-
-def label_value_error(value: str) -> str | None:
-    """Why ``value`` is not a valid label value (may be empty), or None."""
-    if value and (len(value) > 63 or not _LABEL_NAME.fullmatch(value)):
-        return (
-            f"label value {value!r} must be at most 63 characters of letters, digits, "
-            "'-', '_' and '.', starting and ending with a letter or digit"
-        )
-    return None
-
-
-def port_name_error(name: str) -> str | None:
-    """Why ``name`` is not an IANA service name (a named container port), or None."""
-    if not 1 <= len(name) <= 15:
-        return f"port name {name!r} must be 1-15 characters"
-    if not _PORT_NAME.fullmatch(name) or "--" in name:
-        return (
-            f"port name {name!r} must be lowercase letters, digits and '-' "
-            "(not at either end, never '--')"
-        )
-    if not any(c.isalpha() for c in name):
-        return f"port name {name!r} must contain at least one letter"
-    return None
-
-
-# --- error-collecting reader ----------------------------------------------------------------
-
-
-def type_name(value: object) -> str:
-    """How a decoded JSON/YAML value is named in error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"a boolean ({str(value).lower()})"
-    if isinstance(value, int | float):
-        return f"a number ({value})"
-    if isinstance(value, str):
-        return f"a string ({value!r})"
-    if isinstance(value, Mapping):
-        return "an object"
-    if isinstance(value, list | tuple):
-        return "a list"
-    if isinstance(value, datetime):
-        return f"a timestamp ({value.isoformat()})"
-    return type(value).__name__
-
-
-@dataclass(slots=True)
-class Fields:
-    """Reads fields of a decoded object, collecting a :class:`FieldError` per problem.
-
-    Each reader returns ``None`` when the field is absent or wrong, so parsing carries on
-    and reports every error of the object at once rather than the first one.
-    """
-
-    errors: list[FieldError] = field(default_factory=list)
-
-    def error(self, path: str, message: str) -> None:
-        self.errors.append(FieldError(path, message))
-
-    def get(
-        self, obj: Mapping[str, Any], key: str, path: str, what: str | None = None
-    ) -> Any | None:
-        """The raw value; reports it missing (with ``what`` it should be) if required."""
-        value = obj.get(key)
-        if value is None and what is not None:
-            self.error(path, f"required field is missing: {what}")
-        return value
-
-    def mapping(
-        self, obj: Mapping[str, Any], key: str, path: str, what: str | None = None
-    ) -> Mapping[str, Any] | None:
-        value = self.get(obj, key, path, what)
-        if value is None:
-            return None
-        if not isinstance(value, Mapping):
-            self.error(path, f"must be an object, got {type_name(value)}")
-            return None
-        return value
-
-    def list(
-        self, obj: Mapping[str, Any], key: str, path: str, what: str | None = None
-    ) -> list[Any] | None:
-        value = self.get(obj, key, path, what)
-        if value is None:
-            return None
-        if not isinstance(value, list):
-            self.error(path, f"must be a list, got {type_name(value)}")
-            return None
-        return value
-
-    def string(
-        self, obj: Mapping[str, Any], key: str, path: str, what: str | None = None
-    ) -> str | None:
-        value = self.get(obj, key, path, what)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            self.error(path, f"must be a string, got {type_name(value)}")
-            return None
-        if not value and what is not None:
-            self.error(path, f"must not be empty: {what}")
-            return None
-        return value
-
-    def integer(
-        self, obj: Mapping[str, Any], key: str, path: str, what: str | None = None
-    ) -> int | None:
-        value = self.get(obj, key, path, what)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.error(path, f"must be an integer, got {type_name(value)}")
-            return None
-        return value
-
-    def timestamp(self, obj: Mapping[str, Any], key: str, path: str) -> datetime | None:
-        """An RFC 3339 timestamp (as the API writes it), or a YAML timestamp; always aware."""
-        value = obj.get(key)
-        if value is None:
-            return None
-        if isinstance(value, datetime):
-            # YAML's own timestamps: a value without an offset is UTC, as the API means it.
-            return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-        if isinstance(value, str):
-            try:
-                parsed = datetime.fromisoformat(value)
-            except ValueError:
-                pass
-            else:
-                return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
-        self.error(
-            path,
-            f"must be an RFC 3339 timestamp such as 2024-05-01T12:00:00Z, got {type_name(value)}",
-        )
-        return None
-
-    def labels(self, obj: Mapping[str, Any], key: str, path: str) -> Labels:
-        """A ``str -> str`` map with valid label keys and values (a bad entry is skipped)."""
-        raw = self.mapping(obj, key, path)
-        if raw is None:
-            return Labels()
-        good: dict[str, str] = {}
-        # Typed as objects: YAML keys can be numbers or booleans (``1: a``, ``on: x``).
-        entries: Iterable[tuple[object, object]] = raw.items()
-        for k, v in entries:
-            if not isinstance(k, str):
-                self.error(path, f"keys must be strings, got {type_name(k)}")
-                continue
-            if not isinstance(v, str):
-                self.error(
-                    f"{path}.{k}",
-                    f"label values must be strings, got {type_name(v)} "
-                    "(quote numbers and booleans in YAML)",
-                )
-                continue
-            why = label_key_error(k) or label_value_error(v)
-            if why is not None:
-                self.error(f"{path}.{k}", why)
-                continue
-            good[k] = v
-        return Labels(good)
+def parse_labels(f: Fields, obj: Mapping[str, Any], key: str, path: str) -> Labels:
+    """A ``str -> str`` map with valid label keys and values (a bad entry is skipped)."""
+    raw = f.mapping(obj, key, path)
+    if raw is None:
+        return Labels()
+    good: dict[str, str] = {}
+    # Typed as objects: YAML keys can be numbers or booleans (``1: a``, ``on: x``).
+    entries: Iterable[tuple[object, object]] = raw.items()
+    for k, v in entries:
+        if not isinstance(k, str):
+            f.error(path, f"keys must be strings, got {type_name(k)}")
+            continue
+        if not isinstance(v, str):
+            f.error(
+                f"{path}.{k}",
+                f"label values must be strings, got {type_name(v)} "
+                "(quote numbers and booleans in YAML)",
+            )
+            continue
+        why = label_key_error(k) or label_value_error(v)
+        if why is not None:
+            f.error(f"{path}.{k}", why)
+            continue
+        good[k] = v
+    return Labels(good)
 
 
 # --- ObjectMeta -----------------------------------------------------------------------------
@@ -374,7 +166,7 @@ def parse_meta(f: Fields, doc: Mapping[str, Any]) -> ObjectMeta | None:
     if (why := dns_label_error(namespace)) is not None:
         f.error("metadata.namespace", why)
     uid = f.string(meta, "uid", "metadata.uid") or ""
-    labels = f.labels(meta, "labels", "metadata.labels")
+    labels = parse_labels(f, meta, "labels", "metadata.labels")
     rv = f.string(meta, "resourceVersion", "metadata.resourceVersion") or ""
     created = f.timestamp(meta, "creationTimestamp", "metadata.creationTimestamp")
     deleted = f.timestamp(meta, "deletionTimestamp", "metadata.deletionTimestamp")
@@ -390,18 +182,6 @@ def parse_meta(f: Fields, doc: Mapping[str, Any]) -> ObjectMeta | None:
         creation_timestamp=created,
         generation=generation,
         deletion_timestamp=deleted,
-    )
-
-
-def ref_of(doc: Mapping[str, Any], kind: str) -> ObjectRef:
-    """A best-effort reference for error messages, even for an object that does not parse."""
-    meta = doc.get("metadata")
-    meta = meta if isinstance(meta, Mapping) else {}
-    name, namespace = meta.get("name"), meta.get("namespace")
-    return ObjectRef(
-        kind,
-        namespace if isinstance(namespace, str) and namespace else "default",
-        name if isinstance(name, str) and name else "<unnamed>",
     )
 
 
@@ -491,7 +271,7 @@ def parse_selector(f: Fields, obj: Mapping[str, Any], path: str) -> LabelSelecto
     if raw is None:
         return None
     before = len(f.errors)
-    match_labels = f.labels(raw, "matchLabels", f"{path}.matchLabels")
+    match_labels = parse_labels(f, raw, "matchLabels", f"{path}.matchLabels")
     exprs: list[Requirement] = []
     for i, item in enumerate(f.list(raw, "matchExpressions", f"{path}.matchExpressions") or []):
         p = f"{path}.matchExpressions[{i}]"
@@ -657,7 +437,7 @@ def parse_workload(doc: Mapping[str, Any]) -> Workload:
     replicas = f.integer(spec, "replicas", "spec.replicas")
     template = f.mapping(spec, "template", "spec.template", "the pod template") or {}
     tmeta = f.mapping(template, "metadata", "spec.template.metadata") or {}
-    template_labels = f.labels(tmeta, "labels", "spec.template.metadata.labels")
+    template_labels = parse_labels(f, tmeta, "labels", "spec.template.metadata.labels")
     tspec = f.mapping(template, "spec", "spec.template.spec") or {}
     ports = _parse_containers(f, tspec, "spec.template.spec")
     if selector is not None and not selector.matches(template_labels):

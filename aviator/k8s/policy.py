@@ -30,19 +30,17 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from aviator.k8s.duration import Duration, DurationError, parse_duration
-from aviator.k8s.objects import (
+from aviator.k8s.fields import (
     FieldError,
     Fields,
     ObjectError,
-    ObjectMeta,
     ObjectRef,
-    WorkloadKind,
     dns_subdomain_error,
-    parse_meta,
     port_name_error,
     ref_of,
     type_name,
 )
+from aviator.k8s.objects import ObjectMeta, WorkloadKind, parse_meta
 from aviator.model import KnobError, WeigherKnobs, WorkloadKey
 
 __all__ = [

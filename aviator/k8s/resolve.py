@@ -36,8 +36,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from aviator.k8s.fields import ObjectRef
 from aviator.k8s.lastvalid import LastValid
-from aviator.k8s.objects import ObjectMeta, ObjectRef, Pod, Workload
+from aviator.k8s.objects import ObjectMeta, Pod, Workload
 from aviator.k8s.policy import DEFAULT_PORT, AviatorPolicy, InvalidPolicy, PolicyEntry
 from aviator.k8s.state import ClusterState
 from aviator.model import EndpointAddress, WorkloadKey

@@ -15,17 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from aviator.k8s import policy as _policy
-from aviator.k8s.objects import (
-    FieldError,
-    ObjectError,
-    ObjectRef,
-    Pod,
-    Workload,
-    WorkloadKind,
-    parse_pod,
-    parse_workload,
-    ref_of,
-)
+from aviator.k8s.fields import FieldError, ObjectError, ObjectRef, ref_of
+from aviator.k8s.objects import Pod, Workload, WorkloadKind, parse_pod, parse_workload
 from aviator.k8s.policy import InvalidPolicy, PolicyEntry, parse_policy_entry
 
 __all__ = [

@@ -57,7 +57,7 @@ import yaml
 from yaml.constructor import ConstructorError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from aviator.k8s.objects import ObjectError, ObjectRef
+from aviator.k8s.fields import ObjectError, ObjectRef
 from aviator.k8s.policy import InvalidPolicy
 from aviator.k8s.state import ClusterObject, ClusterState, Problem, decode_object
 from aviator.source.store import Store

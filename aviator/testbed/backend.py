@@ -1,31 +1,27 @@
-"""A backend with private capacity, and the fleet process that runs many of them.
+"""A testbed backend: an aiohttp server with private capacity that follows a profile.
 
 A :class:`Backend` is an aiohttp server that serves at most ``capacity`` requests at once (a
-FIFO :class:`CapacityGate`; the others queue inside the application) and holds each one for a
-service time drawn with sd = mean. It sleeps, never burns CPU: the backends of a one-machine
-benchmark must not compete for the cores, or no balancer can help. What it does (service time,
-capacity, fast-fail rate, hidden load) follows a :class:`~aviator.testbed.profile.Profile`.
+FIFO :class:`~aviator.testbed.gate.CapacityGate`; the others queue inside the application)
+and holds each one for a service time drawn with sd = mean. It sleeps, never burns CPU: the
+backends of a one-machine benchmark must not compete for the cores, or no balancer can help.
+What it does (service time, capacity, fast-fail rate, hidden load) follows a
+:class:`~aviator.testbed.profile.Profile`.
 
 Every response carries ``x-testbed-backend: <name>`` so the load generator can tell which
 backend served it. Load reporting (ORCA header, probe path) comes from middlewares passed in
 (the probing agent): they wrap the handler, so the RIF they count runs from receipt to response
 and includes the requests queued at the gate.
 
-``python -m aviator.testbed.backend --spec JSON|@FILE`` runs a whole fleet in one process (see
-:func:`serve_fleet`); :mod:`aviator.testbed.fleet` starts and stops that process.
+Many of them run in one process (:mod:`aviator.testbed.fleetserver`), which
+:mod:`aviator.testbed.fleet` starts and stops.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import collections
 import contextlib
-import json
-import signal
-import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,6 +31,7 @@ from aiohttp.typedefs import Middleware
 from aviator_agent import LoadTracker, aiohttp_middleware
 
 from aviator.probing.results import DEFAULT_PROBE_PATH
+from aviator.testbed.gate import CapacityGate
 from aviator.testbed.profile import (
     Distribution,
     Phase,
@@ -49,85 +46,6 @@ BACKEND_HEADER = "x-testbed-backend"
 # Hidden jobs beyond this many per capacity slot are dropped: hidden load above 100% would
 # otherwise grow the queue without bound and never drain after the phase ends.
 _HIDDEN_BACKLOG_PER_SLOT = 4
-
-
-class CapacityGate:
-    """A FIFO semaphore whose capacity can change while it is in use.
-
-    Invariants: ``in_use`` never exceeds ``capacity`` except right after a shrink (the holders
-    finish, and nobody is admitted until ``in_use < capacity``); waiters are admitted in arrival
-    order; a waiter cancelled before or after being granted never leaks a slot.
-    (``asyncio.Semaphore`` cannot be resized, and capacity phases need that.)
-    """
-
-    def __init__(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self._capacity = capacity
-        self._in_use = 0
-        self._max_in_use = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-
-    @property
-    def capacity(self) -> int:
-        return self._capacity
-
-    @property
-    def in_use(self) -> int:
-        return self._in_use
-
-    @property
-    def max_in_use(self) -> int:
-        """Highest ``in_use`` seen since construction (or the last :meth:`reset_max`)."""
-        return self._max_in_use
-
-    @property
-    def waiting(self) -> int:
-        return sum(1 for f in self._waiters if not f.done())
-
-    def reset_max(self) -> None:
-        self._max_in_use = self._in_use
-
-    async def acquire(self) -> None:
-        if self._in_use < self._capacity and not self._waiters:
-            self._take()
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                # Granted, then cancelled before the holder ran: hand the slot back.
-                self.release()
-            else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(fut)
-            raise
-
-    def release(self) -> None:
-        if self._in_use <= 0:
-            raise RuntimeError("CapacityGate.release() called more times than acquire()")
-        self._in_use -= 1
-        self._wake()
-
-    def resize(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self._capacity = capacity
-        self._wake()
-
-    def _take(self) -> None:
-        self._in_use += 1
-        self._max_in_use = max(self._max_in_use, self._in_use)
-
-    def _wake(self) -> None:
-        while self._waiters and self._in_use < self._capacity:
-            fut = self._waiters.popleft()
-            if fut.done():  # cancelled while waiting
-                continue
-            self._take()
-            fut.set_result(None)
 
 
 class JobTracker(Protocol):
@@ -253,6 +171,9 @@ class Backend:
         self._phase_applied = asyncio.Event()  # schedule task -> hidden-load loop
         self._tasks: set[asyncio.Task[None]] = set()
         self._hidden_jobs: set[asyncio.Task[None]] = set()
+        # The tasks serving HTTP requests, also those whose client went away: aiohttp's
+        # shutdown cancels only the requests of connections still open.
+        self._requests: set[asyncio.Task[Any]] = set()
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
         self._in_app = 0
@@ -334,12 +255,16 @@ class Backend:
         return True
 
     async def _handle(self, request: web.Request) -> web.Response:
+        task = asyncio.current_task()
+        assert task is not None
+        self._requests.add(task)
         self._received += 1
         self._in_app += 1
         try:
             ok = await self.serve_one()
         finally:
             self._in_app -= 1
+            self._requests.discard(task)
         headers = {BACKEND_HEADER: self.name}
         if not ok:
             return web.Response(status=503, text="fast-fail\n", headers=headers)
@@ -379,15 +304,18 @@ class Backend:
         log.debug("backend listening", backend=self.name, url=self.url)
 
     async def stop(self) -> None:
+        """Stop listening, end every request still inside (also those whose client went
+        away), the schedule and the hidden load; return once all of them have ended."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        tasks = self._tasks | self._hidden_jobs
+        tasks = self._tasks | self._hidden_jobs | self._requests
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         self._hidden_jobs.clear()
+        self._requests.clear()
 
     def _apply_schedule(self) -> float | None:
         """Apply the phase in force now; return seconds until the next phase, or None."""
@@ -477,211 +405,3 @@ def agent_backend(
         on_phase=on_phase,
         clock=clock,
     )
-
-
-# -- the fleet process --------------------------------------------------------------------
-
-BackendFactory = Callable[[BackendSpec], Backend]
-
-
-@dataclass(frozen=True, slots=True)
-class FleetSpec:
-    """Backends to run in one process, and where its control server listens.
-
-    ``t0_wall``: the profiles' origin as a wall-clock (``time.time()``) instant, so another
-    process (the load generator) can line up with it; None = when the fleet starts.
-    ``agent``: plug the probing agent (ORCA header + probe path) into every backend.
-    """
-
-    backends: tuple[BackendSpec, ...]
-    control_host: str = "127.0.0.1"
-    control_port: int = 0
-    t0_wall: float | None = None
-    agent: bool = True
-    probe_path: str = DEFAULT_PROBE_PATH
-
-    def __post_init__(self) -> None:
-        if not self.backends:
-            raise ValueError("a fleet needs at least one backend")
-        names = [b.name for b in self.backends]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"backend names must be unique, repeated: {', '.join(dupes)}")
-        bound = [(b.host, b.port) for b in self.backends if b.port != 0]
-        if len(bound) != len(set(bound)):
-            raise ValueError(f"two backends share an address: {sorted(bound)}")
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "backends": [b.to_json() for b in self.backends],
-            "control_host": self.control_host,
-            "control_port": self.control_port,
-            "t0_wall": self.t0_wall,
-            "agent": self.agent,
-            "probe_path": self.probe_path,
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> FleetSpec:
-        return cls(
-            backends=tuple(BackendSpec.from_json(b) for b in data["backends"]),
-            control_host=data.get("control_host", "127.0.0.1"),
-            control_port=int(data.get("control_port", 0)),
-            t0_wall=data.get("t0_wall"),
-            agent=bool(data.get("agent", True)),
-            probe_path=data.get("probe_path", DEFAULT_PROBE_PATH),
-        )
-
-
-def _control_app(backends: Mapping[str, Backend]) -> web.Application:
-    """The fleet's control API (on its own port, so it never counts as a backend's load).
-
-    - ``GET /testbed/stats`` → ``{name: BackendStats JSON}``
-    - ``POST /testbed/phase`` ``{"backend": NAME, "phases": [Phase JSON...]}`` → that backend
-      follows the new profile from now (omit ``backend`` to change every backend).
-    - ``POST /testbed/clock`` → every backend restarts its current profile from now.
-    """
-
-    async def stats(request: web.Request) -> web.Response:
-        return web.json_response({n: b.stats().to_json() for n, b in backends.items()})
-
-    async def phase(request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-            profile = Profile.from_json(body["phases"])
-            name = body.get("backend")
-            if name is not None and name not in backends:
-                raise KeyError(f"no backend named {name!r}")
-        except (ValueError, KeyError, TypeError) as exc:
-            return web.json_response({"error": str(exc)}, status=400)
-        targets = backends.values() if name is None else [backends[name]]
-        for backend in targets:
-            backend.set_profile(profile)
-        return web.json_response({"changed": [b.name for b in targets]})
-
-    async def clock(request: web.Request) -> web.Response:
-        for backend in backends.values():
-            backend.restart_profile()
-        return web.json_response({"restarted": list(backends)})
-
-    app = web.Application()
-    app.router.add_get("/testbed/stats", stats)
-    app.router.add_post("/testbed/phase", phase)
-    app.router.add_post("/testbed/clock", clock)
-    return app
-
-
-async def serve_fleet(
-    spec: FleetSpec,
-    *,
-    ready: Callable[[Mapping[str, Any]], None],
-    stop: asyncio.Event,
-    backend_factory: BackendFactory | None = None,
-) -> None:
-    """Run every backend of ``spec`` and the control server until ``stop`` is set.
-
-    ``ready`` gets ``{"control": URL, "backends": {name: URL}}`` once all listen. Whatever
-    happens, every backend that started is stopped before this returns. ``backend_factory``
-    defaults to :func:`agent_backend` (``spec.agent``) or a plain :class:`Backend`.
-    """
-    if backend_factory is not None:
-        factory = backend_factory
-    elif spec.agent:
-        probe_path = spec.probe_path
-
-        def factory(b: BackendSpec) -> Backend:
-            return agent_backend(b, probe_path=probe_path)
-    else:
-        factory = Backend
-    loop = asyncio.get_running_loop()
-    t0 = None if spec.t0_wall is None else loop.time() - (time.time() - spec.t0_wall)
-    backends: dict[str, Backend] = {}
-    control = web.AppRunner(_control_app(backends), access_log=None, shutdown_timeout=0.5)
-    try:
-        origin = loop.time() if t0 is None else t0
-        for bspec in spec.backends:
-            backend = factory(bspec)
-            backends[bspec.name] = backend
-            await backend.start(t0=origin)
-        await control.setup()
-        await web.TCPSite(control, spec.control_host, spec.control_port).start()
-        host, port = control.addresses[0][:2]
-        ready(
-            {
-                "control": f"http://{host}:{port}",
-                "backends": {n: b.url for n, b in backends.items()},
-            }
-        )
-        await stop.wait()
-    finally:
-        await control.cleanup()
-        await asyncio.gather(*(b.stop() for b in backends.values()), return_exceptions=True)
-
-
-def _load_spec(text: str) -> FleetSpec:
-    if text.startswith("@"):
-        with open(text[1:], encoding="utf-8") as f:
-            text = f.read()
-    return FleetSpec.from_json(json.loads(text))
-
-
-@contextlib.contextmanager
-def _stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> Iterator[None]:
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        yield
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-
-
-class _SetOnClose(asyncio.Protocol):
-    def __init__(self, event: asyncio.Event) -> None:
-        self._event = event
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._event.set()
-
-
-async def _fleet_main(spec: FleetSpec, *, exit_on_stdin_eof: bool) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    def ready(info: Mapping[str, Any]) -> None:
-        sys.stdout.write(json.dumps({"event": "ready", **info}) + "\n")
-        sys.stdout.flush()
-
-    transport: asyncio.BaseTransport | None = None
-    if exit_on_stdin_eof:
-        # The parent holds our stdin pipe open; EOF means it is gone (even after SIGKILL), so
-        # the fleet never outlives the process that started it.
-        transport, _ = await loop.connect_read_pipe(lambda: _SetOnClose(stop), sys.stdin)
-    try:
-        with _stop_on_signals(loop, stop):
-            await serve_fleet(spec, ready=ready, stop=stop)
-    finally:
-        if transport is not None:
-            transport.close()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m aviator.testbed.backend", description="Run a fleet of testbed backends."
-    )
-    parser.add_argument("--spec", required=True, help="FleetSpec as JSON, or @FILE")
-    parser.add_argument(
-        "--exit-on-stdin-eof",
-        action="store_true",
-        help="stop when standard input closes (how a parent process ties the fleet to itself)",
-    )
-    args = parser.parse_args(argv)
-    from aviator import log as aviator_log
-
-    aviator_log.configure("warning")
-    asyncio.run(_fleet_main(_load_spec(args.spec), exit_on_stdin_eof=args.exit_on_stdin_eof))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,9 +15,11 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from aviator.testbed.backend import BackendSpec, FleetSpec
+from aviator.testbed.backend import BackendSpec
 from aviator.testbed.fleet import Fleet
-from aviator.testbed.loadgen import LoadSpec, run_load_process
+from aviator.testbed.fleetserver import FleetSpec
+from aviator.testbed.loadgen import run_load_process
+from aviator.testbed.loadspec import LoadSpec
 from aviator.testbed.profile import Profile
 
 

@@ -2,7 +2,7 @@
 
 The backends get their own process so that their event loop does not compete with the load
 generator's (or the control plane's) for the same thread. The child is
-``python -m aviator.testbed.backend --spec JSON --exit-on-stdin-eof``: it prints one JSON
+``python -m aviator.testbed.fleetserver --spec JSON --exit-on-stdin-eof``: it prints one JSON
 ``ready`` line, then serves until its stdin closes or it gets SIGTERM. The parent holds the
 child's stdin pipe, so the child also stops if the parent dies without cleaning up.
 """
@@ -20,7 +20,8 @@ from typing import Any
 import aiohttp
 import structlog
 
-from aviator.testbed.backend import BackendStats, FleetSpec
+from aviator.testbed.backend import BackendStats
+from aviator.testbed.fleetserver import FleetSpec
 from aviator.testbed.profile import Phase, Profile
 
 log = structlog.get_logger(__name__)
@@ -76,7 +77,7 @@ class Fleet:
         self._proc = await asyncio.create_subprocess_exec(
             self._python,
             "-m",
-            "aviator.testbed.backend",
+            "aviator.testbed.fleetserver",
             "--spec",
             json.dumps(self.spec.to_json()),
             "--exit-on-stdin-eof",

@@ -22,8 +22,9 @@ import yaml
 from aviator.controlplane import ControlPlane, Settings
 from aviator.envoy.bootstrap import render_bootstrap
 from aviator.envoy.process import EnvoyProcess, free_port
-from aviator.testbed.backend import BACKEND_HEADER, BackendSpec, FleetSpec
+from aviator.testbed.backend import BACKEND_HEADER, BackendSpec
 from aviator.testbed.fleet import Fleet
+from aviator.testbed.fleetserver import FleetSpec
 from aviator.testbed.profile import Profile
 from aviator.xds.resources import GatewayConfig
 

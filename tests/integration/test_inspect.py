@@ -13,14 +13,14 @@ import pytest
 
 from aviator.cli import build_parser
 from aviator.cli import inspect as inspect_cli
-from aviator.demo.session import (
+from aviator.demo.scenario import (
     HOST_HEADER,
     WORKLOAD,
-    DemoStack,
     demo_backends,
     pick_addresses,
     write_objects,
 )
+from aviator.demo.stack import DemoStack
 from aviator.envoy.inspect import Report, collect
 from aviator.envoy.process import free_port
 from tests.envoy_fixtures import poll_until

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from aviator.demo.session import (
+from aviator.demo.scenario import (
     PODS,
     SLOWED_POD,
     WORKLOAD,
-    DemoOptions,
     demo_backends,
     pick_addresses,
     write_objects,
 )
+from aviator.demo.session import DemoOptions
 from aviator.demo.view import (
     Completion,
     DemoPod,

@@ -6,7 +6,8 @@ import pytest
 
 from aviator.bench.records import RunRecord
 from aviator.bench.report import Spread, case_key, evaluate_goals, markdown, summarize
-from aviator.testbed.loadgen import LatencySummary, LoadResult, LoadSpec
+from aviator.testbed.loadresult import LatencySummary, LoadResult
+from aviator.testbed.loadspec import LoadSpec
 
 
 def _load(p50: float, p99: float, *, errors: int = 0, achieved: float = 100.0) -> LoadResult:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aviator.k8s.objects import ObjectRef
+from aviator.k8s.fields import ObjectRef
 from aviator.k8s.resolve import ACCEPTED, RESOLVED_REFS, ConditionStatus, resolve_state
 from aviator.source.directory import load_directory
 

@@ -197,7 +197,9 @@ def recovery_bound(interval: float) -> float:
 async def test_a_pod_that_failed_for_a_minute_is_back_to_a_normal_weight_promptly(
     interval: float,
 ) -> None:
-    down_from, down_for = 5.0, 60.0
+    # A few probe rounds before the failure, so that the weights have settled whatever the
+    # probes' jitter (one round at 5 s left the 'normal before' check to chance).
+    down_from, down_for = max(5.0, 4 * interval), 60.0
     failing = "10.0.0.2"
     t0 = asyncio.get_running_loop().time()
 

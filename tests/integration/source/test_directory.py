@@ -13,7 +13,8 @@ import pytest
 import structlog
 import yaml
 
-from aviator.k8s.objects import ObjectRef, Pod
+from aviator.k8s.fields import ObjectRef
+from aviator.k8s.objects import Pod
 from aviator.k8s.policy import AviatorPolicy, InvalidPolicy
 from aviator.k8s.resolve import resolve_state, serving
 from aviator.k8s.state import ClusterState, Problem

@@ -119,12 +119,30 @@ async def test_stop_does_not_wait_for_a_hanging_request(session: aiohttp.ClientS
 
 
 @pytest.mark.looptime
+async def test_stop_ends_requests_whose_client_went_away(session: aiohttp.ClientSession) -> None:
+    # A client that gives up closes its connection; the server no longer tracks that
+    # connection, but the application still holds the request (a real app keeps working on
+    # it). stop() must end it too, or it runs on after the backend has stopped.
+    backend = Backend(BackendSpec("hang", Profile.constant(3600.0, 1)))
+    await backend.start()
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await _get(session, backend.url)
+        await asyncio.sleep(0.1)  # the server sees the connection close
+        assert backend.stats().in_app == 1  # abandoned, still inside the application
+    finally:
+        await backend.stop()
+    assert backend.stats().in_app == 0
+
+
+@pytest.mark.looptime
 async def test_serve_fleet_in_process_with_a_wall_clock_origin(
     session: aiohttp.ClientSession,
 ) -> None:
     import time
 
-    from aviator.testbed.backend import FleetSpec, serve_fleet
+    from aviator.testbed.fleetserver import FleetSpec, serve_fleet
 
     profile = Profile.of([Phase(0.0, capacity=4), Phase(10.0, capacity=1)])
     spec = FleetSpec(

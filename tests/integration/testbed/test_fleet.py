@@ -15,9 +15,11 @@ import aiohttp
 import pytest
 from aviator_agent.orca import ORCA_HEADER, parse_orca_header
 
-from aviator.testbed.backend import BACKEND_HEADER, BackendSpec, FleetSpec
+from aviator.testbed.backend import BACKEND_HEADER, BackendSpec
 from aviator.testbed.fleet import Fleet, FleetError
-from aviator.testbed.loadgen import LoadSpec, plan, run_load_process
+from aviator.testbed.fleetserver import FleetSpec
+from aviator.testbed.loadgen import run_load_process
+from aviator.testbed.loadspec import LoadSpec, plan
 from aviator.testbed.profile import Phase, Profile
 
 
@@ -117,7 +119,7 @@ async def test_fleet_dies_with_its_parent(tmp_path: Path) -> None:
         textwrap.dedent(
             f"""
             import asyncio, json, sys
-            from aviator.testbed.backend import FleetSpec
+            from aviator.testbed.fleetserver import FleetSpec
             from aviator.testbed.fleet import Fleet
 
             async def main():

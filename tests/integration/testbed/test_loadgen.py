@@ -13,7 +13,9 @@ import pytest
 from aiohttp import web
 
 from aviator.testbed.backend import Backend, BackendSpec
-from aviator.testbed.loadgen import NO_BACKEND, LoadResult, LoadSpec, Split, plan, run_load
+from aviator.testbed.loadgen import run_load
+from aviator.testbed.loadresult import NO_BACKEND, LoadResult
+from aviator.testbed.loadspec import LoadSpec, Split, plan
 from aviator.testbed.profile import Profile
 
 

@@ -73,6 +73,10 @@ class AdsClient:
 
     def close(self) -> None:
         self.call.cancel()
+        # grpc.aio cancels its task that feeds the call from _iterate() only when cancel()
+        # ends the call; after the call ended otherwise (the server stopped), only the
+        # iterator's end stops that task.
+        self._requests.put_nowait(None)
 
 
 @pytest.fixture
@@ -353,6 +357,7 @@ async def test_stop_ends_open_streams() -> None:
         with pytest.raises(grpc.aio.AioRpcError):
             async with asyncio.timeout(TIMEOUT):
                 await client.call.read()
+        client.close()
     assert ads.proxies() == ()
     await ads.stop(0)  # idempotent
 

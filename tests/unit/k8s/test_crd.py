@@ -28,7 +28,8 @@ import pytest
 import yaml
 
 from aviator.k8s.duration import DURATION_PATTERN, DurationError, parse_duration
-from aviator.k8s.objects import FieldError, WorkloadKind
+from aviator.k8s.fields import FieldError
+from aviator.k8s.objects import WorkloadKind
 from aviator.k8s.policy import (
     API_VERSION,
     DEFAULT_PROBE_PATH,

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from aviator.k8s.fields import ObjectRef
 from aviator.k8s.lastvalid import LastValid
-from aviator.k8s.objects import ObjectRef, Pod, Workload, parse_pod, parse_workload
+from aviator.k8s.objects import Pod, Workload, parse_pod, parse_workload
 from aviator.k8s.policy import AviatorPolicy, InvalidPolicy, PolicyEntry, parse_policy_entry
 from aviator.k8s.resolve import (
     ACCEPTED,

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from aviator.k8s.duration import Duration
-from aviator.k8s.objects import FieldError, ObjectRef, WorkloadKind
+from aviator.k8s.fields import FieldError, ObjectRef
+from aviator.k8s.objects import WorkloadKind
 from aviator.k8s.policy import (
     DEFAULT_PROBE_PATH,
     AviatorPolicy,

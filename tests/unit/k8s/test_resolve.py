@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from aviator.k8s.objects import ObjectRef, Pod, Workload, parse_pod, parse_workload
+from aviator.k8s.fields import ObjectRef
+from aviator.k8s.objects import Pod, Workload, parse_pod, parse_workload
 from aviator.k8s.policy import PolicyEntry, parse_policy_entry
 from aviator.k8s.resolve import (
     ACCEPTED,

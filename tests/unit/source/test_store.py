@@ -7,7 +7,8 @@ import dataclasses
 
 import pytest
 
-from aviator.k8s.objects import ObjectError, ObjectRef, Pod, Workload, parse_pod, parse_workload
+from aviator.k8s.fields import ObjectError, ObjectRef
+from aviator.k8s.objects import Pod, Workload, parse_pod, parse_workload
 from aviator.k8s.policy import AviatorPolicy, InvalidPolicy
 from aviator.k8s.state import ClusterState, Problem, decode_object
 from aviator.source.store import Store

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from aviator.testbed.backend import Backend, BackendSpec, CapacityGate
+from aviator.testbed.backend import Backend, BackendSpec
+from aviator.testbed.gate import CapacityGate
 from aviator.testbed.profile import Distribution, Phase, Profile
 
 # -- CapacityGate -------------------------------------------------------------------------------

@@ -8,14 +8,13 @@ import statistics
 
 import pytest
 
-from aviator.testbed.loadgen import (
-    LatencySummary,
+from aviator.testbed.loadresult import LatencySummary, new_histogram
+from aviator.testbed.loadspec import (
     LoadSpec,
     RateStep,
     Split,
     arrival_times,
     assign_targets,
-    new_histogram,
     plan,
 )
 
