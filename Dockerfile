@@ -1,8 +1,11 @@
 # The Aviator control plane. Envoy runs elsewhere (gateway or sidecars); this image only serves xDS.
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# The base install: `run`, `bootstrap` and `inspect`; no demo or bench extra (no Envoy here).
+COPY pyproject.toml README.md LICENSE ./
 COPY aviator ./aviator
+# The agent's package: the control plane's wheel ships it (the ORCA header its prober reads).
+COPY agent/src ./agent/src
 RUN pip install --no-cache-dir --prefix=/install .
 
 FROM python:3.11-slim

@@ -14,6 +14,9 @@ pyproject.toml check it, see docs/design.md):
 - ``aviator.xds``: pure Envoy resource builders, snapshots, the cache (no gRPC) and the ADS server.
 - ``aviator.envoy``: Envoy bootstrap, admin client, process helper, inspect.
 - ``aviator.model``: the small value types every layer shares (bottom).
+
+Beside it, ``aviator_agent`` (``agent/``, its own distribution, the standard library only): the
+middleware users put in their apps, and the ORCA header format the prober reads.
 """
 
 __version__ = "0.1.0"

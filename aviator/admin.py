@@ -8,15 +8,71 @@ root decides what is shown.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from collections.abc import Callable, Mapping
+from types import TracebackType
 from typing import Any
 
 import prometheus_client
+import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 ReadyCheck = Callable[[], tuple[bool, list[str]]]
 View = Callable[[], Any]
+
+log = structlog.get_logger(__name__)
+
+_ExcInfo = (
+    bool
+    | BaseException
+    | tuple[type[BaseException], BaseException, TracebackType | None]
+    | tuple[None, None, None]
+    | None
+)
+
+
+class _ServerLog(logging.Logger):
+    """What aiohttp's request handler logs, as structured lines.
+
+    aiohttp logs a request it cannot parse (garbage, TLS on this plain port, a bad header)
+    with ``logger.exception``: a multi-line traceback of its own parser, outside structlog,
+    for every scanner or misconfigured health check. Such a request is the client's fault and
+    aiohttp already answered it 400: here it is one line. Anything else (a view that raised)
+    is a bug in Aviator and keeps its traceback, in the structured log.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("aviator.admin.http", logging.DEBUG)
+
+    def _log(  # the signature of logging.Logger._log
+        self,
+        level: int,
+        msg: object,
+        args: Any,
+        exc_info: _ExcInfo = None,
+        extra: Mapping[str, object] | None = None,
+        stack_info: bool = False,
+        stacklevel: int = 1,
+    ) -> None:
+        exc = exc_info[1] if isinstance(exc_info, tuple) else exc_info
+        if isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500:
+            reason = str(exc.message).strip().splitlines()
+            log.info(
+                "admin: bad request",
+                peer=args[0] if args else None,
+                status=exc.code,
+                reason=reason[0].rstrip(":") if reason else None,
+            )
+            return
+        text = str(msg) % args if args else str(msg)
+        if level >= logging.ERROR:
+            log.error(f"admin: {text}", exc_info=exc_info or False)
+        elif level >= logging.WARNING:
+            log.warning(f"admin: {text}")
+        else:
+            log.debug(f"admin: {text}")
 
 
 class AdminServer:
@@ -46,7 +102,7 @@ class AdminServer:
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (0 picks a free port); return the bound port."""
-        self._runner = web.AppRunner(self._app(), access_log=None)
+        self._runner = web.AppRunner(self._app(), access_log=None, logger=_ServerLog())
         await self._runner.setup()
         # Bind the socket ourselves so the bound port is known without aiohttp internals.
         sock = socket.create_server((host, port), reuse_port=False)

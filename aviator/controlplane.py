@@ -23,7 +23,7 @@ import dataclasses
 import os
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,35 @@ DEFAULT_PORT = 8080  # traffic port when a policy names a port no endpoint resol
 
 class ControlPlaneError(Exception):
     """The control plane cannot start or keep running (bad address, source failure)."""
+
+
+class TaskEndedError(ControlPlaneError):
+    """A long-running task of the control plane returned or raised on its own.
+
+    Nothing but :meth:`ControlPlane.stop` ends the control plane cleanly: a task that ends
+    otherwise leaves a process that looks alive and serves stale state, so :meth:`run`
+    stops everything and raises this, and ``aviator run`` exits 1 for a supervisor to
+    restart it. ``task`` is the task's name (``source``, ``reconcile``, ``prober``, ...).
+    """
+
+    def __init__(self, task: str, error: BaseException | None = None) -> None:
+        self.task = task
+        self.error = error
+        if error is None:
+            message = f"control-plane task {task!r} ended on its own"
+        else:
+            detail = " ".join(str(error).split())
+            message = f"control-plane task {task!r} failed: {type(error).__name__}: {detail}"
+        super().__init__(message)
+
+
+async def _supervised(name: str, work: Awaitable[None]) -> None:
+    """Run ``work``; its return or its exception becomes a :class:`TaskEndedError`."""
+    try:
+        await work
+    except Exception as exc:
+        raise TaskEndedError(name, exc) from exc
+    raise TaskEndedError(name)
 
 
 def make_source(
@@ -212,21 +241,28 @@ class ControlPlane:
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
-                    tg.create_task(self.source.run(self.store), name="source"),
-                    tg.create_task(self._follow_state(), name="reconcile"),
-                    tg.create_task(self.prober.run(), name="prober"),
-                    tg.create_task(self._reweigh_loop(), name="weigher"),
-                    tg.create_task(self.publisher.run(), name="publisher"),
+                    tg.create_task(_supervised(name, work), name=name)
+                    for name, work in (
+                        ("source", self.source.run(self.store)),
+                        ("reconcile", self._follow_state()),
+                        ("prober", self.prober.run()),
+                        ("weigher", self._reweigh_loop()),
+                        ("publisher", self.publisher.run()),
+                    )
                 ]
-                stop = tg.create_task(self._stop.wait(), name="stop")
-                done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    if task is not stop and task.exception() is None:
-                        log.error("a control-plane task ended unexpectedly", task=task.get_name())
-                await self.prober.close()
+                # A task that ends raises TaskEndedError, which makes the group cancel this
+                # wait and every other task; the group then raises it (in an ExceptionGroup).
+                await self._stop.wait()
                 for task in tasks:
                     task.cancel()
+        except* TaskEndedError as group:
+            ended = group.exceptions[0]
+            assert isinstance(ended, TaskEndedError)
+            # One line, no traceback: the supervisor's log shows why the process restarted.
+            log.error("control plane stopping", task=ended.task, reason=str(ended))
+            raise ended from ended.error
         finally:
+            await self.prober.close()
             self.publisher.publish_now()
             await self.admin.stop()
             await self.ads.stop(0.5)

@@ -59,7 +59,9 @@ class EndpointAddress:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
 
     def __str__(self) -> str:
-        return f"{self.ip}:{self.port}"
+        # IPv6 in brackets ([::1]:8080), as URLs, Envoy's admin and parse_host_port write it.
+        host = f"[{self.ip}]" if ":" in self.ip else self.ip
+        return f"{host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _orca_header() -> bytes:
-    from aviator.probing.orca import OrcaLoadReport, format_orca_text
+    from aviator_agent.orca import OrcaLoadReport, format_orca_text
 
     report = OrcaLoadReport(
         application_utilization=0.375,

@@ -10,6 +10,10 @@ from aviator.cli.usage import UsageError
 from aviator.envoy.bootstrap import bootstrap_yaml, render_bootstrap
 from aviator.model import WorkloadKey, parse_host_port
 
+# Prints the bootstrap on stdout and logs nothing: the CLI sets up no logging for it (and
+# so never imports structlog); tests/test_cli.py checks that it stays so.
+LOGS = False
+
 
 def parse_workload(text: str) -> WorkloadKey:
     """``NAMESPACE/NAME`` → WorkloadKey; raises ``ValueError`` naming the text otherwise."""
@@ -73,11 +77,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_names(args: argparse.Namespace) -> None:
+    """What render_bootstrap would reject, reported with the flag's name."""
+    for flag, value in (("--node-id", args.node_id), ("--node-cluster", args.node_cluster)):
+        if not value.strip():
+            raise UsageError(f"{flag} must not be empty")
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         host, port = parse_host_port(args.xds)
     except ValueError as exc:
         raise UsageError(f"--xds: {exc}") from exc
+    _check_names(args)
     try:
         workloads = [parse_workload(w) for w in args.workload]
     except ValueError as exc:

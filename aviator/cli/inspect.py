@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
 
-import aiohttp
-
 from aviator.cli.usage import UsageError
-from aviator.envoy.errors import EnvoyAdminError
-from aviator.envoy.inspect import AviatorAdminError, collect, render_table
+
+# aiohttp and Envoy's protobufs (about a second to import) are loaded by run(), not by
+# `aviator inspect --help`.
 
 
 def _url(text: str, flag: str) -> str:
@@ -56,6 +54,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _failure(what: str, url: str, exc: Exception) -> str:
     """One line: why ``what`` at ``url`` could not be read."""
+    import aiohttp
+
     cause = exc.__cause__
     if isinstance(cause, aiohttp.ClientConnectorError):
         code = cause.os_error.errno
@@ -75,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
     )
     if not args.timeout > 0:
         raise UsageError(f"--timeout must be > 0, got {args.timeout:g}")
+    import asyncio
+
+    from aviator.envoy.errors import EnvoyAdminError
+    from aviator.envoy.inspect import AviatorAdminError, collect, render_table
+
     try:
         report = asyncio.run(
             collect(

@@ -13,8 +13,10 @@ from aviator.controlplane import (
     ControlPlane,
     ControlPlaneError,
     Settings,
+    TaskEndedError,
     run_until_signalled,
 )
+from aviator.model import parse_host_port
 from aviator.xds.resources import GatewayConfig
 
 
@@ -59,7 +61,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--gateway-port",
-        type=int,
+        type=_listen_port,
         default=GatewayConfig().port,
         metavar="PORT",
         help="port of the gateway listener sent over LDS to gateways whose bootstrap names "
@@ -73,6 +75,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="address gateway listeners bind when the gateway's bootstrap names none "
         "(aviator bootstrap --listen-address) (default %(default)s: every interface)",
     )
+
+
+def _listen_port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"port must be in 0..65535, got {text!r}")
+    return int(text)
+
+
+def _address(text: str, flag: str) -> str:
+    """``text`` if it is a HOST:PORT to listen on; :class:`UsageError` naming ``flag``."""
+    try:
+        parse_host_port(text, any_port=True)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from exc
+    return text
 
 
 def _is_ip(text: str) -> bool:
@@ -94,8 +111,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         )
         return Settings(
             source=args.source,
-            xds_address=args.xds_address,
-            admin_address=args.admin_address,
+            xds_address=_address(args.xds_address, "--xds-address"),
+            admin_address=_address(args.admin_address, "--admin-address"),
             gateway=gateway,
             kubeconfig=args.kubeconfig,
             context=args.context,
@@ -113,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     try:
         asyncio.run(run_until_signalled(control_plane))
+    except TaskEndedError:
+        return 1  # logged in one line by the control plane; a supervisor restarts us
     except ControlPlaneError as exc:
         raise UsageError(str(exc)) from exc
     return 0

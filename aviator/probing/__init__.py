@@ -2,12 +2,14 @@
 
 Layers (each imports only those above it):
 
-- ``orca``: ORCA ``endpoint-load-metrics`` header parse/format (pure).
 - ``results``: ``ProbeTarget``, ``ProbeResult``, ``ProbeOutcome``, ``ProbeKey`` (pure values).
 - ``estimator``: probe results → per-endpoint ``EndpointStats`` (pure; time is an argument).
 - ``weigher``: ``EndpointStats`` → ``WeightedEndpoint`` weights/health, ``WeigherKnobs`` (pure).
 - ``prober``: the asyncio prober (I/O: aiohttp), feeding any sink.
-- ``agent``: the server half (``LoadTracker``, ASGI and aiohttp middlewares) for backends.
+
+The ORCA ``endpoint-load-metrics`` header (format and parser, pure) and the server half that
+writes it (``LoadTracker``, ASGI and aiohttp middlewares) are the agent's: ``aviator_agent``,
+its own distribution in ``agent/``, which the prober and the testbed import.
 
 Nothing here runs at import time; the pure modules import no HTTP library.
 """

@@ -34,8 +34,8 @@ from types import MappingProxyType
 from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
+from aviator_agent.orca import OrcaParseError, report_from_headers
 
-from aviator.probing.orca import OrcaParseError, report_from_headers
 from aviator.probing.results import ProbeOutcome, ProbeResult, ProbeTarget
 
 __all__ = [

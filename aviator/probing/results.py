@@ -11,8 +11,9 @@ import ipaddress
 import math
 from dataclasses import dataclass
 
+from aviator_agent.orca import OrcaLoadReport
+
 from aviator.model import EndpointAddress, WorkloadKey
-from aviator.probing.orca import OrcaLoadReport
 
 __all__ = ["DEFAULT_PROBE_PATH", "ProbeKey", "ProbeOutcome", "ProbeResult", "ProbeTarget"]
 

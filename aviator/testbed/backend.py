@@ -28,8 +28,8 @@ from typing import Any, Protocol
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from aviator_agent import LoadTracker, aiohttp_middleware
 
-from aviator.probing.agent import LoadTracker, aiohttp_middleware
 from aviator.probing.results import DEFAULT_PROBE_PATH
 from aviator.testbed.gate import CapacityGate
 from aviator.testbed.profile import (

@@ -48,7 +48,7 @@ async def test_bootstrap_variant_is_valid_without_warnings(name: str) -> None:
 async def test_cli_output_is_valid(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr("aviator.cli.log.configure", lambda *args, **kwargs: None)
+    monkeypatch.setattr("aviator.log.configure", lambda *args, **kwargs: None)
     code = main(
         ["bootstrap", "--xds", "[::1]:18000", "--node-id", "pod-1", "--mode", "sidecar",
          "--workload", "shop/cart"]

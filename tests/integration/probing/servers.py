@@ -9,8 +9,7 @@ from contextlib import asynccontextmanager
 
 import uvicorn
 from aiohttp import web
-
-from aviator.probing.agent import ASGIApp
+from aviator_agent import ASGIApp
 
 
 def free_socket(host: str = "127.0.0.1") -> socket.socket:

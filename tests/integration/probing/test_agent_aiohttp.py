@@ -9,9 +9,9 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 from aiohttp import web
+from aviator_agent import LoadTracker, setup_aiohttp
+from aviator_agent.orca import ORCA_HEADER, parse_orca_header
 
-from aviator.probing.agent import LoadTracker, setup_aiohttp
-from aviator.probing.orca import ORCA_HEADER, parse_orca_header
 from tests.integration.probing.servers import aiohttp_server
 
 

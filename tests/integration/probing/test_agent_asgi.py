@@ -9,9 +9,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aviator_agent import AviatorASGIMiddleware, LoadTracker
+from aviator_agent.orca import ORCA_HEADER, parse_orca_header
 
-from aviator.probing.agent import AviatorASGIMiddleware, LoadTracker
-from aviator.probing.orca import ORCA_HEADER, parse_orca_header
 from tests.integration.probing.servers import uvicorn_server
 
 

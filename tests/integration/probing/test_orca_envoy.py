@@ -11,9 +11,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aviator_agent.orca import ORCA_HEADER, OrcaLoadReport, format_orca_text
 
 from aviator.envoy.process import EnvoyProcess, free_port
-from aviator.probing.orca import ORCA_HEADER, OrcaLoadReport, format_orca_text
 from tests.integration.probing.servers import aiohttp_server
 
 pytestmark = pytest.mark.envoy

@@ -13,9 +13,9 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import aiohttp
 from aiohttp import web
+from aviator_agent import LoadTracker, setup_aiohttp
 
 from aviator.model import EndpointAddress
-from aviator.probing.agent import LoadTracker, setup_aiohttp
 from aviator.probing.estimator import Estimator
 from aviator.probing.prober import Prober, aiohttp_transport_factory
 from aviator.probing.results import ProbeOutcome, ProbeResult, ProbeTarget

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from aviator_agent.orca import ORCA_HEADER, parse_orca_header
 
-from aviator.probing.orca import ORCA_HEADER, parse_orca_header
 from aviator.testbed.backend import Backend, BackendSpec, agent_backend
 from aviator.testbed.profile import Distribution, Phase, Profile
 

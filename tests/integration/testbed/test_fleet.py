@@ -13,8 +13,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aviator_agent.orca import ORCA_HEADER, parse_orca_header
 
-from aviator.probing.orca import ORCA_HEADER, parse_orca_header
 from aviator.testbed.backend import BACKEND_HEADER, BackendSpec
 from aviator.testbed.fleet import Fleet, FleetError
 from aviator.testbed.fleetserver import FleetSpec

@@ -27,7 +27,9 @@ def _pure_modules() -> list[Path]:
     )
     files: list[Path] = []
     for module in contract["source_modules"]:
-        path = ROOT.joinpath(*module.split("."))
+        # The agent's package lives in its own distribution's tree (agent/src).
+        top = ROOT / "agent" / "src" if module.split(".")[0] == "aviator_agent" else ROOT
+        path = top.joinpath(*module.split("."))
         files.extend(sorted(path.rglob("*.py")) if path.is_dir() else [path.with_suffix(".py")])
     return files
 
@@ -51,9 +53,10 @@ def _lint(tree: Path) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def copy_of_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tree = tmp_path_factory.mktemp("tree")
-    shutil.copytree(
-        ROOT / "aviator", tree / "aviator", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "aviator", tree / "aviator", ignore=ignore)
+    # The agent's package (its own distribution, agent/) is the contracts' second root.
+    shutil.copytree(ROOT / "agent/src/aviator_agent", tree / "aviator_agent", ignore=ignore)
     shutil.copy(ROOT / "pyproject.toml", tree / "pyproject.toml")
     return tree
 
@@ -70,20 +73,23 @@ def test_contracts_hold_on_this_tree(copy_of_tree: Path) -> None:
         ("aviator/k8s/_bad.py", "import time\n", "Pure modules import no I/O library"),
         ("aviator/xds/_bad.py", "import aviator.k8s.policy\n", "Layers"),
         ("aviator/controlplane_bad.py", "import aviator.testbed.backend\n", "Production code"),
-        (
-            "aviator/xds/_bad.py",
-            "import kubernetes\n",
-            "Only the Kubernetes source and the operator",
-        ),
+        ("aviator/xds/_bad.py", "import kubernetes\n", "Only the Kubernetes source"),
+        ("aviator_agent/_bad.py", "import aviator.model\n", "The agent imports nothing"),
+        ("aviator_agent/_bad.py", "import grpc\n", "The agent imports nothing"),
+        ("aviator_agent/tracker_bad.py", "import aiohttp\n", "Only the agent's aiohttp"),
     ],
 )
 def test_a_bad_import_breaks_its_contract(
     copy_of_tree: Path, module: str, line: str, contract: str
 ) -> None:
     bad = copy_of_tree / module
-    # The production contract names aviator.controlplane; put the bad import inside it.
-    if module == "aviator/controlplane_bad.py":
-        bad = copy_of_tree / "aviator/controlplane.py"
+    # Contracts that name modules (not packages): put the bad import inside one of them.
+    named = {
+        "aviator/controlplane_bad.py": "aviator/controlplane.py",
+        "aviator_agent/tracker_bad.py": "aviator_agent/tracker.py",
+    }
+    if module in named:
+        bad = copy_of_tree / named[module]
         original = bad.read_text()
         bad.write_text(original + "\n" + line)
     else:
@@ -116,6 +122,7 @@ def _clock_calls(path: Path) -> list[str]:
 def test_pure_modules_read_no_clock() -> None:
     files = _pure_modules()
     assert ROOT / "aviator/k8s/resolve.py" in files
+    assert ROOT / "agent/src/aviator_agent/orca.py" in files
     assert all(f.is_file() for f in files)
     calls = [c for f in files for c in _clock_calls(f)]
     assert calls == []

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
+from aviator_agent.orca import OrcaLoadReport
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aviator.probing.estimator import Estimator, EstimatorConfig
-from aviator.probing.orca import OrcaLoadReport
 from aviator.probing.results import ProbeOutcome, ProbeResult
 
 CONFIG = EstimatorConfig(latency_half_life_s=2.0, rif_half_life_s=0.5, error_half_life_s=10.0)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from aviator_agent.orca import parse_orca_header
+from aviator_agent.tracker import LoadTracker, _bucket
 from hypothesis import given
 from hypothesis import strategies as st
-
-from aviator.probing.agent import LoadTracker, _bucket
-from aviator.probing.orca import parse_orca_header
 
 
 class FakeClock:

@@ -1,4 +1,9 @@
-"""ORCA load reports in HTTP headers: parse (TEXT, JSON, BIN) and format (TEXT). Pure.
+"""ORCA load reports in HTTP headers: parse (TEXT, JSON, BIN) and format (TEXT). Pure, and
+the standard library only.
+
+This module is the one definition of the header both halves of Aviator speak: the agent in
+your app writes it (:func:`format_orca_text`), Aviator's prober reads it
+(:func:`report_from_headers`), so a change to the format is one change, tested as a round trip.
 
 The wire format follows Envoy's ``source/common/orca/orca_parser.cc``: one header
 ``endpoint-load-metrics`` whose value starts with a format prefix,
@@ -7,7 +12,8 @@ The wire format follows Envoy's ``source/common/orca/orca_parser.cc``: one heade
   names ``cpu_utilization``, ``mem_utilization``, ``application_utilization``, ``eps``,
   ``rps_fractional``, ``named_metrics.<key>`` and ``utilization.<key>``;
 - ``JSON {...}``: the protobuf JSON form of ``xds.data.orca.v3.OrcaLoadReport``;
-- ``BIN <base64>``: the serialised proto (also the legacy ``endpoint-load-metrics-bin`` header).
+- ``BIN <base64>``: the serialised proto (also the legacy ``endpoint-load-metrics-bin`` header),
+  decoded here from the protobuf wire format (no protobuf library needed).
 
 Like Envoy, the parser rejects unknown names, duplicates, empty keys, NaN, infinities and
 negative values: a report is either fully valid or an :class:`OrcaParseError`.
@@ -23,6 +29,7 @@ import base64
 import binascii
 import json
 import math
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -225,25 +232,134 @@ def _parse_bin(body: str) -> OrcaLoadReport:
         raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):
         raise OrcaParseError(f"unable to decode ORCA binary header value: {text!r}") from None
-    # Imported here: protobuf is only needed for this rare form, and never at import time.
-    from google.protobuf.message import DecodeError
-    from xds.data.orca.v3 import orca_load_report_pb2
-
-    msg = orca_load_report_pb2.OrcaLoadReport()
     try:
-        msg.ParseFromString(raw)
-    except DecodeError:
+        return _decode_report(raw)
+    except _WireError:
         raise OrcaParseError("unable to parse binary ORCA header as OrcaLoadReport") from None
-    return OrcaLoadReport(
-        cpu_utilization=msg.cpu_utilization,
-        mem_utilization=msg.mem_utilization,
-        application_utilization=msg.application_utilization,
-        rps_fractional=msg.rps_fractional,
-        eps=msg.eps,
-        named_metrics=dict(msg.named_metrics),
-        utilization=dict(msg.utilization),
-        request_cost=dict(msg.request_cost),
-    )
+
+
+# xds.data.orca.v3.OrcaLoadReport (xds/data/orca/v3/orca_load_report.proto), by field number.
+_DOUBLES: Final = {
+    1: "cpu_utilization",
+    2: "mem_utilization",
+    6: "rps_fractional",
+    7: "eps",
+    9: "application_utilization",
+}
+_MAPS: Final = {4: "request_cost", 5: "utilization", 8: "named_metrics"}  # map<string, double>
+_VARINT, _I64, _LEN, _GROUP, _END_GROUP, _I32 = 0, 1, 2, 3, 4, 5  # protobuf wire types
+_MAX_FIELD: Final = (1 << 29) - 1
+_MAX_DEPTH: Final = 100  # nested groups; protobuf's own recursion limit
+
+
+class _WireError(Exception):
+    """Bytes that are not a well-formed protobuf message."""
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise _WireError
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _field(
+    data: bytes, pos: int, depth: int = 0
+) -> tuple[int, int, int | float | bytes | None, int]:
+    """The field at ``pos``: (number, wire type, value, position after it). A group (wire
+    type 3, long deprecated, in no field of this message) is skipped whole: value None."""
+    key, pos = _varint(data, pos)
+    number, wire = key >> 3, key & 7
+    if not 0 < number <= _MAX_FIELD or key > 0xFFFFFFFF:
+        raise _WireError
+    value: int | float | bytes | None
+    if wire == _VARINT:
+        value, pos = _varint(data, pos)
+    elif wire == _I64:
+        if pos + 8 > len(data):
+            raise _WireError
+        (value,) = struct.unpack_from("<d", data, pos)
+        pos += 8
+    elif wire == _LEN:
+        size, pos = _varint(data, pos)
+        if pos + size > len(data):
+            raise _WireError
+        value, pos = data[pos : pos + size], pos + size
+    elif wire == _I32:
+        if pos + 4 > len(data):
+            raise _WireError
+        value, pos = data[pos : pos + 4], pos + 4
+    elif wire == _GROUP:
+        if depth >= _MAX_DEPTH:
+            raise _WireError
+        while True:  # fields up to the END_GROUP of the same number
+            if pos >= len(data):
+                raise _WireError
+            inner, inner_wire, _, pos = _field(data, pos, depth + 1)
+            if inner_wire == _END_GROUP:
+                if inner != number:
+                    raise _WireError
+                break
+        value = None
+    elif wire == _END_GROUP:
+        value = None  # only valid inside a group: the caller decides
+    else:
+        raise _WireError
+    return number, wire, value, pos
+
+
+def _fields(data: bytes) -> list[tuple[int, int, int | float | bytes | None]]:
+    """(field number, wire type, value) of every field of one message, in order."""
+    out: list[tuple[int, int, int | float | bytes | None]] = []
+    pos = 0
+    while pos < len(data):
+        number, wire, value, pos = _field(data, pos)
+        if wire == _END_GROUP:  # an END_GROUP outside a group
+            raise _WireError
+        out.append((number, wire, value))
+    return out
+
+
+def _map_entry(data: bytes) -> tuple[str, float] | None:
+    """A map<string, double> entry; None for an entry with any other field, which protobuf
+    (upb) keeps as an unknown field of the report rather than in the map."""
+    key, value = "", 0.0  # proto3 defaults for a field the entry leaves out
+    for number, wire, field_value in _fields(data):
+        if number == 1 and wire == _LEN:
+            assert isinstance(field_value, bytes)
+            try:
+                key = field_value.decode()
+            except UnicodeDecodeError:  # protobuf rejects a string that is not UTF-8
+                raise _WireError from None
+        elif number == 2 and wire == _I64:
+            assert isinstance(field_value, float)
+            value = field_value
+        else:
+            return None
+    return key, value
+
+
+def _decode_report(data: bytes) -> OrcaLoadReport:
+    """The serialised message, with protobuf's rules: the last value of a scalar wins, map
+    entries merge by key, unknown fields (and the deprecated ``rps``, field 3) are skipped."""
+    scalars: dict[str, float] = {}
+    maps: dict[str, dict[str, float]] = {name: {} for name in _MAPS.values()}
+    for number, wire, value in _fields(data):
+        if number in _DOUBLES and wire == _I64:
+            assert isinstance(value, float)
+            scalars[_DOUBLES[number]] = value
+        elif number in _MAPS and wire == _LEN:
+            assert isinstance(value, bytes)
+            entry = _map_entry(value)
+            if entry is not None:
+                maps[_MAPS[number]][entry[0]] = entry[1]
+    return OrcaLoadReport(**scalars, **maps)  # type: ignore[arg-type]  # the field names
 
 
 def parse_orca_header(value: str) -> OrcaLoadReport:

@@ -1,14 +1,9 @@
-"""Prequal's server half: count requests in flight, keep latencies by RIF, report them (ORCA).
+"""Count requests in flight, keep recent latencies by RIF, and report them as ORCA.
 
-Put :class:`AviatorASGIMiddleware` around an ASGI app, or :func:`aiohttp_middleware` into an
-aiohttp application. Every response then carries an ``endpoint-load-metrics`` header
-(``TEXT named_metrics.rif:…,named_metrics.latency_ms:…,rps_fractional:…[,eps:…]
-[,application_utilization:…]``) and the probe path (default ``/aviator/probe``) answers
-``200`` with the same header and a small JSON body, without reaching the application.
-
-With a ``capacity`` (requests the server can serve at once) the report also carries
-``application_utilization = RIF / capacity``, so Envoy's client-side weighted round robin
-(weight = qps / utilisation) can use the same header.
+:class:`LoadTracker` is what the middlewares (:mod:`aviator_agent.asgi`,
+:mod:`aviator_agent.aiohttp`) share: ``begin``/``end`` (or ``with tracker.track():``) around
+each request, and ``header_value()`` / ``probe_body()`` for the answer. Use it directly in a
+server the middlewares do not cover.
 
 RIF, as Prequal defines it, counts a request from the moment the application receives it
 until it hands back the response; the counter is decremented in ``finally`` blocks, so an
@@ -23,37 +18,16 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Final
 
-from aviator.probing.orca import (
-    LATENCY_MS_METRIC,
-    ORCA_HEADER,
-    RIF_METRIC,
-    OrcaLoadReport,
-    format_orca_text,
-)
-from aviator.probing.results import DEFAULT_PROBE_PATH
+from aviator_agent.orca import LATENCY_MS_METRIC, RIF_METRIC, OrcaLoadReport, format_orca_text
 
-if TYPE_CHECKING:
-    from aiohttp import web
-    from aiohttp.typedefs import Handler, Middleware
+__all__ = ["DEFAULT_PROBE_PATH", "LoadTracker", "RequestTicket"]
 
-__all__ = [
-    "ASGIApp",
-    "AviatorASGIMiddleware",
-    "LoadTracker",
-    "RequestTicket",
-    "aiohttp_middleware",
-    "setup_aiohttp",
-]
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+#: Where the middlewares answer Aviator's probes; an AviatorPolicy's ``probe.path`` default.
+DEFAULT_PROBE_PATH: Final = "/aviator/probe"
 
 _EXACT_BUCKETS = 32  # RIF 0..31 each get their own latency bucket
 _LOG_BUCKETS = 16  # then quarter-octaves: 32..~430, the last one open-ended
@@ -243,104 +217,3 @@ class LoadTracker:
             },
             separators=(",", ":"),
         ).encode()
-
-
-class AviatorASGIMiddleware:
-    """ASGI middleware: tracks RIF and latency of ``app``'s HTTP requests, adds the ORCA
-    header to every response and answers the probe path itself. Lifespan and websocket
-    scopes pass through untouched."""
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        tracker: LoadTracker | None = None,
-        probe_path: str | None = DEFAULT_PROBE_PATH,
-    ) -> None:
-        self.app = app
-        self.tracker = tracker or LoadTracker()
-        self.probe_path = probe_path
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        tracker = self.tracker
-        if scope["path"] == self.probe_path and scope["method"] in ("GET", "HEAD"):
-            await self._answer_probe(scope, send)
-            return
-        with tracker.track() as ticket:
-
-            async def send_with_report(message: Message) -> None:
-                if message["type"] == "http.response.start":
-                    ticket.error = message["status"] >= 500
-                    headers = list(message.get("headers", ()))
-                    headers.append((ORCA_HEADER.encode(), tracker.header_value().encode()))
-                    message = {**message, "headers": headers}
-                await send(message)
-
-            await self.app(scope, receive, send_with_report)
-
-    async def _answer_probe(self, scope: Scope, send: Send) -> None:
-        body = self.tracker.probe_body()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"cache-control", b"no-store"),
-                    (ORCA_HEADER.encode(), self.tracker.header_value().encode()),
-                ],
-            }
-        )
-        await send(
-            {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
-        )
-
-
-def aiohttp_middleware(
-    tracker: LoadTracker, *, probe_path: str | None = DEFAULT_PROBE_PATH
-) -> Middleware:
-    """An aiohttp middleware doing what :class:`AviatorASGIMiddleware` does.
-
-    Headers are added only to responses not yet prepared (a streaming handler that called
-    ``prepare()`` itself has sent its headers already); RIF and latency count either way.
-    """
-    from aiohttp import web
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path == probe_path and request.method in ("GET", "HEAD"):
-            return web.Response(
-                body=tracker.probe_body(),
-                content_type="application/json",
-                headers={ORCA_HEADER: tracker.header_value(), "Cache-Control": "no-store"},
-            )
-        with tracker.track() as ticket:
-            try:
-                response = await handler(request)
-            except web.HTTPException as exc:
-                # Raised responses (404, 503 …) are responses: status decides if it is an error.
-                ticket.error = exc.status >= 500
-                exc.headers[ORCA_HEADER] = tracker.header_value()
-                raise
-            ticket.error = response.status >= 500
-            if not response.prepared:
-                response.headers[ORCA_HEADER] = tracker.header_value()
-            return response
-
-    return middleware
-
-
-def setup_aiohttp(
-    app: web.Application,
-    *,
-    tracker: LoadTracker | None = None,
-    probe_path: str | None = DEFAULT_PROBE_PATH,
-) -> LoadTracker:
-    """Install the agent as ``app``'s outermost middleware; returns its tracker."""
-    tracker = tracker or LoadTracker()
-    app.middlewares.insert(0, aiohttp_middleware(tracker, probe_path=probe_path))
-    return tracker
