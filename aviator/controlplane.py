@@ -36,7 +36,7 @@ from aviator.k8s.resolve import ACCEPTED, PolicyResolution, resolve_state, servi
 from aviator.k8s.state import ClusterState
 from aviator.model import WeightedWorkload, WorkloadKey, parse_host_port
 from aviator.probing.estimator import Estimator
-from aviator.probing.prober import Prober, TransportFactory
+from aviator.probing.prober import AddressPolicy, Prober, TransportFactory
 from aviator.probing.results import ProbeKey, ProbeOutcome, ProbeResult, ProbeTarget
 from aviator.probing.weigher import WeighResult, weigh
 from aviator.source.directory import DirectorySource
@@ -85,6 +85,10 @@ class Settings:
     publish_quiet: float = 0.05
     publish_max_delay: float = 0.25
     max_probes_in_flight: int = 256
+    # Pods on loopback or link-local addresses are not probed unless allowed (issue 14;
+    # AddressPolicy): the demo and the tests run their pods on 127.0.0.1.
+    allow_probe_loopback: bool = False
+    allow_probe_link_local: bool = False
 
     def __post_init__(self) -> None:
         parse_host_port(self.xds_address, any_port=True)
@@ -137,7 +141,12 @@ class ControlPlane:
             self._on_probe,
             max_in_flight=settings.max_probes_in_flight,
             transport_factory=transport_factory,
+            addresses=AddressPolicy(
+                allow_loopback=settings.allow_probe_loopback,
+                allow_link_local=settings.allow_probe_link_local,
+            ),
         )
+        self._pods: dict[ProbeKey, str] = {}  # the pod of each probe target, for problems
         self.admin = AdminServer(
             registry=self.registry,
             ready=self.readiness,
@@ -252,11 +261,16 @@ class ControlPlane:
         self.reweigh(asyncio.get_running_loop().time(), force=True)
 
     def _probe_targets(self) -> dict[ProbeKey, ProbeTarget]:
+        """One target per served endpoint: the pod's own IP (from its status, never from the
+        policy), the probe port resolved on that pod, the policy's path. The prober refuses
+        the addresses its AddressPolicy does not allow (``probe_refusals``)."""
         targets: dict[ProbeKey, ProbeTarget] = {}
+        self._pods = {}
         for key, s in self._served.items():
             policy = s.resolution.policy
             assert policy is not None  # serving resolutions carry their policy
             for e in s.resolution.endpoints:
+                self._pods[ProbeKey(key, e.address)] = e.pod
                 targets[ProbeKey(key, e.address)] = ProbeTarget(
                     ip=e.address.ip,
                     port=e.probe_port,
@@ -385,7 +399,8 @@ class ControlPlane:
                         "message": c.message,
                     }
                     for c in r.conditions
-                ],
+                ]
+                + _refused_condition(r, self.probe_refusals()),
                 "pods": r.pods,
                 "endpoints": len(r.endpoints),
                 "notReady": list(r.not_ready),
@@ -430,8 +445,38 @@ class ControlPlane:
             "nacks": [dataclasses.asdict(n) for n in self.ads.nacks()],
         }
 
+    def probe_refusals(self) -> list[tuple[WorkloadKey, str]]:
+        """(workload, message) for each endpoint the prober refuses to contact: it is served
+        with no probe data (a neutral weight), and nothing else changes."""
+        return [
+            (
+                key.workload,
+                f"{key.workload}: pod {self._pods.get(key, '?')} at {key.address} is not "
+                f"probed: {why}",
+            )
+            for key, why in sorted(self.prober.refused.items())
+        ]
+
     def problems_view(self) -> list[str]:
-        return [str(p) for p in self._state.problems] if self._state is not None else []
+        problems = [str(p) for p in self._state.problems] if self._state is not None else []
+        return problems + [message for _, message in self.probe_refusals()]
+
+
+def _refused_condition(
+    r: PolicyResolution, refusals: list[tuple[WorkloadKey, str]]
+) -> list[dict[str, str]]:
+    """A ``Probed=False`` condition naming each pod the prober refused, if any."""
+    messages = [m for workload, m in refusals if r.serving and r.key == workload]
+    if not messages:
+        return []
+    return [
+        {
+            "type": "Probed",
+            "status": "False",
+            "reason": "ProbeAddressRefused",
+            "message": "; ".join(messages),
+        }
+    ]
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -52,6 +52,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="address gateway listeners bind when the gateway's bootstrap names none "
         "(aviator bootstrap --listen-address) (default %(default)s: every interface)",
     )
+    parser.add_argument(
+        "--allow-probe-loopback",
+        action="store_true",
+        help="probe pods whose address is loopback (127.0.0.0/8, ::1, 0.0.0.0): pods on this "
+        "machine, as in the demo and the examples; refused by default, so that a pod's "
+        "address cannot make the control plane call its own host",
+    )
+    parser.add_argument(
+        "--allow-probe-link-local",
+        action="store_true",
+        help="probe pods whose address is link-local (169.254.0.0/16, fe80::/10); the cloud "
+        "metadata address 169.254.169.254 is never probed",
+    )
 
 
 def _is_ip(text: str) -> bool:
@@ -76,6 +89,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
             xds_address=args.xds_address,
             admin_address=args.admin_address,
             gateway=gateway,
+            allow_probe_loopback=args.allow_probe_loopback,
+            allow_probe_link_local=args.allow_probe_link_local,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
