@@ -89,6 +89,7 @@ class Settings:
     # AddressPolicy): the demo and the tests run their pods on 127.0.0.1.
     allow_probe_loopback: bool = False
     allow_probe_link_local: bool = False
+    debug_views: bool = True  # /debug/* on the admin server (aviator run --no-debug-views)
 
     def __post_init__(self) -> None:
         parse_host_port(self.xds_address, any_port=True)
@@ -156,6 +157,7 @@ class ControlPlane:
                 "proxies": self.proxies_view,
                 "problems": self.problems_view,
             },
+            debug=settings.debug_views,
         )
         self._state: ClusterState | None = None
         self._resolutions: tuple[PolicyResolution, ...] = ()

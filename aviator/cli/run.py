@@ -53,6 +53,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "(aviator bootstrap --listen-address) (default %(default)s: every interface)",
     )
     parser.add_argument(
+        "--no-debug-views",
+        dest="debug_views",
+        action="store_false",
+        help="serve no /debug/* views on the admin address (they show pod addresses, node "
+        "ids and policy specs); /healthz, /readyz and /metrics stay",
+    )
+    parser.add_argument(
         "--allow-probe-loopback",
         action="store_true",
         help="probe pods whose address is loopback (127.0.0.0/8, ::1, 0.0.0.0): pods on this "
@@ -91,6 +98,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             gateway=gateway,
             allow_probe_loopback=args.allow_probe_loopback,
             allow_probe_link_local=args.allow_probe_link_local,
+            debug_views=args.debug_views,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
