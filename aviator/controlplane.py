@@ -44,7 +44,7 @@ from aviator.source.store import StateSource, Store
 from aviator.xds.cache import Cache
 from aviator.xds.publisher import Publisher
 from aviator.xds.resources import GatewayConfig, ListenSpec
-from aviator.xds.server import AdsServer
+from aviator.xds.server import AdsServer, ServerLimits, ServerTls, StreamLimits
 from aviator.xds.snapshot import SnapshotBuilder, SnapshotError
 
 log = structlog.get_logger(__name__)
@@ -90,12 +90,26 @@ class Settings:
     allow_probe_loopback: bool = False
     allow_probe_link_local: bool = False
     debug_views: bool = True  # /debug/* on the admin server (aviator run --no-debug-views)
+    # xDS over TLS (all three: mutual TLS), and the node ids allowed to connect (empty: any).
+    xds_tls_cert: str | None = None
+    xds_tls_key: str | None = None
+    xds_tls_client_ca: str | None = None
+    xds_allowed_nodes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         parse_host_port(self.xds_address, any_port=True)
         parse_host_port(self.admin_address, any_port=True)
         if not self.reweigh_interval > 0:
             raise ValueError("reweigh_interval must be > 0")
+        if (self.xds_tls_cert is None) != (self.xds_tls_key is None):
+            raise ValueError("--xds-tls-cert and --xds-tls-key go together")
+        if self.xds_tls_client_ca is not None and self.xds_tls_cert is None:
+            raise ValueError("--xds-tls-client-ca needs --xds-tls-cert and --xds-tls-key")
+
+    def xds_tls(self) -> ServerTls | None:
+        if self.xds_tls_cert is None or self.xds_tls_key is None:
+            return None
+        return ServerTls(self.xds_tls_cert, self.xds_tls_key, self.xds_tls_client_ca)
 
 
 @dataclass(slots=True)
@@ -136,6 +150,10 @@ class ControlPlane:
             metrics_registry=self.registry,
             gateway=settings.gateway,
             on_listeners=self._listeners_wanted,
+            limits=ServerLimits(
+                stream=StreamLimits(allowed_nodes=frozenset(settings.xds_allowed_nodes) or None)
+            ),
+            tls=settings.xds_tls(),
         )
         self.estimator: Estimator[ProbeKey] = Estimator()
         self.prober: Prober[ProbeKey] = Prober(

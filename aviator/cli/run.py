@@ -53,6 +53,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "(aviator bootstrap --listen-address) (default %(default)s: every interface)",
     )
     parser.add_argument(
+        "--xds-tls-cert",
+        metavar="FILE",
+        help="serve xDS over TLS with this certificate chain (PEM; re-read when it changes)",
+    )
+    parser.add_argument("--xds-tls-key", metavar="FILE", help="the private key of --xds-tls-cert")
+    parser.add_argument(
+        "--xds-tls-client-ca",
+        metavar="FILE",
+        help="mutual TLS: refuse proxies without a certificate signed by this CA (PEM)",
+    )
+    parser.add_argument(
+        "--xds-allow-node",
+        action="append",
+        default=[],
+        metavar="NODE_ID",
+        help="serve only proxies with this node id (repeatable; default: any)",
+    )
+    parser.add_argument(
         "--no-debug-views",
         dest="debug_views",
         action="store_false",
@@ -99,6 +117,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
             allow_probe_loopback=args.allow_probe_loopback,
             allow_probe_link_local=args.allow_probe_link_local,
             debug_views=args.debug_views,
+            xds_tls_cert=args.xds_tls_cert,
+            xds_tls_key=args.xds_tls_key,
+            xds_tls_client_ca=args.xds_tls_client_ca,
+            xds_allowed_nodes=tuple(args.xds_allow_node),
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc

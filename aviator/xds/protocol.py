@@ -145,8 +145,13 @@ class StreamLimits:
     max_names: int = 16_384
     max_name_bytes: int = 1024
     max_unknown_types: int = 16
+    # The node ids that may connect (aviator run --xds-allow-node); None: any. A stream whose
+    # first request names another node, or none, is refused (PERMISSION_DENIED).
+    allowed_nodes: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
+        if self.allowed_nodes is not None and not self.allowed_nodes:
+            raise ValueError("StreamLimits.allowed_nodes must name a node, or be None (any)")
         for name in ("max_node_id_bytes", "max_names", "max_name_bytes", "max_unknown_types"):
             if getattr(self, name) < 1:
                 raise ValueError(f"StreamLimits.{name} must be >= 1, got {getattr(self, name)}")
@@ -474,6 +479,15 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
                 )
             self.node_id = request.node.id
             self._log = self._log.bind(node=self.shown_node)
+        allowed = self._limits.allowed_nodes
+        if not self._node_read and allowed is not None and self.node_id not in allowed:
+            raise StreamRefusedError(
+                "PERMISSION_DENIED",
+                f"node.id {self.shown_node!r} is not allowed on this server"
+                if self.node_id
+                else "node.id: the first request must name the node; this server serves "
+                "only the nodes it allows",
+            )
         if not self._node_read:
             # Envoy sends its node on the first request only (set_node_on_first_message_only).
             self._read_node(request.node if request.HasField("node") else base_pb2.Node())

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import ssl
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -141,6 +144,86 @@ class ServerLimits:
 
 
 DEFAULT_SERVER_LIMITS = ServerLimits()
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """xDS over TLS: the server's certificate chain and key, and for mutual TLS the CA that
+    client certificates must chain to (a client without one is refused in the handshake).
+    The files are read again when they change (:class:`CertificateReloader`)."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+
+class CertificateReloader:
+    """Serves the current contents of a :class:`ServerTls`'s files to gRPC.
+
+    gRPC asks (``fetch``, from its own threads) at every new TLS handshake; the files are
+    re-read when their size, mtime or inode changed (cert-manager and kubelet replace them
+    with a rename). A new set that does not load (a half-written file, a key that is not the
+    certificate's) is logged and the previous one stays in use: a bad rotation never takes
+    the xDS port down. Open connections keep the certificate they were made with.
+    """
+
+    def __init__(self, tls: ServerTls) -> None:
+        self._tls = tls
+        self._lock = threading.Lock()
+        self._stamp = self._stat()
+        self.initial = self._load()  # raises: a server must not start without its certificate
+        self.reloads = 0
+
+    def _files(self) -> list[str]:
+        files = [self._tls.cert_file, self._tls.key_file]
+        return files + ([self._tls.client_ca_file] if self._tls.client_ca_file else [])
+
+    def _stat(self) -> tuple[tuple[int, int, int], ...]:
+        stamps = []
+        for path in self._files():
+            st = os.stat(path)
+            stamps.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(stamps)
+
+    def _load(self) -> Any:
+        tls = self._tls
+        # Check what gRPC would only find out in a failing handshake: the key matches the
+        # certificate, and the CA file holds certificates.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+        ca = None
+        if tls.client_ca_file:
+            context.load_verify_locations(tls.client_ca_file)
+            with open(tls.client_ca_file, "rb") as f:
+                ca = f.read()
+        with open(tls.cert_file, "rb") as f:
+            chain = f.read()
+        with open(tls.key_file, "rb") as f:
+            key = f.read()
+        return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=ca)
+
+    def fetch(self) -> Any:
+        """The configuration to use from now on, or None to keep the current one."""
+        with self._lock:
+            try:
+                stamp = self._stat()
+                if stamp == self._stamp:
+                    return None
+                config = self._load()
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                log.warning("xDS TLS files not reloaded, the previous ones stay", error=str(exc))
+                return None
+            self._stamp = stamp
+            self.reloads += 1
+        log.info("xDS TLS certificate reloaded", cert=self._tls.cert_file)
+        return config
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self.initial,
+            self.fetch,
+            require_client_authentication=self._tls.client_ca_file is not None,
+        )
 
 
 class _Undecodable:
@@ -481,18 +564,22 @@ class AdsServer:
         on_listeners: Callable[[frozenset[ListenSpec]], None] | None = None,
         clock: Callable[[], float] = time.time,
         limits: ServerLimits = DEFAULT_SERVER_LIMITS,
+        tls: ServerTls | None = None,
     ) -> None:
         """``gateway``: the defaults of gateway listeners, as the snapshots are built with
         (None: no gateway listeners). ``on_listeners`` is called with every gateway listener
         the connected nodes want whenever that set changes (a gateway connects on a new
         address or port, or the last one on it leaves); its producer builds them into the
         snapshots (``SnapshotBuilder.build(listeners=...)``). ``limits``: what one connection
-        and one stream may cost (:class:`ServerLimits`)."""
+        and one stream may cost (:class:`ServerLimits`). ``tls``: serve over TLS (mutual TLS
+        with a client CA) instead of plaintext."""
         if not identifier:
             raise ValueError("the control plane identifier must not be empty")
         self.cache = cache
         self.identifier = identifier
         self.limits = limits
+        self.tls = tls
+        self.certificates: CertificateReloader | None = None
         self.metrics = XdsMetrics(metrics_registry)
         self.journal = NackJournal()
         self.rejected = RejectedVersions()
@@ -523,13 +610,28 @@ class AdsServer:
         server = grpc.aio.server(options=self.limits.grpc_options())
         server.add_generic_rpc_handlers((_ads_handlers(self.servicer),))
         try:
-            port = int(server.add_insecure_port(address))
-        except RuntimeError as exc:
+            if self.tls is None:
+                port = int(server.add_insecure_port(address))
+            else:
+                try:
+                    self.certificates = CertificateReloader(self.tls)
+                except (OSError, ssl.SSLError, ValueError) as exc:
+                    raise OSError(f"cannot load the xDS TLS files: {exc}") from exc
+                port = int(server.add_secure_port(address, self.certificates.credentials()))
+        except (RuntimeError, OSError) as exc:
             await server.stop(None)
+            if isinstance(exc, OSError):
+                raise
             raise OSError(f"cannot listen for xDS on {address}: {exc}") from exc
         await server.start()
         self._server, self._port = server, port
-        log.info("ADS server listening", address=address, port=port, identifier=self.identifier)
+        log.info(
+            "ADS server listening",
+            address=address,
+            port=port,
+            identifier=self.identifier,
+            tls="mutual" if self.tls and self.tls.client_ca_file else "on" if self.tls else "off",
+        )
         return port
 
     async def stop(self, grace: float | None = 1.0) -> None:
@@ -555,4 +657,13 @@ class AdsServer:
         return self.journal.all() if node_id is None else self.journal.for_node(node_id)
 
 
-__all__ = ["AdsServer", "AdsServicer", "ServerLimits", "StreamKind", "StreamLimits", "run_stream"]
+__all__ = [
+    "AdsServer",
+    "AdsServicer",
+    "CertificateReloader",
+    "ServerLimits",
+    "ServerTls",
+    "StreamKind",
+    "StreamLimits",
+    "run_stream",
+]
