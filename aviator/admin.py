@@ -84,10 +84,15 @@ class AdminServer:
         registry: prometheus_client.CollectorRegistry,
         ready: ReadyCheck,
         views: Mapping[str, View],
+        debug: bool = True,
     ) -> None:
+        """``debug=False``: no ``/debug/*`` route at all (``aviator run --no-debug-views``);
+        the views show pod addresses, node ids and specs, which a shared network may not
+        need to see."""
         self._registry = registry
         self._ready = ready
-        self._views = dict(views)
+        self._views = dict(views) if debug else {}
+        self._debug = debug
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -97,7 +102,8 @@ class AdminServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/debug/{view}", self._view)
+        if self._debug:
+            app.router.add_get("/debug/{view}", self._view)
         return app
 
     async def start(self, host: str, port: int) -> int:

@@ -36,7 +36,7 @@ from aviator.k8s.resolve import ACCEPTED, PolicyResolution, resolve_state, servi
 from aviator.k8s.state import ClusterState
 from aviator.model import WeightedWorkload, WorkloadKey, parse_host_port
 from aviator.probing.estimator import Estimator
-from aviator.probing.prober import Prober, TransportFactory
+from aviator.probing.prober import AddressPolicy, Prober, TransportFactory
 from aviator.probing.results import ProbeKey, ProbeOutcome, ProbeResult, ProbeTarget
 from aviator.probing.weigher import WeighResult, weigh
 from aviator.source.directory import DirectorySource
@@ -44,7 +44,7 @@ from aviator.source.store import StateSource, Store
 from aviator.xds.cache import Cache
 from aviator.xds.publisher import Publisher
 from aviator.xds.resources import GatewayConfig, ListenSpec
-from aviator.xds.server import AdsServer
+from aviator.xds.server import AdsServer, ServerLimits, ServerTls, StreamLimits
 from aviator.xds.snapshot import SnapshotBuilder, SnapshotError
 
 log = structlog.get_logger(__name__)
@@ -130,12 +130,31 @@ class Settings:
     kubeconfig: str | None = None
     context: str | None = None
     namespaces: tuple[str, ...] = ()
+    # Pods on loopback or link-local addresses are not probed unless allowed (issue 14;
+    # AddressPolicy): the demo and the tests run their pods on 127.0.0.1.
+    allow_probe_loopback: bool = False
+    allow_probe_link_local: bool = False
+    debug_views: bool = True  # /debug/* on the admin server (aviator run --no-debug-views)
+    # xDS over TLS (all three: mutual TLS), and the node ids allowed to connect (empty: any).
+    xds_tls_cert: str | None = None
+    xds_tls_key: str | None = None
+    xds_tls_client_ca: str | None = None
+    xds_allowed_nodes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         parse_host_port(self.xds_address, any_port=True)
         parse_host_port(self.admin_address, any_port=True)
         if not self.reweigh_interval > 0:
             raise ValueError("reweigh_interval must be > 0")
+        if (self.xds_tls_cert is None) != (self.xds_tls_key is None):
+            raise ValueError("--xds-tls-cert and --xds-tls-key go together")
+        if self.xds_tls_client_ca is not None and self.xds_tls_cert is None:
+            raise ValueError("--xds-tls-client-ca needs --xds-tls-cert and --xds-tls-key")
+
+    def xds_tls(self) -> ServerTls | None:
+        if self.xds_tls_cert is None or self.xds_tls_key is None:
+            return None
+        return ServerTls(self.xds_tls_cert, self.xds_tls_key, self.xds_tls_client_ca)
 
 
 @dataclass(slots=True)
@@ -181,13 +200,22 @@ class ControlPlane:
             metrics_registry=self.registry,
             gateway=settings.gateway,
             on_listeners=self._listeners_wanted,
+            limits=ServerLimits(
+                stream=StreamLimits(allowed_nodes=frozenset(settings.xds_allowed_nodes) or None)
+            ),
+            tls=settings.xds_tls(),
         )
         self.estimator: Estimator[ProbeKey] = Estimator()
         self.prober: Prober[ProbeKey] = Prober(
             self._on_probe,
             max_in_flight=settings.max_probes_in_flight,
             transport_factory=transport_factory,
+            addresses=AddressPolicy(
+                allow_loopback=settings.allow_probe_loopback,
+                allow_link_local=settings.allow_probe_link_local,
+            ),
         )
+        self._pods: dict[ProbeKey, str] = {}  # the pod of each probe target, for problems
         self.admin = AdminServer(
             registry=self.registry,
             ready=self.readiness,
@@ -197,6 +225,7 @@ class ControlPlane:
                 "proxies": self.proxies_view,
                 "problems": self.problems_view,
             },
+            debug=settings.debug_views,
         )
         self._state: ClusterState | None = None
         self._resolutions: tuple[PolicyResolution, ...] = ()
@@ -309,11 +338,16 @@ class ControlPlane:
         self.reweigh(asyncio.get_running_loop().time(), force=True)
 
     def _probe_targets(self) -> dict[ProbeKey, ProbeTarget]:
+        """One target per served endpoint: the pod's own IP (from its status, never from the
+        policy), the probe port resolved on that pod, the policy's path. The prober refuses
+        the addresses its AddressPolicy does not allow (``probe_refusals``)."""
         targets: dict[ProbeKey, ProbeTarget] = {}
+        self._pods = {}
         for key, s in self._served.items():
             policy = s.resolution.policy
             assert policy is not None  # serving resolutions carry their policy
             for e in s.resolution.endpoints:
+                self._pods[ProbeKey(key, e.address)] = e.pod
                 targets[ProbeKey(key, e.address)] = ProbeTarget(
                     ip=e.address.ip,
                     port=e.probe_port,
@@ -442,7 +476,8 @@ class ControlPlane:
                         "message": c.message,
                     }
                     for c in r.conditions
-                ],
+                ]
+                + _refused_condition(r, self.probe_refusals()),
                 "pods": r.pods,
                 "endpoints": len(r.endpoints),
                 "notReady": list(r.not_ready),
@@ -487,8 +522,38 @@ class ControlPlane:
             "nacks": [dataclasses.asdict(n) for n in self.ads.nacks()],
         }
 
+    def probe_refusals(self) -> list[tuple[WorkloadKey, str]]:
+        """(workload, message) for each endpoint the prober refuses to contact: it is served
+        with no probe data (a neutral weight), and nothing else changes."""
+        return [
+            (
+                key.workload,
+                f"{key.workload}: pod {self._pods.get(key, '?')} at {key.address} is not "
+                f"probed: {why}",
+            )
+            for key, why in sorted(self.prober.refused.items())
+        ]
+
     def problems_view(self) -> list[str]:
-        return [str(p) for p in self._state.problems] if self._state is not None else []
+        problems = [str(p) for p in self._state.problems] if self._state is not None else []
+        return problems + [message for _, message in self.probe_refusals()]
+
+
+def _refused_condition(
+    r: PolicyResolution, refusals: list[tuple[WorkloadKey, str]]
+) -> list[dict[str, str]]:
+    """A ``Probed=False`` condition naming each pod the prober refused, if any."""
+    messages = [m for workload, m in refusals if r.serving and r.key == workload]
+    if not messages:
+        return []
+    return [
+        {
+            "type": "Probed",
+            "status": "False",
+            "reason": "ProbeAddressRefused",
+            "message": "; ".join(messages),
+        }
+    ]
 
 
 def _ms(seconds: float | None) -> float | None:

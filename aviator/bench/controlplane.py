@@ -224,6 +224,7 @@ class ControlPlane:
             # Sidecars only: no gateway listener over LDS.
             "--gateway-port",
             "0",
+            "--allow-probe-loopback",  # the benchmark's backends are on loopback
         ]
         with self.log_path.open("wb") as out:
             self._proc = await asyncio.create_subprocess_exec(

@@ -7,7 +7,7 @@ import ipaddress
 import sys
 
 from aviator.cli.usage import UsageError
-from aviator.envoy.bootstrap import bootstrap_yaml, render_bootstrap
+from aviator.envoy.bootstrap import XdsTls, bootstrap_yaml, render_bootstrap
 from aviator.model import WorkloadKey, parse_host_port
 
 # Prints the bootstrap on stdout and logs nothing: the CLI sets up no logging for it (and
@@ -75,6 +75,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--delta", action="store_true", help="use incremental (delta) ADS instead of SotW"
     )
+    tls = parser.add_argument_group(
+        "xDS over TLS", "match aviator run --xds-tls-cert/--xds-tls-key/--xds-tls-client-ca"
+    )
+    tls.add_argument(
+        "--xds-tls-ca",
+        metavar="FILE",
+        help="reach the control plane over TLS, trusting the CA in FILE (as Envoy sees it)",
+    )
+    tls.add_argument(
+        "--xds-tls-cert", metavar="FILE", help="mutual TLS: this proxy's certificate chain"
+    )
+    tls.add_argument("--xds-tls-key", metavar="FILE", help="mutual TLS: this proxy's private key")
+    tls.add_argument(
+        "--xds-tls-server-name",
+        metavar="NAME",
+        help="SNI sent, and a subject alternative name the server's certificate must carry "
+        "(default: the chain alone is checked)",
+    )
 
 
 def _check_names(args: argparse.Namespace) -> None:
@@ -99,6 +117,22 @@ def run(args: argparse.Namespace) -> int:
             "--listen-address must be an IP address such as 0.0.0.0, 127.0.0.1 or ::, "
             f"got {args.listen_address!r}"
         )
+    tls = None
+    tls_extra = args.xds_tls_cert or args.xds_tls_key or args.xds_tls_server_name
+    if tls_extra and not args.xds_tls_ca:
+        raise UsageError(
+            "--xds-tls-cert, --xds-tls-key and --xds-tls-server-name need --xds-tls-ca"
+        )
+    if args.xds_tls_ca:
+        try:
+            tls = XdsTls(
+                ca_file=args.xds_tls_ca,
+                cert_file=args.xds_tls_cert,
+                key_file=args.xds_tls_key,
+                server_name=args.xds_tls_server_name,
+            )
+        except ValueError as exc:
+            raise UsageError(f"--xds-tls-*: {exc}") from exc
     if workloads and args.mode != "sidecar":
         raise UsageError("--workload needs --mode sidecar (a gateway gets its routes over ADS)")
     try:
@@ -113,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
             cluster=args.node_cluster,
             workloads=workloads,
             delta=args.delta,
+            xds_tls=tls,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc

@@ -75,6 +75,44 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="address gateway listeners bind when the gateway's bootstrap names none "
         "(aviator bootstrap --listen-address) (default %(default)s: every interface)",
     )
+    parser.add_argument(
+        "--xds-tls-cert",
+        metavar="FILE",
+        help="serve xDS over TLS with this certificate chain (PEM; re-read when it changes)",
+    )
+    parser.add_argument("--xds-tls-key", metavar="FILE", help="the private key of --xds-tls-cert")
+    parser.add_argument(
+        "--xds-tls-client-ca",
+        metavar="FILE",
+        help="mutual TLS: refuse proxies without a certificate signed by this CA (PEM)",
+    )
+    parser.add_argument(
+        "--xds-allow-node",
+        action="append",
+        default=[],
+        metavar="NODE_ID",
+        help="serve only proxies with this node id (repeatable; default: any)",
+    )
+    parser.add_argument(
+        "--no-debug-views",
+        dest="debug_views",
+        action="store_false",
+        help="serve no /debug/* views on the admin address (they show pod addresses, node "
+        "ids and policy specs); /healthz, /readyz and /metrics stay",
+    )
+    parser.add_argument(
+        "--allow-probe-loopback",
+        action="store_true",
+        help="probe pods whose address is loopback (127.0.0.0/8, ::1, 0.0.0.0): pods on this "
+        "machine, as in the demo and the examples; refused by default, so that a pod's "
+        "address cannot make the control plane call its own host",
+    )
+    parser.add_argument(
+        "--allow-probe-link-local",
+        action="store_true",
+        help="probe pods whose address is link-local (169.254.0.0/16, fe80::/10); the cloud "
+        "metadata address 169.254.169.254 is never probed",
+    )
 
 
 def _listen_port(text: str) -> int:
@@ -117,6 +155,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
             kubeconfig=args.kubeconfig,
             context=args.context,
             namespaces=tuple(args.namespaces or ()),
+            allow_probe_loopback=args.allow_probe_loopback,
+            allow_probe_link_local=args.allow_probe_link_local,
+            debug_views=args.debug_views,
+            xds_tls_cert=args.xds_tls_cert,
+            xds_tls_key=args.xds_tls_key,
+            xds_tls_client_ca=args.xds_tls_client_ca,
+            xds_allowed_nodes=tuple(args.xds_allow_node),
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc

@@ -116,6 +116,7 @@ class DemoStack:
                 xds_address="127.0.0.1:0",
                 admin_address="127.0.0.1:0",
                 gateway=GatewayConfig(port=self.gateway_port, address="127.0.0.1"),
+                allow_probe_loopback=True,  # the demo's backends are on 127.0.0.x
             )
         )
         started = asyncio.Event()

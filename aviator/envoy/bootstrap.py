@@ -32,6 +32,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import yaml
@@ -110,8 +111,56 @@ def _ads_source(initial_fetch_timeout: float | None) -> dict[str, Any]:
     return source
 
 
-def _xds_cluster(host: str, port: int) -> dict[str, Any]:
-    return {
+@dataclass(frozen=True, slots=True)
+class XdsTls:
+    """How Envoy reaches the control plane over TLS: the CA that signed the server's
+    certificate, and for mutual TLS the proxy's own certificate and key (files Envoy reads;
+    paths as Envoy sees them). ``server_name`` is sent as SNI and, when given, must be a
+    subject alternative name of the server's certificate (DNS name or IP); without it the
+    chain alone is checked."""
+
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.ca_file:
+            raise ValueError("the xDS TLS CA file must not be empty")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("a client certificate needs its key, and a key its certificate")
+
+    def transport_socket(self) -> dict[str, Any]:
+        validation: dict[str, Any] = {"trusted_ca": {"filename": self.ca_file}}
+        if self.server_name:
+            kind = "IP_ADDRESS" if _is_ip(self.server_name) else "DNS"
+            validation["match_typed_subject_alt_names"] = [
+                {"san_type": kind, "matcher": {"exact": self.server_name}}
+            ]
+        common: dict[str, Any] = {
+            "alpn_protocols": ["h2"],  # gRPC: HTTP/2 over TLS
+            "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+            "validation_context": validation,
+        }
+        if self.cert_file is not None and self.key_file is not None:
+            common["tls_certificates"] = [
+                {
+                    "certificate_chain": {"filename": self.cert_file},
+                    "private_key": {"filename": self.key_file},
+                }
+            ]
+        context: dict[str, Any] = {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+            "UpstreamTlsContext",
+            "common_tls_context": common,
+        }
+        if self.server_name:
+            context["sni"] = self.server_name
+        return {"name": "envoy.transport_sockets.tls", "typed_config": context}
+
+
+def _xds_cluster(host: str, port: int, tls: XdsTls | None = None) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
         "name": XDS_CLUSTER,
         # An IP needs no resolver; a name (a Kubernetes Service) is re-resolved so a moved
         # control plane is found again.
@@ -136,6 +185,9 @@ def _xds_cluster(host: str, port: int) -> dict[str, Any]:
             },
         },
     }
+    if tls is not None:
+        cluster["transport_socket"] = tls.transport_socket()
+    return cluster
 
 
 def _sidecar_listener(
@@ -229,6 +281,7 @@ def render_bootstrap(
     delta: bool = False,
     max_downstream_connections: int = 50_000,
     initial_fetch_timeout: float | None = None,
+    xds_tls: XdsTls | None = None,
 ) -> dict[str, Any]:
     """Build an Envoy v3 bootstrap as plain data (JSON/YAML-ready).
 
@@ -244,7 +297,8 @@ def render_bootstrap(
     overload manager; without a cap Envoy warns at start that there is none).
     ``initial_fetch_timeout`` (seconds) bounds how long Envoy waits for the first CDS/LDS answer
     before it starts serving with what it has; None keeps Envoy's default (15 s), 0 waits
-    forever.
+    forever. ``xds_tls``: reach the control plane over TLS (mutual TLS with a client
+    certificate), matching ``aviator run --xds-tls-*``.
 
     The ADS stream sends the node on its first message only (``set_node_on_first_message_only``):
     the server must remember it per stream.
@@ -292,7 +346,7 @@ def render_bootstrap(
         "cds_config": _ads_source(initial_fetch_timeout),
     }
     metadata: dict[str, Any] = {META_MODE: mode}
-    static: dict[str, Any] = {"clusters": [_xds_cluster(xds_host, xds_port)]}
+    static: dict[str, Any] = {"clusters": [_xds_cluster(xds_host, xds_port, xds_tls)]}
     if mode == "gateway":
         dynamic["lds_config"] = _ads_source(initial_fetch_timeout)
         if listen_port is not None:

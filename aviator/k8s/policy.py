@@ -239,7 +239,8 @@ def parse_policy_entry(doc: Mapping[str, Any]) -> PolicyEntry:
 def _unknown(f: Fields, obj: Mapping[str, Any], known: frozenset[str], prefix: str) -> None:
     for key in obj:
         if key not in known:
-            path = f"{prefix}{key}"
+            # An empty key still needs a path that names it (found by tests/fuzz).
+            path = f"{prefix}{key}" if key != "" else f'{prefix}""'
             hint = ""
             if path == "spec.targetRef.namespace":
                 hint = " (a policy targets a workload in its own namespace)"

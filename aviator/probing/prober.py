@@ -27,6 +27,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from aviator.probing.results import ProbeOutcome, ProbeResult, ProbeTarget
 
 __all__ = [
     "BACKOFF_MAX_INTERVALS",
+    "AddressPolicy",
     "AiohttpProbeTransport",
     "ProbeConnectError",
     "ProbeResponse",
@@ -75,6 +77,93 @@ def backoff_period(
     cap = max(interval_s, min(max_intervals * interval_s, max_s))
     doublings = failures - after + 1
     return min(interval_s * 2.0 ** min(doublings, 64), cap)
+
+
+_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+# 169.254.169.254 (and fd00:ec2::254) are the cloud metadata services: credentials.
+_METADATA = (ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254"))
+_LINK_LOCAL = (ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fe80::/10"))
+
+
+@dataclass(frozen=True, slots=True)
+class AddressPolicy:
+    """Which pod addresses the prober may contact (issue 14).
+
+    A pod's IP comes from its status, which whoever can create pods (or write the directory
+    source) controls: without this, a pod "at" 169.254.169.254 turns the control plane into a
+    client of the cloud's metadata service, and one at 127.0.0.1 into a client of the control
+    plane's own host. Refused unless allowed: loopback (127.0.0.0/8, ::1, and the unspecified
+    0.0.0.0 and ::, which reach this host), link-local (169.254.0.0/16, fe80::/10), the
+    metadata addresses (always, even with link-local allowed: no pod is ever there), and
+    multicast. An IPv4-mapped IPv6 address (``::ffff:169.254.169.254``) is judged as the IPv4
+    address it maps, as Envoy and the kernel connect to it.
+    """
+
+    allow_loopback: bool = False
+    allow_link_local: bool = False
+
+    def refusal(self, ip: str) -> str | None:
+        """Why ``ip`` must not be probed, or None if it may be."""
+        try:
+            address = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return f"{ip!r} is not an IP address"
+        shown = str(address)
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+            shown = f"{ip} (the IPv4 address {address})"
+        if address in _METADATA:
+            return f"{shown} is a cloud metadata service address; it is never probed"
+        if address.is_unspecified or any(address in n for n in _LOOPBACK):
+            if self.allow_loopback:
+                return None
+            return (
+                f"{shown} is a loopback address (this host); it is probed only with "
+                "aviator run --allow-probe-loopback"
+            )
+        if any(address in n for n in _LINK_LOCAL):
+            if self.allow_link_local:
+                return None
+            return (
+                f"{shown} is a link-local address; it is probed only with "
+                "aviator run --allow-probe-link-local"
+            )
+        if address.is_multicast:
+            return f"{shown} is a multicast address; a pod has none"
+        return None
+
+    def target_refusal(self, target: ProbeTarget) -> str | None:
+        """Why ``target`` must not be probed: its address (:meth:`refusal`), or a URL whose
+        host or port would not be the target's own (a path is only ever a path)."""
+        if (why := self.refusal(target.ip)) is not None:
+            return why
+        return _url_refusal(target)
+
+
+def _url_refusal(target: ProbeTarget) -> str | None:
+    """The probe URL is ``http://<ip>:<port><path>``: refuse a path that is not plain printable
+    ASCII (CR/LF would split the request) or one after which the URL's host or port is not the
+    target's (checked on the parsed URL, so no spelling of a path can move the host)."""
+    import yarl
+
+    path = target.path
+    if not path.startswith("/") or not all("!" <= c <= "~" for c in path) or "#" in path:
+        return (
+            f"probe path {path[:64]!r} must start with '/' and hold printable ASCII only, "
+            "no space and no '#'"
+        )
+    try:
+        url = yarl.URL(target.url)
+    except ValueError:
+        return f"probe URL for path {path[:64]!r} does not parse"
+    want = ipaddress.ip_address(target.ip.split("%", 1)[0])
+    try:
+        host = ipaddress.ip_address((url.host or "").split("%", 1)[0])
+    except ValueError:
+        host = None
+    if host != want or url.port != target.port or url.scheme != "http" or url.user is not None:
+        return f"probe path {path[:64]!r} would change the probed host or port"
+    return None
 
 
 class ProbeConnectError(Exception):
@@ -203,7 +292,12 @@ class Prober(Generic[K]):
         backoff_max_s: float = 10.0,
         backoff_max_intervals: float = BACKOFF_MAX_INTERVALS,
         rng: random.Random | None = None,
+        addresses: AddressPolicy | None = None,
     ) -> None:
+        """``addresses``: which addresses may be probed (:class:`AddressPolicy`); a target it
+        refuses is never contacted and is listed in :attr:`refused`. None: every address (the
+        benchmark probes its loopback backends); the control plane always passes one, and
+        its default refuses loopback and link-local."""
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         if not 0 <= jitter < 1:
@@ -221,7 +315,9 @@ class Prober(Generic[K]):
         self._backoff_max_s = backoff_max_s
         self._backoff_max_intervals = backoff_max_intervals
         self._rng = rng or random.Random()
+        self._addresses = addresses
         self._slots: dict[K, _Slot] = {}
+        self._refused: dict[K, str] = {}
         self._group: asyncio.TaskGroup | None = None
         self._semaphore: asyncio.Semaphore | None = None
         self._stop: asyncio.Event | None = None
@@ -234,6 +330,11 @@ class Prober(Generic[K]):
     @property
     def targets(self) -> Mapping[K, ProbeTarget]:
         return MappingProxyType({k: s.target for k, s in self._slots.items()})
+
+    @property
+    def refused(self) -> Mapping[K, str]:
+        """The targets of the last :meth:`set_targets` that are not probed, and why."""
+        return MappingProxyType(self._refused)
 
     @property
     def in_flight(self) -> int:
@@ -249,9 +350,23 @@ class Prober(Generic[K]):
 
     def set_targets(self, targets: Mapping[K, ProbeTarget]) -> None:
         """Make ``targets`` the set probed: start new ones, stop removed ones (closing their
-        connections), apply changed settings from the next probe on. Idempotent."""
+        connections), apply changed settings from the next probe on. Idempotent.
+
+        A target the address policy refuses is not probed (:attr:`refused` says why; logged
+        once, when it is first refused)."""
         if self._closed:
             raise RuntimeError("prober is closed")
+        refused: dict[K, str] = {}
+        for key, target in targets.items():
+            if self._addresses is None:
+                break
+            if (why := self._addresses.target_refusal(target)) is not None:
+                refused[key] = why
+                if self._refused.get(key) != why:
+                    log.warning("probe target refused", key=str(key), reason=why)
+        self._refused = refused
+        if refused:
+            targets = {k: t for k, t in targets.items() if k not in refused}
         for key in [k for k in self._slots if k not in targets]:
             self._stop_slot(self._slots.pop(key))
         for key, target in targets.items():

@@ -43,3 +43,10 @@ class XdsMetrics:
             ("kind",),
             registry=self.registry,
         )
+        self.refused = Counter(
+            "aviator_xds_streams_refused",
+            "ADS streams ended by the server: garbage, a limit exceeded, or a proxy that "
+            "stopped reading (code: the gRPC status sent)",
+            ("kind", "code"),
+            registry=self.registry,
+        )

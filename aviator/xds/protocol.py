@@ -85,6 +85,8 @@ _MAX_NACKED_VERSIONS = 64  # per node and type; content versions, so old ones ra
 _MAX_NACKING_NODES = 4096  # nodes whose rejected versions are remembered (least recent go)
 DEFAULT_GATEWAY = GatewayConfig()
 _MAX_CHANGE_SETS = 64  # publishes remembered while a response is in flight; then look at all
+_MAX_NACK_MESSAGE = 4096  # characters of a NACK's message kept and logged (Envoy's are short)
+_MAX_SHOWN = 128  # a client-chosen string longer than this is logged as its length only
 
 # What a resource of each type needs the proxy to hold *first*, and who refers to it.
 # Removal of a key type waits while a held resource of the value type still names it.
@@ -105,6 +107,69 @@ def _error(
     if not request.HasField("error_detail"):
         return None
     return int(request.error_detail.code), str(request.error_detail.message)
+
+
+def shown(text: str, limit: int = _MAX_SHOWN) -> str:
+    """``text`` for a log line if it is short, printable ASCII; else only its size.
+
+    What a client sends (type URLs, nonces, versions) goes into log lines through this, so a
+    hostile stream cannot write its payload (or terminal escapes, or 100 KB) into the log.
+    """
+    if len(text) <= limit and text.isascii() and text.isprintable():
+        return text
+    return f"<{len(text.encode('utf-8', 'replace'))} bytes, not shown>"
+
+
+def _capped(text: str, limit: int = _MAX_NACK_MESSAGE) -> str:
+    """The first ``limit`` characters of a proxy's message (a NACK's error text)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters not kept)"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLimits:
+    """What one ADS stream may ask of the server; beyond it the stream is refused
+    (:class:`StreamRefusedError`) and every other stream carries on.
+
+    The defaults are far above what a proxy sends and far below what hurts the server:
+    ``max_names`` bounds the names one stream subscribes to per type (a sidecar subscribes
+    to one EDS name per workload; 16,384 workloads is past any mesh Aviator serves, and a
+    list of 100,000 names is refused); ``max_name_bytes`` a resource name (cluster names are
+    ``<namespace>/<name>``, at most 317 bytes); ``max_node_id_bytes`` the node id (Envoy's
+    are a pod name or a hostname); ``max_unknown_types`` the distinct type URLs this server
+    does not serve that a stream may ask for (ignored, logged once) before it is refused.
+    """
+
+    max_node_id_bytes: int = 1024
+    max_names: int = 16_384
+    max_name_bytes: int = 1024
+    max_unknown_types: int = 16
+    # The node ids that may connect (aviator run --xds-allow-node); None: any. A stream whose
+    # first request names another node, or none, is refused (PERMISSION_DENIED).
+    allowed_nodes: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.allowed_nodes is not None and not self.allowed_nodes:
+            raise ValueError("StreamLimits.allowed_nodes must name a node, or be None (any)")
+        for name in ("max_node_id_bytes", "max_names", "max_name_bytes", "max_unknown_types"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"StreamLimits.{name} must be >= 1, got {getattr(self, name)}")
+
+
+DEFAULT_LIMITS = StreamLimits()
+
+
+class StreamRefusedError(Exception):
+    """A stream sent what no proxy sends, or more than the server gives one proxy: it ends
+    with gRPC status ``code`` (a ``grpc.StatusCode`` name; this module imports no gRPC) and
+    ``message``, which names the field and the limit and never repeats the request's
+    content."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 class StreamKind(enum.StrEnum):
@@ -348,11 +413,14 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
         clock: Callable[[], float] = time.time,
         wake: Callable[[], None] | None = None,
         bodies: ResponseBodies | None = None,
+        limits: StreamLimits = DEFAULT_LIMITS,
     ) -> None:
         """``gateway``: the defaults for what a gateway node's metadata leaves out (None: no
         gateway listeners at all). ``on_node`` is called once, when the first request has told
         who the proxy is (:attr:`node_id`, :attr:`listen_spec`)."""
         self.stream_id = next(_stream_ids)
+        self._limits = limits
+        self._unknown_types: set[int] = set()  # hashes of the unsupported type URLs asked for
         self._bodies = bodies if bodies is not None else ResponseBodies(size=2)
         self.node_id = ""
         self.listen_spec: ListenSpec | None = None  # the gateway listener this node gets
@@ -402,27 +470,85 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
     def handle(self, request: Req) -> list[Resp]:
         """Process one request; return the responses to send now, in order."""
         if request.HasField("node") and request.node.id and not self.node_id:
+            size = len(request.node.id.encode("utf-8", "replace"))
+            if size > self._limits.max_node_id_bytes:
+                raise StreamRefusedError(
+                    "INVALID_ARGUMENT",
+                    f"node.id is {size} bytes long; at most {self._limits.max_node_id_bytes} "
+                    "are allowed",
+                )
             self.node_id = request.node.id
-            self._log = self._log.bind(node=self.node_id)
+            self._log = self._log.bind(node=self.shown_node)
+        allowed = self._limits.allowed_nodes
+        if not self._node_read and allowed is not None and self.node_id not in allowed:
+            raise StreamRefusedError(
+                "PERMISSION_DENIED",
+                f"node.id {self.shown_node!r} is not allowed on this server"
+                if self.node_id
+                else "node.id: the first request must name the node; this server serves "
+                "only the nodes it allows",
+            )
         if not self._node_read:
             # Envoy sends its node on the first request only (set_node_on_first_message_only).
             self._read_node(request.node if request.HasField("node") else base_pb2.Node())
         type_url = request.type_url
         if type_url not in TYPE_SHORT:
-            self._log.warning("unsupported xDS type requested", type_url=type_url)
+            self._unknown_type(type_url)
             return []
         st = self._types.get(type_url)
         if st is None:
             st = self._types[type_url] = self._new_type(type_url, request)
         return self._handle(type_url, st, request)
 
+    def _unknown_type(self, type_url: str) -> None:
+        """A type this server does not serve (an Envoy asking for secrets over ADS, say):
+        ignored, logged the first time; a stream asking for many is refused."""
+        key = hash(type_url)
+        if key in self._unknown_types:
+            return
+        self._unknown_types.add(key)
+        if len(self._unknown_types) > self._limits.max_unknown_types:
+            raise StreamRefusedError(
+                "INVALID_ARGUMENT",
+                f"type_url: {len(self._unknown_types)} different unsupported types requested; "
+                f"at most {self._limits.max_unknown_types} are ignored, and this server serves "
+                + ", ".join(TYPE_ORDER),
+            )
+        if len(self._unknown_types) == 1:
+            self._log.warning("unsupported xDS type requested, ignored", type_url=shown(type_url))
+        else:
+            self._log.debug("unsupported xDS type requested, ignored", type_url=shown(type_url))
+
+    def _check_names(self, type_url: str, count: int, names: Collection[str]) -> None:
+        """Refuse a subscription of more than ``max_names`` names (``count``, after the
+        request) or with a name longer than ``max_name_bytes`` (among ``names``)."""
+        limits = self._limits
+        short = TYPE_SHORT[type_url]
+        if count > limits.max_names:
+            raise StreamRefusedError(
+                "RESOURCE_EXHAUSTED",
+                f"resource_names: {count} {short} names subscribed; at most {limits.max_names} "
+                "are allowed per type and stream",
+            )
+        for name in names:
+            if (
+                len(name) > limits.max_name_bytes
+                and (size := len(name.encode("utf-8", "replace"))) > limits.max_name_bytes
+            ):
+                raise StreamRefusedError(
+                    "INVALID_ARGUMENT",
+                    f"resource_names: a {short} name of {size} bytes; at most "
+                    f"{limits.max_name_bytes} are allowed",
+                )
+
     def _read_node(self, node: base_pb2.Node) -> None:
         self._node_read = True
         info = read_node_listener(node.metadata)
         if info.gateway and self._gateway is not None:
             self.listen_spec = self._gateway.resolve(info.request)
-        self.node_problems = info.problems
-        for problem in info.problems:
+        # A problem quotes the bad value: keep what is quoted short (it is logged and shown).
+        self.node_problems = tuple(_capped(p, 300) for p in info.problems)
+        for problem in self.node_problems:
             self._log.warning("node metadata ignored", problem=problem)
         if self._on_node is not None:
             self._on_node(self)
@@ -437,6 +563,11 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
             # earlier stream: sent again, they would only be rejected again.
             st.nacked.update(dict.fromkeys(self._rejected.of(self._node_key, type_url)))
         return st
+
+    @property
+    def shown_node(self) -> str:
+        """The node id for a log line (printable and within the limit, or its size)."""
+        return shown(self.node_id, self._limits.max_node_id_bytes)
 
     @property
     def _node_key(self) -> str:
@@ -600,7 +731,7 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
             kind=self.kind,
             type_url=type_url,
             rejected_version=sent.version,
-            accepted_version=st.acked_version or claimed,
+            accepted_version=st.acked_version or shown(claimed),
             error_code=error[0],
             message=error[1],
             at=self._clock(),
@@ -610,7 +741,7 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
         self._metrics.nacks.labels(**labels).inc()
         self._log.warning(
             "xDS update rejected by proxy",
-            node=self.node_id,
+            node=self.shown_node,
             type=labels["type"],
             version=sent.version,
             accepted_version=record.accepted_version,
@@ -724,7 +855,7 @@ class SotwStream(ProtocolStream[discovery_pb2.DiscoveryRequest, discovery_pb2.Di
         nonce = request.response_nonce
         if self._is_stale(st, nonce):
             # Superseded by a later response of the same type: its answer is already on the way.
-            self._log.debug("stale request ignored", type=TYPE_SHORT[type_url], nonce=nonce)
+            self._log.debug("stale request ignored", type=TYPE_SHORT[type_url], nonce=shown(nonce))
             return []
         error = _error(request)
         resolved = self._resolve(type_url, st, nonce, error, request.version_info)
@@ -747,6 +878,7 @@ class SotwStream(ProtocolStream[discovery_pb2.DiscoveryRequest, discovery_pb2.Di
             # Every SotW ACK repeats the whole list (1,000 EDS names for 1,000 clusters): the
             # same list as last time changes nothing, skip the set arithmetic.
             return False
+        self._check_names(type_url, len(names), names)
         # Interned: every stream subscribing to a name shares one string (1,000 streams of
         # 1,000 names made a million copies).
         names = [sys.intern(n) for n in names]
@@ -908,8 +1040,19 @@ class DeltaStream(
         request: discovery_pb2.DeltaDiscoveryRequest,
         first: bool,
     ) -> None:
-        subscribe = {sys.intern(n) for n in request.resource_names_subscribe}
+        subscribe = set(request.resource_names_subscribe)
         unsubscribe = set(request.resource_names_unsubscribe)
+        count = len(st.names) + len(subscribe)
+        if count > self._limits.max_names:  # exact only when it may matter (O(names))
+            count = len((st.names - unsubscribe) | subscribe)
+        self._check_names(type_url, count, subscribe)
+        if first:
+            self._check_names(
+                type_url,
+                len(request.initial_resource_versions),
+                request.initial_resource_versions.keys(),
+            )
+        subscribe = {sys.intern(n) for n in subscribe}
         wildcard = st.wildcard
         if first and not subscribe and type_url in FULL_STATE_TYPES:
             wildcard = True  # legacy wildcard
@@ -1069,6 +1212,7 @@ def make_stream(
     on_node: Callable[[ProtocolStream[Any, Any]], None] | None = None,
     clock: Callable[[], float] = time.time,
     bodies: ResponseBodies | None = None,
+    limits: StreamLimits = DEFAULT_LIMITS,
 ) -> SotwStream | DeltaStream:
     cls: type[SotwStream] | type[DeltaStream] = (
         SotwStream if kind is StreamKind.SOTW else DeltaStream
@@ -1083,4 +1227,5 @@ def make_stream(
         on_node=on_node,
         clock=clock,
         bodies=bodies,
+        limits=limits,
     )

@@ -147,6 +147,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         xds_address="127.0.0.1:0",
         admin_address="127.0.0.1:0",
         gateway=GatewayConfig(address="127.0.0.1", port=gateway_port),
+        allow_probe_loopback=True,  # the fleet's pods are on 127.0.0.x
     )
     async with Fleet(FleetSpec(backends=tuple(backends))):
         control_plane = ControlPlane(settings)

@@ -57,6 +57,7 @@ async def aviator_run(
             "--admin-address", "127.0.0.1:0",
             "--gateway-port", str(gateway_port),
             "--gateway-address", "127.0.0.1",
+            "--allow-probe-loopback",
             stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
     try:

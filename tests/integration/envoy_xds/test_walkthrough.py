@@ -52,6 +52,8 @@ async def test_the_walkthrough_routes_and_envoy_answers_what_the_readme_says(
     envoy_factory: EnvoyFactory, tmp_path: Path
 ) -> None:
     text = walkthrough()
+    # The example's pods are on loopback: the README's command allows probing them.
+    assert "--admin-address 127.0.0.1:18001 --allow-probe-loopback &" in text
     # The README's wait: until Envoy's admin /listeners shows the port.
     assert "until curl -s http://127.0.0.1:9901/listeners | grep -q ':10000'" in text
     (said,) = re.findall(r"Envoy answers `503` with\s+`([^`]+)`", text)
@@ -61,6 +63,7 @@ async def test_the_walkthrough_routes_and_envoy_answers_what_the_readme_says(
     proc = await _aviator(
         "run", "--source", f"dir:{source}", "--xds-address", f"127.0.0.1:{xds}",
         "--admin-address", "127.0.0.1:0", "--gateway-address", "127.0.0.1",
+        "--allow-probe-loopback",  # as the README says: the example's pods are on loopback
         log=tmp_path / "aviator.log",
     )  # fmt: skip
     try:
