@@ -40,6 +40,7 @@ from aviator.probing.results import ProbeKey, ProbeOutcome, ProbeResult, ProbeTa
 from aviator.probing.weigher import WeighResult, weigh
 from aviator.source.directory import DirectorySource
 from aviator.source.store import StateSource, Store
+from aviator.source.yamlfiles import DEFAULT_LIMITS, Limits
 from aviator.xds.cache import Cache
 from aviator.xds.publisher import Publisher
 from aviator.xds.resources import GatewayConfig
@@ -57,13 +58,14 @@ class ControlPlaneError(Exception):
     """The control plane cannot start or keep running (bad address, source failure)."""
 
 
-def make_source(spec: str) -> StateSource:
-    """``dir:PATH`` → a directory source. ValueError for anything else."""
+def make_source(spec: str, *, limits: Limits = DEFAULT_LIMITS) -> StateSource:
+    """``dir:PATH`` → a directory source (files bounded by ``limits``). ValueError for
+    anything else."""
     kind, sep, arg = spec.partition(":")
     if kind == "dir" and sep and arg:
         if not os.path.isdir(arg):
             raise ValueError(f"--source {spec}: {arg!r} is not a directory")
-        return DirectorySource(arg)
+        return DirectorySource(arg, limits=limits)
     if kind == "kubernetes":
         raise ValueError("--source kubernetes is not available in this build yet; use dir:PATH")
     raise ValueError(f"--source must be dir:PATH, got {spec!r}")
@@ -84,6 +86,7 @@ class Settings:
     publish_quiet: float = 0.05
     publish_max_delay: float = 0.25
     max_probes_in_flight: int = 256
+    source_limits: Limits = DEFAULT_LIMITS  # what one manifest file may cost (dir source)
 
     def __post_init__(self) -> None:
         parse_host_port(self.xds_address, any_port=True)
@@ -113,7 +116,7 @@ class ControlPlane:
     ) -> None:
         self.settings = settings
         self.registry = registry or prometheus_client.CollectorRegistry()
-        self.source = source or make_source(settings.source)
+        self.source = source or make_source(settings.source, limits=settings.source_limits)
         self.store = Store()
         self.cache = Cache()
         self._builder = SnapshotBuilder()  # rebuilds only the workloads that changed

@@ -15,6 +15,7 @@ from aviator.controlplane import (
     Settings,
     run_until_signalled,
 )
+from aviator.source.yamlfiles import DEFAULT_LIMITS, Limits, parse_byte_size
 from aviator.xds.resources import GatewayConfig
 
 
@@ -36,6 +37,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="IP",
         help="address the gateway listener binds (default: every interface)",
     )
+    parser.add_argument(
+        "--max-file-size",
+        default=f"{DEFAULT_LIMITS.max_file_bytes // 1024 // 1024}Mi",
+        metavar="SIZE",
+        help="dir source: a manifest file larger than this (10Mi, 500K, bytes) is not read and "
+        "keeps its last good objects, with a problem (default: %(default)s)",
+    )
 
 
 def _is_ip(text: str) -> bool:
@@ -55,8 +63,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
             if args.gateway_port
             else None
         )
+        try:
+            max_file_bytes = parse_byte_size(args.max_file_size)
+        except ValueError as exc:
+            raise ValueError(f"--max-file-size: {exc}") from exc
         return Settings(
             source=args.source,
+            source_limits=Limits(max_file_bytes=max_file_bytes),
             xds_address=args.xds_address,
             admin_address=args.admin_address,
             gateway=gateway,
