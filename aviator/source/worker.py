@@ -6,9 +6,13 @@ the event loop that serves xDS, the admin port and the probes for as long as it 
 separate process does not. One long-lived worker serves the directory source, one file at a
 time: it starts with the source, so a first parse does not wait for an interpreter to start.
 
-- Started with the ``spawn`` method: the control plane runs gRPC's threads, and a forked
-  child of a threaded process may deadlock (or abort in gRPC's fork handlers; see
-  docs/design.md, "Processes").
+- Started as a fresh interpreter (``python -c``, this process's ``sys.path``), not forked:
+  the control plane runs gRPC's threads, and a forked child of a threaded process may
+  deadlock (or abort in gRPC's fork handlers; see docs/design.md, "Processes"). Not through
+  ``multiprocessing``'s ``spawn`` either, which re-runs the parent's ``__main__`` script in the
+  child (a script without a ``__main__`` guard would start a second control plane there) and
+  starts a resource-tracker process. Requests and answers are pickled over two pipes
+  (:class:`multiprocessing.connection.Connection`).
 - :meth:`ParseWorker.close` kills the worker, abandoning a parse in progress: a SIGTERM
   during a parse stops the control plane at once instead of waiting for the parse.
 - A worker that dies while parsing (killed, out of memory, a crash in libyaml) is reported as
@@ -20,11 +24,14 @@ time: it starts with the source, so a first parse does not wait for an interpret
 
 from __future__ import annotations
 
+import dataclasses
 import gc
-import multiprocessing
+import json
+import os
+import subprocess
+import sys
 import threading
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 
 from aviator.k8s.state import Problem
 from aviator.source.yamlfiles import DEFAULT_LIMITS, Limits, Parsed, parse_file
@@ -36,26 +43,39 @@ class WorkerClosedError(Exception):
     """The worker was closed (the source is stopping): the parse was abandoned."""
 
 
-def _serve(conn: Connection, limits: Limits) -> None:
+_CHILD = "from aviator.source.worker import _main; _main()"
+
+
+def _main() -> None:
+    """The worker process: ``python -c _CHILD READ_FD WRITE_FD LIMITS_JSON``."""
+    read_fd, write_fd, limits = sys.argv[1:4]
+    _serve(
+        Connection(int(read_fd), writable=False),
+        Connection(int(write_fd), readable=False),
+        Limits(**json.loads(limits)),
+    )
+
+
+def _serve(requests: Connection, answers: Connection, limits: Limits) -> None:
     """The worker's main loop: one (source, bytes) request, one answer, until EOF."""
     while True:
         try:
-            source, data = conn.recv()
+            source, data = requests.recv()
         except (EOFError, OSError):
             return  # the parent closed its end, or is gone
         # Parsing allocates hundreds of thousands of objects that all stay alive until the
         # end: the cyclic collector's passes over them are pure cost (several times slower).
         gc.disable()
         try:
-            result: Parsed | Problem = parse_file(source, data, limits)
-        except Exception as exc:  # parse_file reports bad input; this is a bug, not a crash
-            result = Problem(source, f"cannot be read: internal error {type(exc).__name__}: {exc}")
+            try:
+                result: Parsed | Problem = parse_file(source, data, limits)
+            except Exception as exc:  # parse_file reports bad input: this would be a bug
+                result = Problem(source, f"cannot be read: internal error {exc!r}")
+            answers.send(result)
+        except OSError:
+            return  # the parent is gone
         finally:
             gc.enable()
-        try:
-            conn.send(result)
-        except (BrokenPipeError, OSError):
-            return
         del result, data
         gc.collect()
 
@@ -71,8 +91,9 @@ class ParseWorker:
         self.limits = limits
         self._lock = threading.Lock()  # one request at a time
         self._closed = False
-        self._process: BaseProcess | None = None
-        self._conn: Connection | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._requests: Connection | None = None
+        self._answers: Connection | None = None
         self.parses = 0  # files parsed by the worker (answers received)
         self.started = 0  # worker processes started
 
@@ -80,36 +101,49 @@ class ParseWorker:
     def pid(self) -> int | None:
         """The worker process's pid, while it runs."""
         process = self._process
-        return process.pid if process is not None and process.is_alive() else None
+        return process.pid if process is not None and process.poll() is None else None
 
     def start(self) -> None:
         """Start the worker now (else the first :meth:`parse` does)."""
         with self._lock:
             self._ensure()
 
-    def _ensure(self) -> Connection:
+    def _ensure(self) -> tuple[Connection, Connection]:
         if self._closed:
             raise WorkerClosedError("the parse worker is closed")
-        if self._conn is not None:
-            return self._conn
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe()
-        process = ctx.Process(
-            target=_serve, args=(child, self.limits), name="aviator-yaml-parser", daemon=True
-        )
-        process.start()
-        child.close()  # else the parent holds the pipe open and never sees the worker die
-        self._process, self._conn = process, parent
+        if self._requests is not None and self._answers is not None:
+            return self._requests, self._answers
+        from_parent, to_child = os.pipe()  # (read end, write end)
+        from_child, to_parent = os.pipe()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p or "." for p in sys.path)}
+        limits = json.dumps(dataclasses.asdict(self.limits))
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", _CHILD, str(from_parent), str(to_parent), limits],
+                stdin=subprocess.DEVNULL,
+                pass_fds=(from_parent, to_parent),
+                env=env,
+            )
+        except OSError:
+            for fd in (to_child, from_child):
+                os.close(fd)
+            raise
+        finally:
+            # The child's ends: else the parent holds them open and never sees it die.
+            os.close(from_parent)
+            os.close(to_parent)
+        self._requests = Connection(to_child, readable=False)
+        self._answers = Connection(from_child, writable=False)
         self.started += 1
-        return parent  # close() during the start kills it once it has the lock
+        return self._requests, self._answers  # close() during the start kills it afterwards
 
     def parse(self, source: str, data: bytes) -> Parsed | Problem:
         """Parse one file in the worker. Raises :class:`WorkerClosedError` after :meth:`close`."""
         with self._lock:
-            conn = self._ensure()
+            requests, answers = self._ensure()
             try:
-                conn.send((source, data))
-                result: Parsed | Problem = conn.recv()
+                requests.send((source, data))
+                result: Parsed | Problem = answers.recv()
             except (EOFError, OSError) as exc:
                 code = self._discard()
                 if self._closed:
@@ -125,22 +159,25 @@ class ParseWorker:
 
     def _discard(self) -> int | None:
         """Forget the current process (killing it if it still runs); its exit code."""
-        process, conn = self._process, self._conn
-        self._process = self._conn = None
-        if conn is not None:
-            conn.close()
+        process, requests, answers = self._process, self._requests, self._answers
+        self._process = self._requests = self._answers = None
+        for conn in (requests, answers):
+            if conn is not None:
+                conn.close()
         if process is None:
             return None
-        if process.is_alive():
+        if process.poll() is None:
             process.kill()
-        process.join(5)
-        return process.exitcode
+        try:
+            return process.wait(5)
+        except subprocess.TimeoutExpired:
+            return None
 
     def close(self) -> None:
         """Kill the worker, abandoning a parse in progress; later parses raise. Idempotent."""
         self._closed = True
         process = self._process
-        if process is not None and process.is_alive():
+        if process is not None and process.poll() is None:
             process.kill()  # a blocked parse() sees EOF and raises WorkerClosedError
         if self._lock.acquire(timeout=5):  # parse() has given up by now
             try:

@@ -188,7 +188,6 @@ async def test_sigterm_during_a_parse_stops_at_once(tmp_path: Path) -> None:
             line = await asyncio.wait_for(proc.stderr.readline(), 60)
             assert line, f"aviator run exited: {stderr.decode()[-2000:]}"
             stderr += line
-        # The worker is multiprocessing's spawn child (its resource tracker is another).
         # (Not a precondition: parsing on the loop has no worker, and must fail below.)
         await poll(lambda: bool(_workers(proc.pid)), 30)
         children, workers = _children(proc.pid), _workers(proc.pid)
@@ -203,7 +202,8 @@ async def test_sigterm_during_a_parse_stops_at_once(tmp_path: Path) -> None:
     # Stopped without finishing the parse: no state was ever built.
     assert b"k8s.dirsource.state" not in stderr + rest
     assert workers, "no parse worker was running"
-    await eventually(lambda: not any(map(alive, children)), 10, "children gone")
+    assert children == workers  # nothing else was started
+    await eventually(lambda: not any(map(alive, children)), 10, "worker gone")
 
 
 async def _read_all(proc: asyncio.subprocess.Process) -> bytes:
@@ -217,7 +217,7 @@ def _workers(pid: int) -> list[int]:
     out = []
     for child in _children(pid):
         with contextlib.suppress(FileNotFoundError), open(f"/proc/{child}/cmdline", "rb") as f:
-            if b"spawn_main" in f.read():
+            if b"aviator.source.worker" in f.read():
                 out.append(child)
     return out
 

@@ -152,3 +152,22 @@ def test_an_orphaned_worker_exits_by_itself(tmp_path: Path) -> None:
     finally:
         if alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_script_without_a_main_guard_runs_once(tmp_path: Path) -> None:
+    # multiprocessing's spawn re-runs the parent's __main__ script in the child: a script
+    # embedding a control plane without `if __name__ == "__main__"` started a second one.
+    script = tmp_path / "embed.py"
+    script.write_text(
+        "from aviator.source.worker import ParseWorker\n"
+        "print('script ran', flush=True)\n"
+        "w = ParseWorker()\n"
+        "print(w.parse('a.yaml', b'kind: Pod').__class__.__name__, flush=True)\n"
+        "w.close()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["script ran", "Parsed"]
