@@ -36,7 +36,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -215,13 +215,15 @@ def _expansion(root: Node) -> tuple[int, int]:
     return len(sizes), sizes[id(root)]
 
 
-def _load_documents(text: str, limits: Limits) -> list[tuple[int, Any, Node]]:
-    """(1-based line, data, node) of each YAML document; raises yaml.YAMLError or _RefusedError."""
+def _load_documents(text: str, limits: Limits) -> Iterator[tuple[int, Any, list[int]]]:
+    """(1-based line, data, start line of each List item) of each YAML document, one at a
+    time (so a document's nodes are dropped before the next is composed); raises
+    yaml.YAMLError or _RefusedError."""
     # Without an anchor ('&') there is no alias, so nothing to expand: skip the count.
     count = "&" in text
     loader = _Loader(text)
     try:
-        out: list[tuple[int, Any, Node]] = []
+        number = 0
         added = 0  # nodes that aliases add, over the file's documents so far
         while loader.check_node():
             node = loader.get_node()
@@ -233,14 +235,14 @@ def _load_documents(text: str, limits: Limits) -> list[tuple[int, Any, Node]]:
                 added += expanded - distinct
                 if added > limits.max_alias_nodes:
                     raise _RefusedError(
-                        f"YAML aliases expand too far: document {len(out) + 1} is {distinct:,} "
+                        f"YAML aliases expand too far: document {number + 1} is {distinct:,} "
                         f"nodes as written and {expanded:,} with its aliases expanded; a "
                         f"file's aliases may add at most {limits.max_alias_nodes:,} nodes "
                         "(an alias bomb? write the repeated parts out); not parsed",
                         line,
                     )
-            out.append((line, loader.construct_document(node), node))
-        return out
+            number += 1
+            yield line, loader.construct_document(node), _item_lines(node)
     finally:
         loader.dispose()
 
@@ -314,15 +316,6 @@ def parse_file(source: str, data: bytes, limits: Limits = DEFAULT_LIMITS) -> Par
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         return Problem(source, f"not UTF-8 text: {exc.reason} at byte {exc.start}")
-    try:
-        documents = _load_documents(text, limits)
-    except yaml.YAMLError as exc:
-        message, line = _yaml_message(exc, text)
-        return Problem(source, f"YAML does not parse: {message}", line=line)
-    except _RefusedError as exc:
-        return Problem(source, exc.message, line=exc.line)
-    except RecursionError:  # the pure-Python composer recurses (libyaml stops at 1,000 levels)
-        return Problem(source, "YAML does not parse: nested too deeply")
     docs: list[Doc] = []
     problems: list[Problem] = []
 
@@ -367,21 +360,34 @@ def parse_file(source: str, data: bytes, limits: Limits = DEFAULT_LIMITS) -> Par
             )
         docs.append(Doc(obj, number, item, line))
 
-    for number, (line, raw, node) in enumerate(documents, start=1):
-        if raw is None:
-            continue  # an empty document (a stray '---')
-        if isinstance(raw, Mapping) and raw.get("kind") == "List":
-            items = raw.get("items")
-            if not isinstance(items, list):
-                problems.append(
-                    Problem(
-                        source, "a List needs a list of items", number, None, line, None, "items"
+    try:
+        for number, (line, raw, lines) in enumerate(_load_documents(text, limits), start=1):
+            if raw is None:
+                continue  # an empty document (a stray '---')
+            if isinstance(raw, Mapping) and raw.get("kind") == "List":
+                items = raw.get("items")
+                if not isinstance(items, list):
+                    problems.append(
+                        Problem(
+                            source,
+                            "a List needs a list of items",
+                            number,
+                            None,
+                            line,
+                            None,
+                            "items",
+                        )
                     )
-                )
-                continue
-            lines = _item_lines(node)
-            for i, item in enumerate(items):
-                take(item, number, i, lines[i] if i < len(lines) else line)
-        else:
-            take(raw, number, None, line)
+                    continue
+                for i, item in enumerate(items):
+                    take(item, number, i, lines[i] if i < len(lines) else line)
+            else:
+                take(raw, number, None, line)
+    except yaml.YAMLError as exc:
+        message, where = _yaml_message(exc, text)
+        return Problem(source, f"YAML does not parse: {message}", line=where)
+    except _RefusedError as exc:
+        return Problem(source, exc.message, line=exc.line)
+    except RecursionError:  # the pure-Python composer recurses (libyaml stops at 1,000 levels)
+        return Problem(source, "YAML does not parse: nested too deeply")
     return Parsed(tuple(docs), tuple(problems))
