@@ -122,9 +122,10 @@ def size_problem(source: str, size: int, limits: Limits) -> Problem | None:
     """The problem of a file of ``size`` bytes, if it is above the limit."""
     if size <= limits.max_file_bytes:
         return None
+    exact = f" ({size:,} bytes)" if size >= MiB else ""
     return Problem(
         source,
-        f"file too large to read: {_mib(size)} ({size:,} bytes), the limit is "
+        f"file too large to read: {_mib(size)}{exact}, the limit is "
         f"{_mib(limits.max_file_bytes)}; split it into smaller files (or raise "
         "--max-file-size)",
     )

@@ -143,7 +143,7 @@ def test_a_file_above_the_size_limit_is_not_parsed() -> None:
     problem = refused(data, Limits(max_file_bytes=len(data) - 1))
     assert problem == Problem(
         "f.yaml",
-        f"file too large to read: {len(data):,} bytes ({len(data):,} bytes), the limit is "
+        f"file too large to read: {len(data):,} bytes, the limit is "
         f"{len(data) - 1:,} bytes; split it into smaller files (or raise --max-file-size)",
     )
     assert isinstance(parse_file("f.yaml", data, Limits(max_file_bytes=len(data))), Parsed)
