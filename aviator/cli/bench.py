@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, tuple[str, str, str | None]] = {
         "bench",
     ),
     "xds": ("aviator.bench.xds", "xDS fan-out: change-to-held latency, CPU, memory", "bench"),
+    "source": ("aviator.bench.source", "big or hostile manifest directories: freeze, CPU", "bench"),
 }
 
 

@@ -17,6 +17,7 @@ from aviator.controlplane import (
     run_until_signalled,
 )
 from aviator.model import parse_host_port
+from aviator.source.yamlfiles import DEFAULT_LIMITS, Limits, parse_byte_size
 from aviator.xds.resources import GatewayConfig
 
 
@@ -113,6 +114,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="probe pods whose address is link-local (169.254.0.0/16, fe80::/10); the cloud "
         "metadata address 169.254.169.254 is never probed",
     )
+    parser.add_argument(
+        "--max-file-size",
+        default=f"{DEFAULT_LIMITS.max_file_bytes // 1024 // 1024}Mi",
+        metavar="SIZE",
+        help="dir source: a manifest file larger than this (10Mi, 500K, bytes) is not read and "
+        "keeps its last good objects, with a problem (default: %(default)s)",
+    )
 
 
 def _listen_port(text: str) -> int:
@@ -147,8 +155,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
             if args.gateway_port
             else None
         )
+        try:
+            max_file_bytes = parse_byte_size(args.max_file_size)
+        except ValueError as exc:
+            raise ValueError(f"--max-file-size: {exc}") from exc
         return Settings(
             source=args.source,
+            source_limits=Limits(max_file_bytes=max_file_bytes),
             xds_address=_address(args.xds_address, "--xds-address"),
             admin_address=_address(args.admin_address, "--admin-address"),
             gateway=gateway,

@@ -94,6 +94,11 @@ class Labels(Mapping[str, str]):
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("Labels is immutable")
 
+    def __reduce__(self) -> tuple[type[Labels], tuple[dict[str, str]]]:
+        # Pickled from the directory source's parse worker (the default protocol would set
+        # the slot through __setattr__, which refuses).
+        return (Labels, (self._items,))
+
     def __repr__(self) -> str:
         return f"Labels({self._items!r})"
 

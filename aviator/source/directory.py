@@ -6,7 +6,16 @@ them; other kinds are ignored. The directory is polled (a ``stat`` of each file 
 ``interval`` seconds; a file is re-read only when its mtime, size or inode change, or while
 its mtime is less than 2 s older than its last read, since mtimes are coarse; it is
 re-parsed only when its content hash changes), so edits, new files and deletions take
-effect within about one interval, without a restart.
+effect within about one interval, without a restart. A scan in which no file's
+contribution changed builds nothing (with 10,000 pods, rebuilding the state at every scan
+cost half a core).
+
+Nothing of this runs on the event loop that serves xDS, the admin port and the probes
+(``offload``, the default of :meth:`DirectorySource.run`): each scan walks, stats, reads and
+hashes in a thread, and parses changed files in a worker process
+(:mod:`aviator.source.worker`; YAML parsing is CPU-bound Python, which a thread would run
+under the GIL at the loop's expense). Stopping the source kills the worker, abandoning a
+parse in progress. The parsing itself, and its limits, are :mod:`aviator.source.yamlfiles`.
 
 What happens to bad input (each case is also a :class:`Problem` in the state and a
 structlog warning naming file, document, object and field):
@@ -19,6 +28,10 @@ structlog warning naming file, document, object and field):
 * **A file whose YAML no longer parses** (or is not UTF-8) keeps serving the objects of
   its last good version. An editor's half-saved file must not drop pods from Envoy; the
   problem says the file is stale until fixed. A file that never parsed serves nothing.
+* **A file beyond the limits** (:class:`~aviator.source.yamlfiles.Limits`: larger than
+  10 MiB, which is not even read; YAML aliases that would expand by more than a million
+  nodes, an alias bomb; a recursive alias) is treated as one that does not parse: its last
+  good objects stay, with a problem naming the file, the limit and what to do.
 * **A file or subdirectory that cannot be read** (permissions) keeps its last objects too.
 * **The same object in two places**: the first one (by file path, then document order)
   wins, the others are reported.
@@ -41,28 +54,25 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import json
 import os
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 import structlog
-import yaml
-from yaml.constructor import ConstructorError
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from aviator.k8s.fields import ObjectError, ObjectRef
-from aviator.k8s.policy import InvalidPolicy
-from aviator.k8s.state import ClusterObject, ClusterState, Problem, decode_object
+from aviator.k8s.fields import ObjectRef
+from aviator.k8s.state import ClusterObject, ClusterState, Problem
 from aviator.source.store import Store
+from aviator.source.worker import ParseWorker
+from aviator.source.yamlfiles import DEFAULT_LIMITS, Doc, Limits, Parsed, parse_file, size_problem
 
-__all__ = ["DEFAULT_INTERVAL", "DirectorySource", "SourceError", "load_directory"]
+__all__ = ["DEFAULT_INTERVAL", "DirectorySource", "Limits", "SourceError", "load_directory"]
 
 DEFAULT_INTERVAL: Final = 0.4  # seconds between scans: "within about a second" with margin
 SUFFIXES: Final = (".yaml", ".yml")
@@ -79,38 +89,6 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate mapping keys, as Kubernetes' strict decoding does
-    (PyYAML would silently keep the last one, hiding a typo'd edit)."""
-
-    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, Node] = {}
-        for key_node, _ in node.value:
-            if not isinstance(key_node, ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                first = seen[key].start_mark.line + 1
-                raise ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"found duplicate key {key!r} (first at line {first})",
-                    key_node.start_mark,
-                )
-            seen[key] = key_node
-        return super().construct_mapping(node, deep=deep)
-
-
-@dataclass(frozen=True, slots=True)
-class _Doc:
-    """One object read from a file, with where it came from."""
-
-    obj: ClusterObject
-    document: int
-    item: int | None
-    line: int | None
-
-
 @dataclass(frozen=True, slots=True)
 class _File:
     """What one file contributes: its objects and problems, and what it was read from."""
@@ -118,125 +96,28 @@ class _File:
     stat_key: tuple[int, int, int]  # (mtime_ns, size, inode): cheap change detection
     read_ns: int  # file-system clock when the bytes were read (see _RACY_NS)
     digest: str  # sha256 of the bytes: a touch without a change re-parses nothing
-    docs: tuple[_Doc, ...]
+    docs: tuple[Doc, ...]
     problems: tuple[Problem, ...]
 
-
-def _yaml_message(exc: yaml.YAMLError) -> tuple[str, int | None]:
-    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
-        mark = exc.problem_mark
-        what = " ".join(x for x in (exc.context, exc.problem) if x)
-        return f"{what} (line {mark.line + 1}, column {mark.column + 1})", mark.line + 1
-    return str(exc), None
+    def same_contribution(self, other: _File | None) -> bool:
+        """Whether this version of the file adds the same objects and problems as ``other``
+        (the same parse, so the same tuple; a touch or a re-read changes neither)."""
+        return other is not None and self.docs is other.docs and self.problems == other.problems
 
 
-def _load_documents(text: str) -> list[tuple[int, Any, Node]]:
-    """(1-based line, data, node) of each YAML document; raises yaml.YAMLError."""
-    loader = _Loader(text)
-    try:
-        out: list[tuple[int, Any, Node]] = []
-        while loader.check_node():
-            node = loader.get_node()
-            if node is None:  # check_node() said there is one; keep mypy honest
-                break
-            out.append((node.start_mark.line + 1, loader.construct_document(node), node))
-        return out
-    finally:
-        loader.dispose()
-
-
-def _item_lines(node: Node) -> list[int]:
-    """1-based start line of each entry of a List document's ``items``."""
-    if isinstance(node, MappingNode):
-        for key, value in node.value:
-            if (
-                isinstance(key, ScalarNode)
-                and key.value == "items"
-                and isinstance(value, SequenceNode)
-            ):
-                return [item.start_mark.line + 1 for item in value.value]
-    return []
-
-
-def _content_version(doc: Mapping[str, Any]) -> str:
-    # Canonical JSON of the object minus the server-set fields it might carry.
-    meta = doc.get("metadata")
-    if isinstance(meta, Mapping):
-        doc = {**doc, "metadata": {k: v for k, v in meta.items() if k != "resourceVersion"}}
-    blob = json.dumps(doc, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _parse_file(source: str, data: bytes) -> tuple[tuple[_Doc, ...], list[Problem]] | Problem:
-    """Objects and problems of a file, or the one Problem that makes the whole file unusable."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return Problem(source, f"not UTF-8 text: {exc.reason} at byte {exc.start}")
-    try:
-        documents = _load_documents(text)
-    except yaml.YAMLError as exc:
-        message, line = _yaml_message(exc)
-        return Problem(source, f"YAML does not parse: {message}", line=line)
-    docs: list[_Doc] = []
-    problems: list[Problem] = []
-
-    def take(raw: Any, number: int, item: int | None, line: int | None) -> None:
-        if not isinstance(raw, Mapping):
-            problems.append(
-                Problem(
-                    source,
-                    f"must be an object (a YAML mapping), got {type(raw).__name__}",
-                    number,
-                    item,
-                    line,
-                )
-            )
-            return
-        try:
-            obj = decode_object(raw)
-        except ObjectError as exc:
-            problems.extend(
-                Problem(source, e.message, number, item, line, exc.ref, e.path) for e in exc.errors
-            )
-            return
-        if obj is None:
-            return  # a kind Aviator does not read
-        version = _content_version(raw)
-        obj = dataclasses.replace(obj, meta=dataclasses.replace(obj.meta, resource_version=version))
-        if isinstance(obj, InvalidPolicy):
-            problems.extend(
-                Problem(source, e.message, number, item, line, obj.ref, e.path) for e in obj.errors
-            )
-        docs.append(_Doc(obj, number, item, line))
-
-    for number, (line, raw, node) in enumerate(documents, start=1):
-        if raw is None:
-            continue  # an empty document (a stray '---')
-        if isinstance(raw, Mapping) and raw.get("kind") == "List":
-            items = raw.get("items")
-            if not isinstance(items, list):
-                problems.append(
-                    Problem(
-                        source, "a List needs a list of items", number, None, line, None, "items"
-                    )
-                )
-                continue
-            lines = _item_lines(node)
-            for i, item in enumerate(items):
-                take(item, number, i, lines[i] if i < len(lines) else line)
-        else:
-            take(raw, number, None, line)
-    return tuple(docs), problems
+Parse = Callable[[str, bytes], Parsed | Problem]
 
 
 class DirectorySource:
     """Polls a directory of manifests and produces :class:`ClusterState` snapshots.
 
-    ``scan()`` does one synchronous pass and returns the new state, or None when nothing
-    changed; ``states()`` and ``run(store)`` repeat it every ``interval`` using the injected
-    ``sleep`` (tests drive them with fake loop time). Invariant: every state it returns
-    differs from the one before in ``version``.
+    ``scan()`` does one synchronous pass on the calling thread and returns the new state, or
+    None when nothing changed; ``states()`` and ``run(store)`` repeat a pass every
+    ``interval`` using the injected ``sleep``. With ``offload`` (the default) each of their
+    passes reads files in a thread and parses them in a worker process
+    (:class:`~aviator.source.worker.ParseWorker`), so the event loop never waits for a parse;
+    ``offload=False`` does everything on the loop's thread (tests on fake loop time).
+    Invariant: every state it returns differs from the one before in ``version``.
     """
 
     def __init__(
@@ -244,6 +125,8 @@ class DirectorySource:
         root: str | os.PathLike[str],
         *,
         interval: float = DEFAULT_INTERVAL,
+        limits: Limits = DEFAULT_LIMITS,
+        offload: bool = True,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         wall_clock: Callable[[], datetime] = _utcnow,
     ) -> None:
@@ -251,6 +134,8 @@ class DirectorySource:
             raise ValueError(f"interval must be positive, got {interval}")
         self.root = Path(root)
         self.interval = interval
+        self.limits = limits
+        self.offload = offload
         self._sleep = sleep
         self._wall_clock = wall_clock
         self._files: dict[Path, _File] = {}
@@ -258,6 +143,7 @@ class DirectorySource:
         self._state: ClusterState | None = None
         self._dir_problems: tuple[Problem, ...] = ()
         self.parse_count = 0  # files parsed so far (a changed digest), for tests and metrics
+        self.worker: ParseWorker | None = None  # while states() runs with offload
 
     @property
     def name(self) -> str:
@@ -270,12 +156,20 @@ class DirectorySource:
 
     # --- one pass -------------------------------------------------------------------------
 
-    def scan(self) -> ClusterState | None:
+    def scan(self, parse: Parse | None = None) -> ClusterState | None:
         """Read what changed since the last scan; the new state, or None if none changed.
 
-        The first call always returns a state, or raises :class:`SourceError` if the
-        directory cannot be read.
+        Files are parsed with ``parse`` (default: here, with this source's limits). The
+        first call always returns a state, or raises :class:`SourceError` if the directory
+        cannot be read.
         """
+        if parse is None:
+            limits = self.limits
+
+            def parse(source: str, data: bytes) -> Parsed | Problem:
+                return parse_file(source, data, limits)
+
+        before, dir_before = self._files, self._dir_problems
         try:
             paths, unreadable = self._walk()
         except OSError as exc:
@@ -305,7 +199,16 @@ class DirectorySource:
                 )
                 for d, why in unreadable
             )
-            self._files = kept | {p: f for p in paths if (f := self._read(p)) is not None}
+            self._files = kept | {p: f for p in paths if (f := self._read(p, parse)) is not None}
+        if (
+            self._state is not None
+            and self._dir_problems == dir_before
+            and self._files.keys() == before.keys()
+            and all(f.same_contribution(before.get(p)) for p, f in self._files.items())
+        ):
+            # Nothing any file contributes has changed: the state is the last one. Building
+            # it again would cost O(objects) at every scan (10,000 pods: about half a core).
+            return None
         return self._publish()
 
     def _walk(self) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -326,10 +229,11 @@ class DirectorySource:
         failed = [(Path(e.filename), str(e.strerror or e)) for e in errors if e.filename]
         return sorted(paths), failed
 
-    def _read(self, path: Path) -> _File | None:
+    def _read(self, path: Path, parse: Parse) -> _File | None:
         """The file's contribution (re-parsed only if its content changed); None if gone."""
         source = str(path)
         old = self._files.get(path)
+        limit = self.limits.max_file_bytes
         try:
             st = path.stat()
             if not stat.S_ISREG(st.st_mode):
@@ -341,20 +245,29 @@ class DirectorySource:
             if old is not None and old.stat_key == key and st.st_mtime_ns + _RACY_NS < old.read_ns:
                 return old
             read_ns = time.time_ns()
-            data = path.read_bytes()
+            if st.st_size > limit:
+                data = b""
+            else:
+                with path.open("rb") as f:
+                    data = f.read(limit + 1)  # it may have grown since the stat
         except FileNotFoundError:
             return None  # deleted between the walk and the read: it is gone
         except OSError as exc:
             return self._stale(path, old, (0, 0, 0), 0, "", f"cannot read: {exc.strerror or exc}")
+        if st.st_size > limit or len(data) > limit:
+            size = max(st.st_size, len(data))
+            problem = size_problem(source, size, self.limits)
+            assert problem is not None
+            # Not read, so not hashed: the stat key tells when to look again.
+            return self._stale(path, old, key, read_ns, f"too large:{size}", problem.message)
         digest = hashlib.sha256(data).hexdigest()
         if old is not None and old.digest == digest:
             return dataclasses.replace(old, stat_key=key, read_ns=read_ns)
         self.parse_count += 1
-        parsed = _parse_file(source, data)
+        parsed = parse(source, data)
         if isinstance(parsed, Problem):
             return self._stale(path, old, key, read_ns, digest, parsed.message, parsed.line)
-        docs, problems = parsed
-        return _File(key, read_ns, digest, docs, tuple(problems))
+        return _File(key, read_ns, digest, parsed.docs, parsed.problems)
 
     def _stale(
         self,
@@ -379,7 +292,7 @@ class DirectorySource:
 
     def _publish(self) -> ClusterState | None:
         objects: dict[ObjectRef, ClusterObject] = {}
-        origin: dict[ObjectRef, tuple[Path, _Doc]] = {}
+        origin: dict[ObjectRef, tuple[Path, Doc]] = {}
         problems: list[Problem] = []
         for path in sorted(self._files):
             f = self._files[path]
@@ -451,13 +364,32 @@ class DirectorySource:
     # --- polling --------------------------------------------------------------------------
 
     async def states(self) -> AsyncIterator[ClusterState]:
-        """The first state at once, then each changed state, scanning every ``interval``."""
-        first = self.scan()
-        yield first if first is not None else self._require_state()
-        while True:
-            await self._sleep(self.interval)
-            if (state := self.scan()) is not None:
-                yield state
+        """The first state once read, then each changed state, scanning every ``interval``.
+
+        With ``offload``, closing the iterator (or cancelling the task iterating it) kills
+        the parse worker, abandoning a parse in progress.
+        """
+        if not self.offload:
+            first = self.scan()
+            yield first if first is not None else self._require_state()
+            while True:
+                await self._sleep(self.interval)
+                if (state := self.scan()) is not None:
+                    yield state
+        else:
+            worker = self.worker = ParseWorker(self.limits)
+            try:
+                await asyncio.to_thread(worker.start)  # an interpreter start: not on the loop
+                first = await asyncio.to_thread(self.scan, worker.parse)
+                yield first if first is not None else self._require_state()
+                while True:
+                    await self._sleep(self.interval)
+                    if (state := await asyncio.to_thread(self.scan, worker.parse)) is not None:
+                        yield state
+            finally:
+                # Also when cancelled while a scan runs in its thread: the thread's parse
+                # then raises WorkerClosedError and that scan is dropped, changing nothing.
+                worker.close()
 
     def _require_state(self) -> ClusterState:
         assert self._state is not None  # scan() always sets it or raises

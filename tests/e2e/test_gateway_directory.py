@@ -164,6 +164,9 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         )
         try:
             async with EnvoyProcess(bootstrap) as envoy:
+                # LIVE: the listener is warmed (its routes arrived); the clusters' hosts can
+                # show in /clusters before it, and traffic sent then is refused.
+                await asyncio.wait_for(envoy.wait_live(), 30)
                 yield Stack(root, port, control_plane, envoy, f"http://127.0.0.1:{gateway_port}/")
         finally:
             control_plane.stop()

@@ -429,13 +429,13 @@ def test_deleted_and_recreated_object_is_new(manifests: Path) -> None:
     assert new.meta.uid != old.meta.uid
 
 
-# --- the watcher, on fake loop time -----------------------------------------------------------
+# --- the watcher, on fake loop time (so on the loop's thread: offload=False) --------------
 
 
 @pytest.mark.looptime
 async def test_watcher_publishes_changes_within_an_interval(manifests: Path) -> None:
     store = Store()
-    source = DirectorySource(manifests, interval=0.4)
+    source = DirectorySource(manifests, interval=0.4, offload=False)
     task = asyncio.create_task(source.run(store))
     try:
         await asyncio.sleep(0)
@@ -465,7 +465,7 @@ async def test_states_yields_only_changes_and_uses_the_injected_sleep(manifests:
             write(manifests / "apps" / "web.yaml", workload_doc(), pod_doc("web-1", "10.0.0.8"))
         await asyncio.sleep(seconds)
 
-    source = DirectorySource(manifests, interval=0.3, sleep=sleep)
+    source = DirectorySource(manifests, interval=0.3, sleep=sleep, offload=False)
     states = source.states()
     first = await anext(states)
     second = await anext(states)
