@@ -441,6 +441,7 @@ class Informer(Generic[T]):
         self._sleep = sleep
         self._resource_version = ""
         self._synced = False
+        self._watching = False
         self._failures = 0  # consecutive, for the back-off
         self._expired_in_a_row = 0  # 410s with no watch event between them
 
@@ -452,6 +453,11 @@ class Informer(Generic[T]):
     def synced(self) -> bool:
         """True once the first list has been applied (and forever after)."""
         return self._synced
+
+    @property
+    def watching(self) -> bool:
+        """True while a watch stream is open (the server answered it)."""
+        return self._watching
 
     @property
     def resource_version(self) -> str:
@@ -628,6 +634,7 @@ class Informer(Generic[T]):
             if resp.status != 200:
                 body = await _read_some(resp)
                 raise api_error(resp.status, body)
+            self._watching = True
             while True:
                 try:
                     line = await read_line(resp.content.readline, silence)
@@ -648,6 +655,7 @@ class Informer(Generic[T]):
                 self._apply(parse_watch_event(line))
                 received = True
         finally:
+            self._watching = False
             if ended:
                 resp.release()  # the stream was read to its end: the connection is reusable
             else:

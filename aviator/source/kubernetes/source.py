@@ -14,12 +14,17 @@ What is watched, and why:
 Each collection has one :class:`~aviator.source.kubernetes.informer.Informer` (all namespaces,
 or one informer per kind per namespace given with ``--namespace``). The source publishes a
 :class:`ClusterState` to the store only once *every* informer has synced (so ``/readyz``, which
-checks ``store.synced``, stays false until then), then after every change, coalescing a burst
-(:attr:`KubernetesSource.coalesce`, 50 ms: a Deployment scaled to 1,000 pods is a handful of
-publishes, not 1,000). An API server that goes away never makes the state emptier: informers
-keep their caches through failures and retry (warnings in the log, no tracebacks); the store
-keeps serving the last state; after the server comes back, a relist replaces each cache and
-only real differences are published.
+checks ``store.synced``, stays false until then), then after every change, coalescing a burst:
+it waits :attr:`KubernetesSource.coalesce` (50 ms) after the first change, or as long as the
+last state took to build if that is longer (10,000 pods: about 0.15 s here), so that constant
+churn costs at most about half a core. Measured on the 1.20 test server: 1,000 pods created
+and made Ready (2,000 watch events) were 77 publishes; a single change is in the store about
+51 ms after the API server acknowledged the write (the 50 ms are the coalescing).
+
+An API server that goes away never makes the state emptier: informers keep their caches
+through failures and retry (warnings in the log, no tracebacks); the store keeps serving the
+last state; after the server comes back, a relist replaces each cache and only real
+differences are published.
 
 Only parsed values are kept per object (``decode_object``: the typed Pod / Workload /
 AviatorPolicy / InvalidPolicy, plus its problems), never the raw dict. An object that does not
@@ -73,6 +78,7 @@ __all__ = [
 DEFAULT_COALESCE: Final = 0.05  # seconds a burst of changes is gathered into one publish
 POLICY_GROUP, POLICY_VERSION = _policy.API_VERSION.split("/")
 POLICY_PLURAL: Final = "aviatorpolicies"
+_KINDS: Final = 4  # collections watched per scope (see resources())
 
 
 class KubernetesConfigError(ValueError):
@@ -173,11 +179,14 @@ def _check_credentials(kubeconfig: str | None, context: str | None) -> None:
 
 
 async def new_api_client(
-    kubeconfig: str | None = None, context: str | None = None
+    kubeconfig: str | None = None, context: str | None = None, *, connections: int = 100
 ) -> k8s_client.ApiClient:
     """An ApiClient with in-cluster credentials, or those of ``kubeconfig`` (and
-    ``context``); :class:`SourceError` if they do not load. The caller closes it."""
+    ``context``), allowed ``connections`` concurrent connections (each informer's watch holds
+    one for minutes; more informers than connections would starve); :class:`SourceError` if
+    they do not load. The caller closes it."""
     configuration = k8s_client.Configuration()
+    configuration.connection_pool_maxsize = connections
     try:
         if kubeconfig is None:
             k8s_config.load_incluster_config(  # type: ignore[no-untyped-call]
@@ -323,9 +332,14 @@ class KubernetesSource:
 
     async def run(self, store: Store) -> None:
         """Watch and publish to ``store`` until cancelled (the ``StateSource`` protocol)."""
-        api = await new_api_client(self._credentials.kubeconfig, self._credentials.context)
+        scopes: Sequence[str | None] = self.namespaces or (None,)
+        api = await new_api_client(
+            self._credentials.kubeconfig,
+            self._credentials.context,
+            # A watch per informer, and room for lists and relists beside them.
+            connections=max(100, 2 * _KINDS * len(scopes)),
+        )
         try:
-            scopes: Sequence[str | None] = self.namespaces or (None,)
             self.informers = tuple(
                 Informer(
                     resource,
@@ -355,16 +369,22 @@ class KubernetesSource:
         self._changed.set()
 
     async def _publish(self, store: Store) -> None:
+        loop = asyncio.get_running_loop()
         previous: ClusterState | None = None
+        build = 0.0  # seconds the last state took to build
         while True:
             await self._changed.wait()
             if not self.synced:
                 self._changed.clear()  # the last informer to sync sets it again
                 continue
-            if self.coalesce:
-                await self._sleep(self.coalesce)  # gather the rest of the burst
+            # Gather the rest of the burst; under constant churn, at least as long as a state
+            # takes to build (10,000 pods: ~0.15 s here), so building stays under half a core.
+            if wait := max(self.coalesce, build):
+                await self._sleep(wait)
             self._changed.clear()
+            started = loop.time()
             state = self.state()
+            build = loop.time() - started
             if store.publish(state):
                 self.publishes += 1
                 _log_state(self.name, state, previous)
@@ -379,6 +399,9 @@ class KubernetesSource:
                 if decoded.obj is not None:
                     objects.append(decoded.obj)
                 problems.extend(decoded.problems)
+        # Sorted here on a plain tuple key, the order ClusterState.build sorts into (by
+        # ObjectRef): its own sorts then see sorted input, which is linear.
+        objects.sort(key=lambda o: (o.ref.kind, o.meta.namespace, o.meta.name))
         # Deterministic order: the state's version hashes its problems in order.
         problems.sort(key=lambda p: (p.source, p.field or "", p.message))
         return ClusterState.build(objects, problems)

@@ -278,6 +278,48 @@ async def test_a_policy_without_a_namespace_lands_in_the_kubeconfigs_namespace_a
         assert not [p for p in state.policies if p.ref.name == "my-app" and p.ref.namespace != ns]
 
 
+async def test_many_namespaces_each_have_their_informers_and_none_starves(
+    aviator_install: AviatorInstall, kube_namespace: str
+) -> None:
+    env = aviator_install.env
+    # 26 namespaces: 104 watches, more than the client's default pool of 100 connections.
+    extra = [f"{kube_namespace[:50]}-{i}" for i in range(25)]
+    for ns in extra:
+        await asyncio.to_thread(env.create_namespace, ns)
+    try:
+        # Watches of the default length (5-10 min): each holds its connection throughout.
+        source = KubernetesSource(
+            kubeconfig=aviator_install.kubeconfig,
+            namespaces=[kube_namespace, *extra],
+            options=dataclasses.replace(FAST, min_watch_timeout=300.0),
+        )
+        store = RecordingStore()
+        task = asyncio.create_task(source.run(store))
+        try:
+            await _poll(lambda: store.synced, "every informer synced", task, within=30)
+            assert len(source.informers) == 4 * 26
+            await _poll(
+                lambda: all(i.watching for i in source.informers), "every informer watching", task
+            )
+            last = extra[-1]
+            await asyncio.to_thread(
+                env.kubectl, "apply", "-f", "-", "-n", last, input=policy_yaml("web", "web")
+            )
+            await _poll(
+                lambda: "web" in _names(store.current, "AviatorPolicy", last), "the policy", task
+            )
+            assert {p.ref.namespace for p in store.current.policies} == {last}
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    finally:
+        for ns in extra:
+            await asyncio.to_thread(
+                env.kubectl, "delete", "namespace", ns, "--wait=false", "--ignore-not-found"
+            )
+
+
 async def test_a_pod_without_an_ip_is_in_the_state_but_is_no_endpoint(
     aviator_install: AviatorInstall, kube_namespace: str
 ) -> None:
