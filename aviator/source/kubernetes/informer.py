@@ -508,11 +508,16 @@ class Informer(Generic[T]):
         self.stats.failures += 1
         self._failures += 1
         delay = self.options.backoff.delay(self._failures, self._rand())
+        error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, ApiError) and exc.status == 404:
+            error += f" ({self.resource.kind} is not served here: is its CRD installed?)"
+        elif isinstance(exc, ApiError) and exc.status in (401, 403):
+            error += " (check the credentials and the RBAC rules of this ServiceAccount)"
         # A warning, not a traceback: an API server restarting is an everyday event.
         _log().warning(
             "k8s.informer.retry",
             resource=self.resource.path,
-            error=f"{type(exc).__name__}: {exc}",
+            error=error,
             failures=self._failures,
             retry_in=round(delay, 3),
         )
