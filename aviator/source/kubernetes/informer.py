@@ -32,8 +32,8 @@ controller relies on, in asyncio form (kopf's ``_cogs/clients/watching.py`` is t
    the server would have ended it by then) and is dropped and reopened. The whole request
    also has an aiohttp timeout one margin later, for a stream that trickles but never ends.
 
-Objects are read as raw JSON (the ``*_without_preload_content`` methods of ``kubernetes.aio``:
-the client's model classes are slow to build and drop fields they do not know), then passed
+Objects are read as raw JSON (a GET through the ``kubernetes.aio`` ApiClient, unread by it: the
+client's model classes are slow to build and drop fields they do not know), then passed
 through a *transform* that keeps only what the caller needs; the cache holds the transformed
 value, the object's uid and resourceVersion, and nothing else of the raw dict. An object
 whose uid and resourceVersion are unchanged is not transformed again (a relist of 10,000
@@ -73,6 +73,7 @@ __all__ = [
     "Key",
     "MalformedResponseError",
     "ObjectCache",
+    "Query",
     "Resource",
     "WatchEvent",
     "WatchStalledError",
@@ -353,19 +354,20 @@ async def read_line(readline: Callable[[], Awaitable[bytes]], silence: float) ->
 
 # --- the informer ---------------------------------------------------------------------------
 
-ListCall = Callable[..., Awaitable[aiohttp.ClientResponse]]
+Query = Mapping[str, str | int | bool]
+ListCall = Callable[[Query, float], Awaitable[aiohttp.ClientResponse]]
 
 
 @dataclass(frozen=True, slots=True)
 class Resource:
     """One collection to list and watch.
 
-    ``call`` is a ``kubernetes.aio`` ``list_*_without_preload_content`` method with its path
-    arguments (namespace, group, plural...) bound, e.g.
-    ``functools.partial(core.list_namespaced_pod_without_preload_content, "shop")``; it is
-    called with ``limit``, ``_continue``, ``watch``, ``resource_version``,
-    ``allow_watch_bookmarks``, ``timeout_seconds`` and ``_request_timeout`` keywords.
-    ``path`` is the collection's API path (``/api/v1/namespaces/shop/pods``), for logs.
+    ``path`` is the collection's API path (``/api/v1/namespaces/shop/pods``); ``call(query,
+    request_timeout)`` sends ``GET path?query`` and returns the response unread (the source
+    uses :func:`~aviator.source.kubernetes.source.collection_call`, through a
+    ``kubernetes.aio`` ApiClient). ``query`` holds the list and watch parameters by their API
+    names: ``limit``, ``continue``, ``watch``, ``resourceVersion``, ``allowWatchBookmarks``,
+    ``timeoutSeconds``.
     """
 
     path: str
@@ -531,11 +533,11 @@ class Informer(Generic[T]):
         limit: int | None = self.options.page_size
         resource_version = ""
         while True:
-            params: dict[str, Any] = {}
+            params: dict[str, str | int | bool] = {}
             if limit is not None:
                 params["limit"] = limit
             if continue_token:
-                params["_continue"] = continue_token
+                params["continue"] = continue_token
             try:
                 page = await self._get_json(params)
             except ExpiredError:
@@ -588,7 +590,7 @@ class Informer(Generic[T]):
         obj.setdefault("apiVersion", self.resource.api_version)
         obj.setdefault("kind", self.resource.kind)
 
-    async def _get_json(self, params: dict[str, Any]) -> Mapping[str, Any]:
+    async def _get_json(self, params: Query) -> Mapping[str, Any]:
         resp = await self._request(params, request_timeout=self.options.list_timeout)
         try:
             body = await resp.read()
@@ -609,11 +611,9 @@ class Informer(Generic[T]):
             raise MalformedResponseError(f"a list of {self.resource.path} is not an object")
         return doc
 
-    async def _request(
-        self, params: dict[str, Any], *, request_timeout: float
-    ) -> aiohttp.ClientResponse:
+    async def _request(self, params: Query, *, request_timeout: float) -> aiohttp.ClientResponse:
         try:
-            return await self.resource.call(**params, _request_timeout=float(request_timeout))
+            return await self.resource.call(params, float(request_timeout))
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise ApiConnectionError(f"{self.resource.path}: {exc or type(exc).__name__}") from exc
 
@@ -627,9 +627,9 @@ class Informer(Generic[T]):
         resp = await self._request(
             {
                 "watch": True,
-                "resource_version": self._resource_version,
-                "allow_watch_bookmarks": True,
-                "timeout_seconds": timeout,
+                "resourceVersion": self._resource_version,
+                "allowWatchBookmarks": True,
+                "timeoutSeconds": timeout,
             },
             # A backstop one margin beyond the watchdog, for a stream that trickles forever.
             request_timeout=silence + self.options.watchdog_margin,

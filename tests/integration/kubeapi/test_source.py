@@ -378,9 +378,9 @@ async def test_an_expired_continue_token_restarts_the_list_in_full_and_loses_not
         (pods,) = [r for r in resources(api, ns) if r.kind == "Pod"]
         compacted: list[int] = []
 
-        async def call(**params: Any) -> Any:
-            resp = await pods.call(**params)
-            if "limit" in params and "_continue" not in params and not compacted:
+        async def call(query: Any, request_timeout: float) -> Any:
+            resp = await pods.call(query, request_timeout)
+            if "limit" in query and "continue" not in query and not compacted:
                 # After the first page: move etcd on and compact it past the list's snapshot,
                 # so that the continue token of the next page is too old (410).
                 await asyncio.to_thread(env.kubectl, "create", "configmap", "bump", "-n", ns)
