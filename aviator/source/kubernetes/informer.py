@@ -28,8 +28,9 @@ controller relies on, in asyncio form (kopf's ``_cogs/clients/watching.py`` is t
    failure too (client-go's "very short watch"), so a server that closes every watch at once is
    not hammered.
 5. **Watchdog**: a watch that has been silent for longer than its own ``timeoutSeconds`` plus
-   :attr:`InformerOptions.watchdog_margin` is dead (a half-open TCP connection, a stuck proxy:
-   the server would have ended it by then) and is dropped and reopened. The whole request
+   :attr:`InformerOptions.watchdog_margin` (no answer to the request, or no line since the
+   last one) is dead (a half-open TCP connection, a stuck proxy: the server would have ended
+   it by then) and is dropped and reopened. The whole request
    also has an aiohttp timeout one margin later, for a stream that trickles but never ends.
 
 Objects are read as raw JSON (a GET through the ``kubernetes.aio`` ApiClient, unread by it: the
@@ -624,16 +625,24 @@ class Informer(Generic[T]):
         timeout = watch_timeout(self.options.min_watch_timeout, self._rand())
         silence = timeout + self.options.watchdog_margin
         self.stats.watches += 1
-        resp = await self._request(
-            {
-                "watch": True,
-                "resourceVersion": self._resource_version,
-                "allowWatchBookmarks": True,
-                "timeoutSeconds": timeout,
-            },
-            # A backstop one margin beyond the watchdog, for a stream that trickles forever.
-            request_timeout=silence + self.options.watchdog_margin,
-        )
+        try:
+            # The watchdog covers the wait for the answer too: a request sent on a pooled
+            # connection whose peer has gone silent is answered never.
+            async with asyncio.timeout(silence):
+                resp = await self._request(
+                    {
+                        "watch": True,
+                        "resourceVersion": self._resource_version,
+                        "allowWatchBookmarks": True,
+                        "timeoutSeconds": timeout,
+                    },
+                    # A backstop one margin beyond the watchdog, for a stream that trickles
+                    # forever.
+                    request_timeout=silence + self.options.watchdog_margin,
+                )
+        except TimeoutError:
+            self.stats.stalled += 1
+            raise WatchStalledError(f"no answer to the watch request for {silence:g} s") from None
         received = ended = False
         try:
             if resp.status != 200:

@@ -14,12 +14,18 @@ What is watched, and why:
 Each collection has one :class:`~aviator.source.kubernetes.informer.Informer` (all namespaces,
 or one informer per kind per namespace given with ``--namespace``). The source publishes a
 :class:`ClusterState` to the store only once *every* informer has synced (so ``/readyz``, which
-checks ``store.synced``, stays false until then), then after every change, coalescing a burst:
-it waits :attr:`KubernetesSource.coalesce` (50 ms) after the first change, and never builds
-two states less than one build's time apart (10,000 pods: about 0.15 s here), so that
-constant churn costs at most about half a core. Measured on the 1.20 test server: 1,000 pods created
-and made Ready (2,000 watch events) were 77 publishes; a single change is in the store about
-51 ms after the API server acknowledged the write (the 50 ms are the coalescing).
+checks ``store.synced``, stays false until then), then after every change, coalescing a burst
+(:class:`Coalescer`): it waits :attr:`KubernetesSource.coalesce` (50 ms) after the first
+change, and never builds two states less than one build's time apart (10,000 pods: 0.08-0.3 s
+here, mostly ``ClusterState.build``), so that constant churn costs at most about half a core.
+
+Measured against the 1.20 test server (2 shared cores): a write is in the store 50-60 ms after
+the API server acknowledged it (the 50 ms are the coalescing; ``kubectl apply`` itself takes
+~0.3 s more), 0.3 s (median) with 10,000 pods in the state; 1,000 pods created and made Ready
+(2,000 watch events) were 61-94 publishes; a process running only the source holds 61 MB
+synced with no pods, 68 MB with 1,000 and 83 MB with 10,000 (a decoded pod is ~570 bytes),
+and uses no measurable CPU at rest; 10,000 pods take ~5.5 s to list (JSON parsing and
+decoding are about half of it).
 
 An API server that goes away never makes the state emptier: informers keep their caches
 through failures and retry (warnings in the log, no tracebacks); the store keeps serving the
@@ -408,9 +414,9 @@ class KubernetesSource:
                 if decoded.obj is not None:
                     objects.append(decoded.obj)
                 problems.extend(decoded.problems)
-        # Sorted here on a plain tuple key, the order ClusterState.build sorts into (by
-        # ObjectRef): its own sorts then see sorted input, which is linear.
-        objects.sort(key=lambda o: (o.ref.kind, o.meta.namespace, o.meta.name))
+        # Presorted on a cheap key: for pods (the bulk) it is the order ClusterState.build
+        # sorts into (by ObjectRef), so its own sorts then see sorted input, which is linear.
+        objects.sort(key=lambda o: (o.meta.namespace, o.meta.name))
         # Deterministic order: the state's version hashes its problems in order.
         problems.sort(key=lambda p: (p.source, p.field or "", p.message))
         return ClusterState.build(objects, problems)
