@@ -13,6 +13,9 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import json
+import signal
+import sys
 import textwrap
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -23,6 +26,7 @@ import aiohttp
 import yaml
 
 from aviator.controlplane import ControlPlane, Settings
+from aviator.envoy.process import free_port
 from aviator.k8s.objects import ObjectRef, Pod
 from aviator.k8s.resolve import PolicyResolution, resolve_state
 from aviator.k8s.state import ClusterState, Store
@@ -673,3 +677,51 @@ async def test_readyz_is_false_until_every_informer_has_synced(
     finally:
         cp.stop()
         await asyncio.wait_for(task, 10)
+
+
+# --- aviator run, as users start it ------------------------------------------------------------
+
+
+async def test_aviator_run_source_kubernetes_serves_a_policy_and_stops_on_sigterm(
+    aviator_install: AviatorInstall, kube_namespace: str
+) -> None:
+    env, ns = aviator_install.env, kube_namespace
+    (pod,) = await _deployment(env, ns, "web", 1)
+    await asyncio.to_thread(
+        env.kubectl, "apply", "-f", "-", "-n", ns, input=policy_yaml("web", "web")
+    )
+    await _ready(env, ns, pod, "127.0.0.101")
+    admin = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "aviator", "run", "--source", "kubernetes",
+        "--kubeconfig", str(aviator_install.kubeconfig), "--namespace", ns,
+        "--xds-address", f"127.0.0.1:{free_port()}", "--admin-address", f"127.0.0.1:{admin}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        async with aiohttp.ClientSession() as http:
+            while True:
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    async with http.get(f"http://127.0.0.1:{admin}/readyz") as r:
+                        if r.status == 200:
+                            break
+                assert loop.time() < deadline, "aviator run never became ready"
+                assert proc.returncode is None, "aviator run exited"
+                await asyncio.sleep(0.05)
+            async with http.get(f"http://127.0.0.1:{admin}/debug/policies") as r:
+                policies = json.loads(await r.text())
+            async with http.get(f"http://127.0.0.1:{admin}/debug/endpoints") as r:
+                endpoints = json.loads(await r.text())
+        assert [(p["policy"], p["serving"]) for p in policies] == [
+            (f"AviatorPolicy {ns}/web", True)
+        ]
+        assert [e["address"] for e in endpoints] == ["127.0.0.101:8080"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    text = err.decode()
+    assert proc.returncode == 0, text[-3000:]
+    assert "control plane stopped" in text
+    assert "Traceback" not in text
