@@ -28,12 +28,13 @@ controller relies on, in asyncio form (kopf's ``_cogs/clients/watching.py`` is t
    failure too (client-go's "very short watch"), so a server that closes every watch at once is
    not hammered.
 5. **Watchdog**: a watch that has been silent for longer than its own ``timeoutSeconds`` plus
-   :attr:`InformerOptions.watchdog_margin` is dead (a half-open TCP connection, a stuck proxy:
-   the server would have ended it by then) and is dropped and reopened. The whole request
+   :attr:`InformerOptions.watchdog_margin` (no answer to the request, or no line since the
+   last one) is dead (a half-open TCP connection, a stuck proxy: the server would have ended
+   it by then) and is dropped and reopened. The whole request
    also has an aiohttp timeout one margin later, for a stream that trickles but never ends.
 
-Objects are read as raw JSON (the ``*_without_preload_content`` methods of ``kubernetes.aio``:
-the client's model classes are slow to build and drop fields they do not know), then passed
+Objects are read as raw JSON (a GET through the ``kubernetes.aio`` ApiClient, unread by it: the
+client's model classes are slow to build and drop fields they do not know), then passed
 through a *transform* that keeps only what the caller needs; the cache holds the transformed
 value, the object's uid and resourceVersion, and nothing else of the raw dict. An object
 whose uid and resourceVersion are unchanged is not transformed again (a relist of 10,000
@@ -73,6 +74,7 @@ __all__ = [
     "Key",
     "MalformedResponseError",
     "ObjectCache",
+    "Query",
     "Resource",
     "WatchEvent",
     "WatchStalledError",
@@ -353,19 +355,20 @@ async def read_line(readline: Callable[[], Awaitable[bytes]], silence: float) ->
 
 # --- the informer ---------------------------------------------------------------------------
 
-ListCall = Callable[..., Awaitable[aiohttp.ClientResponse]]
+Query = Mapping[str, str | int | bool]
+ListCall = Callable[[Query, float], Awaitable[aiohttp.ClientResponse]]
 
 
 @dataclass(frozen=True, slots=True)
 class Resource:
     """One collection to list and watch.
 
-    ``call`` is a ``kubernetes.aio`` ``list_*_without_preload_content`` method with its path
-    arguments (namespace, group, plural...) bound, e.g.
-    ``functools.partial(core.list_namespaced_pod_without_preload_content, "shop")``; it is
-    called with ``limit``, ``_continue``, ``watch``, ``resource_version``,
-    ``allow_watch_bookmarks``, ``timeout_seconds`` and ``_request_timeout`` keywords.
-    ``path`` is the collection's API path (``/api/v1/namespaces/shop/pods``), for logs.
+    ``path`` is the collection's API path (``/api/v1/namespaces/shop/pods``); ``call(query,
+    request_timeout)`` sends ``GET path?query`` and returns the response unread (the source
+    uses :func:`~aviator.source.kubernetes.source.collection_call`, through a
+    ``kubernetes.aio`` ApiClient). ``query`` holds the list and watch parameters by their API
+    names: ``limit``, ``continue``, ``watch``, ``resourceVersion``, ``allowWatchBookmarks``,
+    ``timeoutSeconds``.
     """
 
     path: str
@@ -441,6 +444,7 @@ class Informer(Generic[T]):
         self._sleep = sleep
         self._resource_version = ""
         self._synced = False
+        self._watching = False
         self._failures = 0  # consecutive, for the back-off
         self._expired_in_a_row = 0  # 410s with no watch event between them
 
@@ -452,6 +456,11 @@ class Informer(Generic[T]):
     def synced(self) -> bool:
         """True once the first list has been applied (and forever after)."""
         return self._synced
+
+    @property
+    def watching(self) -> bool:
+        """True while a watch stream is open (the server answered it)."""
+        return self._watching
 
     @property
     def resource_version(self) -> str:
@@ -502,11 +511,16 @@ class Informer(Generic[T]):
         self.stats.failures += 1
         self._failures += 1
         delay = self.options.backoff.delay(self._failures, self._rand())
+        error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, ApiError) and exc.status == 404:
+            error += f" ({self.resource.kind} is not served here: is its CRD installed?)"
+        elif isinstance(exc, ApiError) and exc.status in (401, 403):
+            error += " (check the credentials and the RBAC rules of this ServiceAccount)"
         # A warning, not a traceback: an API server restarting is an everyday event.
         _log().warning(
             "k8s.informer.retry",
             resource=self.resource.path,
-            error=f"{type(exc).__name__}: {exc}",
+            error=error,
             failures=self._failures,
             retry_in=round(delay, 3),
         )
@@ -520,11 +534,11 @@ class Informer(Generic[T]):
         limit: int | None = self.options.page_size
         resource_version = ""
         while True:
-            params: dict[str, Any] = {}
+            params: dict[str, str | int | bool] = {}
             if limit is not None:
                 params["limit"] = limit
             if continue_token:
-                params["_continue"] = continue_token
+                params["continue"] = continue_token
             try:
                 page = await self._get_json(params)
             except ExpiredError:
@@ -577,7 +591,7 @@ class Informer(Generic[T]):
         obj.setdefault("apiVersion", self.resource.api_version)
         obj.setdefault("kind", self.resource.kind)
 
-    async def _get_json(self, params: dict[str, Any]) -> Mapping[str, Any]:
+    async def _get_json(self, params: Query) -> Mapping[str, Any]:
         resp = await self._request(params, request_timeout=self.options.list_timeout)
         try:
             body = await resp.read()
@@ -598,11 +612,9 @@ class Informer(Generic[T]):
             raise MalformedResponseError(f"a list of {self.resource.path} is not an object")
         return doc
 
-    async def _request(
-        self, params: dict[str, Any], *, request_timeout: float
-    ) -> aiohttp.ClientResponse:
+    async def _request(self, params: Query, *, request_timeout: float) -> aiohttp.ClientResponse:
         try:
-            return await self.resource.call(**params, _request_timeout=float(request_timeout))
+            return await self.resource.call(params, float(request_timeout))
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise ApiConnectionError(f"{self.resource.path}: {exc or type(exc).__name__}") from exc
 
@@ -613,21 +625,30 @@ class Informer(Generic[T]):
         timeout = watch_timeout(self.options.min_watch_timeout, self._rand())
         silence = timeout + self.options.watchdog_margin
         self.stats.watches += 1
-        resp = await self._request(
-            {
-                "watch": True,
-                "resource_version": self._resource_version,
-                "allow_watch_bookmarks": True,
-                "timeout_seconds": timeout,
-            },
-            # A backstop one margin beyond the watchdog, for a stream that trickles forever.
-            request_timeout=silence + self.options.watchdog_margin,
-        )
+        try:
+            # The watchdog covers the wait for the answer too: a request sent on a pooled
+            # connection whose peer has gone silent is answered never.
+            async with asyncio.timeout(silence):
+                resp = await self._request(
+                    {
+                        "watch": True,
+                        "resourceVersion": self._resource_version,
+                        "allowWatchBookmarks": True,
+                        "timeoutSeconds": timeout,
+                    },
+                    # A backstop one margin beyond the watchdog, for a stream that trickles
+                    # forever.
+                    request_timeout=silence + self.options.watchdog_margin,
+                )
+        except TimeoutError:
+            self.stats.stalled += 1
+            raise WatchStalledError(f"no answer to the watch request for {silence:g} s") from None
         received = ended = False
         try:
             if resp.status != 200:
                 body = await _read_some(resp)
                 raise api_error(resp.status, body)
+            self._watching = True
             while True:
                 try:
                     line = await read_line(resp.content.readline, silence)
@@ -648,6 +669,7 @@ class Informer(Generic[T]):
                 self._apply(parse_watch_event(line))
                 received = True
         finally:
+            self._watching = False
             if ended:
                 resp.release()  # the stream was read to its end: the connection is reusable
             else:

@@ -2,7 +2,7 @@
 
 What is watched, and why:
 
-- ``aviatorpolicies.aviator.io/v1alpha1`` (CustomObjectsApi): the policies.
+- ``aviatorpolicies.aviator.io/v1alpha1``: the policies.
 - ``apps/v1`` Deployments and StatefulSets: a policy's ``targetRef`` names one; its selector
   picks the pods, its pod template names the ports.
 - ``v1`` Pods: each pod carries everything an endpoint needs (IP, readiness condition, phase,
@@ -15,11 +15,22 @@ Each collection has one :class:`~aviator.source.kubernetes.informer.Informer` (a
 or one informer per kind per namespace given with ``--namespace``). The source publishes a
 :class:`ClusterState` to the store only once *every* informer has synced (so ``/readyz``, which
 checks ``store.synced``, stays false until then), then after every change, coalescing a burst
-(:attr:`KubernetesSource.coalesce`, 50 ms: a Deployment scaled to 1,000 pods is a handful of
-publishes, not 1,000). An API server that goes away never makes the state emptier: informers
-keep their caches through failures and retry (warnings in the log, no tracebacks); the store
-keeps serving the last state; after the server comes back, a relist replaces each cache and
-only real differences are published.
+(:class:`Coalescer`): it waits :attr:`KubernetesSource.coalesce` (50 ms) after the first
+change, and never builds two states less than one build's time apart (10,000 pods: 0.08-0.3 s
+here, mostly ``ClusterState.build``), so that constant churn costs at most about half a core.
+
+Measured against the 1.20 test server (2 shared cores): a write is in the store 50-60 ms after
+the API server acknowledged it (the 50 ms are the coalescing; ``kubectl apply`` itself takes
+~0.3 s more), 0.3 s (median) with 10,000 pods in the state; 1,000 pods created and made Ready
+(2,000 watch events) were 61-94 publishes; a process running only the source holds 61 MB
+synced with no pods, 68 MB with 1,000 and 83 MB with 10,000 (a decoded pod is ~570 bytes),
+and uses no measurable CPU at rest; 10,000 pods take ~5.5 s to list (JSON parsing and
+decoding are about half of it).
+
+An API server that goes away never makes the state emptier: informers keep their caches
+through failures and retry (warnings in the log, no tracebacks); the store keeps serving the
+last state; after the server comes back, a relist replaces each cache and only real
+differences are published.
 
 Only parsed values are kept per object (``decode_object``: the typed Pod / Workload /
 AviatorPolicy / InvalidPolicy, plus its problems), never the raw dict. An object that does not
@@ -37,12 +48,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import os
 import random
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+import aiohttp
 import structlog
 from kubernetes.aio import client as k8s_client
 from kubernetes.aio import config as k8s_config
@@ -56,24 +69,28 @@ from aviator.source.kubernetes.informer import (
     Change,
     Informer,
     InformerOptions,
+    ListCall,
+    Query,
     Resource,
 )
 from aviator.source.store import Store
 
 __all__ = [
     "DEFAULT_COALESCE",
+    "Coalescer",
     "Decoded",
     "KubernetesConfigError",
     "KubernetesSource",
     "SourceError",
+    "collection_call",
     "decode",
     "new_api_client",
     "resources",
 ]
 
 DEFAULT_COALESCE: Final = 0.05  # seconds a burst of changes is gathered into one publish
-POLICY_GROUP, POLICY_VERSION = _policy.API_VERSION.split("/")
 POLICY_PLURAL: Final = "aviatorpolicies"
+_KINDS: Final = 4  # collections watched per scope (see resources())
 
 
 class KubernetesConfigError(ValueError):
@@ -174,11 +191,14 @@ def _check_credentials(kubeconfig: str | None, context: str | None) -> None:
 
 
 async def new_api_client(
-    kubeconfig: str | None = None, context: str | None = None
+    kubeconfig: str | None = None, context: str | None = None, *, connections: int = 100
 ) -> k8s_client.ApiClient:
     """An ApiClient with in-cluster credentials, or those of ``kubeconfig`` (and
-    ``context``); :class:`SourceError` if they do not load. The caller closes it."""
+    ``context``), allowed ``connections`` concurrent connections (each informer's watch holds
+    one for minutes; more informers than connections would starve); :class:`SourceError` if
+    they do not load. The caller closes it."""
     configuration = k8s_client.Configuration()
+    configuration.connection_pool_maxsize = connections
     try:
         if kubeconfig is None:
             k8s_config.load_incluster_config(  # type: ignore[no-untyped-call]
@@ -196,77 +216,92 @@ async def new_api_client(
     return k8s_client.ApiClient(configuration)
 
 
+def collection_call(api: k8s_client.ApiClient, path: str) -> ListCall:
+    """``GET path?query`` through ``api`` (its credentials, TLS and connection pool), the
+    response returned unread.
+
+    Not the generated ``CoreV1Api`` / ``AppsV1Api`` methods: importing those modules alone
+    costs ~30 MB of memory and ~2 s here, for four GETs whose paths are fixed.
+    """
+
+    async def call(query: Query, request_timeout: float) -> aiohttp.ClientResponse:
+        method, url, headers, body, post = await api.param_serialize(
+            "GET",
+            path,
+            query_params=list(query.items()),
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+        )
+        response = await api.call_api(
+            method, url, headers, body, post, _request_timeout=request_timeout
+        )
+        result: aiohttp.ClientResponse = response.response
+        return result
+
+    return call
+
+
 def resources(api: k8s_client.ApiClient, namespace: str | None) -> list[Resource]:
     """The four collections Aviator watches, in one namespace or (None) in all."""
-    core = k8s_client.CoreV1Api(api)
-    apps = k8s_client.AppsV1Api(api)
-    custom = k8s_client.CustomObjectsApi(api)
-    policy_base = f"/apis/{_policy.API_VERSION}"
-    if namespace is None:
-        return [
-            Resource(
-                f"{policy_base}/{POLICY_PLURAL}",
-                _policy.API_VERSION,
-                _policy.KIND,
-                functools.partial(
-                    custom.list_cluster_custom_object_without_preload_content,
-                    POLICY_GROUP,
-                    POLICY_VERSION,
-                    POLICY_PLURAL,
-                ),
-            ),
-            Resource(
-                "/apis/apps/v1/deployments",
-                "apps/v1",
-                "Deployment",
-                apps.list_deployment_for_all_namespaces_without_preload_content,
-            ),
-            Resource(
-                "/apis/apps/v1/statefulsets",
-                "apps/v1",
-                "StatefulSet",
-                apps.list_stateful_set_for_all_namespaces_without_preload_content,
-            ),
-            Resource(
-                "/api/v1/pods",
-                "v1",
-                "Pod",
-                core.list_pod_for_all_namespaces_without_preload_content,
-            ),
-        ]
-    ns = namespace
-    return [
-        Resource(
-            f"{policy_base}/namespaces/{ns}/{POLICY_PLURAL}",
-            _policy.API_VERSION,
-            _policy.KIND,
-            functools.partial(
-                custom.list_namespaced_custom_object_without_preload_content,
-                POLICY_GROUP,
-                POLICY_VERSION,
-                ns,
-                POLICY_PLURAL,
-            ),
-        ),
-        Resource(
-            f"/apis/apps/v1/namespaces/{ns}/deployments",
-            "apps/v1",
-            "Deployment",
-            functools.partial(apps.list_namespaced_deployment_without_preload_content, ns),
-        ),
-        Resource(
-            f"/apis/apps/v1/namespaces/{ns}/statefulsets",
-            "apps/v1",
-            "StatefulSet",
-            functools.partial(apps.list_namespaced_stateful_set_without_preload_content, ns),
-        ),
-        Resource(
-            f"/api/v1/namespaces/{ns}/pods",
-            "v1",
-            "Pod",
-            functools.partial(core.list_namespaced_pod_without_preload_content, ns),
-        ),
+    scope = "" if namespace is None else f"/namespaces/{namespace}"
+    collections = [
+        (f"/apis/{_policy.API_VERSION}{scope}/{POLICY_PLURAL}", _policy.API_VERSION, _policy.KIND),
+        (f"/apis/apps/v1{scope}/deployments", "apps/v1", "Deployment"),
+        (f"/apis/apps/v1{scope}/statefulsets", "apps/v1", "StatefulSet"),
+        (f"/api/v1{scope}/pods", "v1", "Pod"),
     ]
+    return [Resource(path, v, k, collection_call(api, path)) for path, v, k in collections]
+
+
+class Coalescer:
+    """Turns a stream of "something changed" into few builds of a state.
+
+    :meth:`run` waits for :meth:`changed`; once ``ready()``, it waits ``coalesce`` seconds for
+    the rest of the burst, builds once and hands the state to ``publish``. It also keeps two
+    builds at least one build's duration apart (measured with ``clock``), so that constant
+    churn on a large state (10,000 pods: ~0.15 s a build here) keeps building under about
+    half a core, while a lone change after a quiet spell waits only ``coalesce``.
+    """
+
+    def __init__(
+        self,
+        build: Callable[[], ClusterState],
+        *,
+        ready: Callable[[], bool],
+        coalesce: float = DEFAULT_COALESCE,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self._build = build
+        self._ready = ready
+        self._coalesce = coalesce
+        self._sleep = sleep
+        self._clock = clock
+        self._changed = asyncio.Event()
+        self.builds = 0
+
+    def changed(self) -> None:
+        self._changed.set()
+
+    async def run(self, publish: Callable[[ClusterState], None]) -> None:
+        """Build and ``publish`` after changes, until cancelled."""
+        clock = self._clock or asyncio.get_running_loop().time
+        build = 0.0  # seconds the last build took
+        built_at = -math.inf  # when it ended
+        while True:
+            await self._changed.wait()
+            if not self._ready():
+                self._changed.clear()  # whatever makes it ready calls changed() again
+                continue
+            if (wait := max(self._coalesce, built_at + build - clock())) > 0:
+                await self._sleep(wait)
+            self._changed.clear()
+            started = clock()
+            state = self._build()
+            built_at = clock()
+            build = built_at - started
+            self.builds += 1
+            publish(state)
 
 
 class KubernetesSource:
@@ -307,7 +342,9 @@ class KubernetesSource:
         self.options = options or InformerOptions()
         self._rand = rand
         self._sleep = sleep
-        self._changed = asyncio.Event()
+        self._coalescer = Coalescer(
+            self.state, ready=lambda: self.synced, coalesce=coalesce, sleep=sleep
+        )
         self.informers: tuple[Informer[Decoded], ...] = ()
         self.publishes = 0  # states this source published (accepted by the store)
 
@@ -324,9 +361,14 @@ class KubernetesSource:
 
     async def run(self, store: Store) -> None:
         """Watch and publish to ``store`` until cancelled (the ``StateSource`` protocol)."""
-        api = await new_api_client(self._credentials.kubeconfig, self._credentials.context)
+        scopes: Sequence[str | None] = self.namespaces or (None,)
+        api = await new_api_client(
+            self._credentials.kubeconfig,
+            self._credentials.context,
+            # A watch per informer, and room for lists and relists beside them.
+            connections=max(100, 2 * _KINDS * len(scopes)),
+        )
         try:
-            scopes: Sequence[str | None] = self.namespaces or (None,)
             self.informers = tuple(
                 Informer(
                     resource,
@@ -348,28 +390,21 @@ class KubernetesSource:
             async with asyncio.TaskGroup() as tg:
                 for informer in self.informers:
                     tg.create_task(informer.run(), name=f"informer {informer.resource.path}")
-                tg.create_task(self._publish(store), name="kubernetes source publisher")
+                tg.create_task(
+                    self._coalescer.run(functools.partial(self._publish, store)),
+                    name="kubernetes source publisher",
+                )
         finally:
             await api.close()  # type: ignore[no-untyped-call]
 
     def _on_change(self, changes: Sequence[Change]) -> None:
-        self._changed.set()
+        self._coalescer.changed()
 
-    async def _publish(self, store: Store) -> None:
-        previous: ClusterState | None = None
-        while True:
-            await self._changed.wait()
-            if not self.synced:
-                self._changed.clear()  # the last informer to sync sets it again
-                continue
-            if self.coalesce:
-                await self._sleep(self.coalesce)  # gather the rest of the burst
-            self._changed.clear()
-            state = self.state()
-            if store.publish(state):
-                self.publishes += 1
-                _log_state(self.name, state, previous)
-                previous = state
+    def _publish(self, store: Store, state: ClusterState) -> None:
+        previous = store.current if store.synced else None
+        if store.publish(state):
+            self.publishes += 1
+            _log_state(self.name, state, previous)
 
     def state(self) -> ClusterState:
         """The state the informers' caches hold now."""
@@ -380,6 +415,9 @@ class KubernetesSource:
                 if decoded.obj is not None:
                     objects.append(decoded.obj)
                 problems.extend(decoded.problems)
+        # Presorted on a cheap key: for pods (the bulk) it is the order ClusterState.build
+        # sorts into (by ObjectRef), so its own sorts then see sorted input, which is linear.
+        objects.sort(key=lambda o: (o.meta.namespace, o.meta.name))
         # Deterministic order: the state's version hashes its problems in order.
         problems.sort(key=lambda p: (p.source, p.field or "", p.message))
         return ClusterState.build(objects, problems)

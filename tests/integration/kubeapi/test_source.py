@@ -13,6 +13,9 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import json
+import signal
+import sys
 import textwrap
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -23,6 +26,7 @@ import aiohttp
 import yaml
 
 from aviator.controlplane import ControlPlane, Settings
+from aviator.envoy.process import free_port
 from aviator.k8s.fields import ObjectRef
 from aviator.k8s.objects import Pod
 from aviator.k8s.resolve import PolicyResolution, resolve_state
@@ -280,6 +284,48 @@ async def test_a_policy_without_a_namespace_lands_in_the_kubeconfigs_namespace_a
         assert not [p for p in state.policies if p.ref.name == "my-app" and p.ref.namespace != ns]
 
 
+async def test_many_namespaces_each_have_their_informers_and_none_starves(
+    aviator_install: AviatorInstall, kube_namespace: str
+) -> None:
+    env = aviator_install.env
+    # 26 namespaces: 104 watches, more than the client's default pool of 100 connections.
+    extra = [f"{kube_namespace[:50]}-{i}" for i in range(25)]
+    for ns in extra:
+        await asyncio.to_thread(env.create_namespace, ns)
+    try:
+        # Watches of the default length (5-10 min): each holds its connection throughout.
+        source = KubernetesSource(
+            kubeconfig=aviator_install.kubeconfig,
+            namespaces=[kube_namespace, *extra],
+            options=dataclasses.replace(FAST, min_watch_timeout=300.0),
+        )
+        store = RecordingStore()
+        task = asyncio.create_task(source.run(store))
+        try:
+            await _poll(lambda: store.synced, "every informer synced", task, within=30)
+            assert len(source.informers) == 4 * 26
+            await _poll(
+                lambda: all(i.watching for i in source.informers), "every informer watching", task
+            )
+            last = extra[-1]
+            await asyncio.to_thread(
+                env.kubectl, "apply", "-f", "-", "-n", last, input=policy_yaml("web", "web")
+            )
+            await _poll(
+                lambda: "web" in _names(store.current, "AviatorPolicy", last), "the policy", task
+            )
+            assert {p.ref.namespace for p in store.current.policies} == {last}
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    finally:
+        for ns in extra:
+            await asyncio.to_thread(
+                env.kubectl, "delete", "namespace", ns, "--wait=false", "--ignore-not-found"
+            )
+
+
 async def test_a_pod_without_an_ip_is_in_the_state_but_is_no_endpoint(
     aviator_install: AviatorInstall, kube_namespace: str
 ) -> None:
@@ -338,9 +384,9 @@ async def test_an_expired_continue_token_restarts_the_list_in_full_and_loses_not
         (pods,) = [r for r in resources(api, ns) if r.kind == "Pod"]
         compacted: list[int] = []
 
-        async def call(**params: Any) -> Any:
-            resp = await pods.call(**params)
-            if "limit" in params and "_continue" not in params and not compacted:
+        async def call(query: Any, request_timeout: float) -> Any:
+            resp = await pods.call(query, request_timeout)
+            if "limit" in query and "continue" not in query and not compacted:
                 # After the first page: move etcd on and compact it past the list's snapshot,
                 # so that the continue token of the next page is too old (410).
                 await asyncio.to_thread(env.kubectl, "create", "configmap", "bump", "-n", ns)
@@ -402,6 +448,21 @@ async def test_a_restarted_api_server_answers_410_and_the_relist_changes_nothing
         before = await run.until(lambda s: len(_endpoints(s, ns, "web")) == 2, "two endpoints")
         published = len(run.store.history)
         lists = {i.resource.kind: i.stats.lists for i in run.source.informers}
+
+        # Compaction alone: the watch cache still serves the informers' resourceVersions, so
+        # reconnecting watches (2-4 s each) go on without a 410 and without a relist.
+        await asyncio.to_thread(env.kubectl, "create", "configmap", "bump-0", "-n", ns)
+        await asyncio.to_thread(env.compact)
+        watches = {i.resource.kind: i.stats.watches for i in run.source.informers}
+        for informer in run.source.informers:
+            await _poll(
+                lambda i=informer: i.stats.watches >= watches[i.resource.kind] + 2,
+                f"two new watches of {informer.resource.path}",
+                run.task,
+            )
+        assert [i.stats.expired for i in run.source.informers] == [0, 0, 0, 0]
+        assert {i.resource.kind: i.stats.lists for i in run.source.informers} == lists
+        assert len(run.store.history) == published
 
         # Move etcd past every informer's resourceVersion, then restart the API server: its
         # new watch cache starts at etcd's revision, so every watch from before gets a 410.
@@ -618,3 +679,51 @@ async def test_readyz_is_false_until_every_informer_has_synced(
     finally:
         cp.stop()
         await asyncio.wait_for(task, 10)
+
+
+# --- aviator run, as users start it ------------------------------------------------------------
+
+
+async def test_aviator_run_source_kubernetes_serves_a_policy_and_stops_on_sigterm(
+    aviator_install: AviatorInstall, kube_namespace: str
+) -> None:
+    env, ns = aviator_install.env, kube_namespace
+    (pod,) = await _deployment(env, ns, "web", 1)
+    await asyncio.to_thread(
+        env.kubectl, "apply", "-f", "-", "-n", ns, input=policy_yaml("web", "web")
+    )
+    await _ready(env, ns, pod, "127.0.0.101")
+    admin = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "aviator", "run", "--source", "kubernetes",
+        "--kubeconfig", str(aviator_install.kubeconfig), "--namespace", ns,
+        "--xds-address", f"127.0.0.1:{free_port()}", "--admin-address", f"127.0.0.1:{admin}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        async with aiohttp.ClientSession() as http:
+            while True:
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    async with http.get(f"http://127.0.0.1:{admin}/readyz") as r:
+                        if r.status == 200:
+                            break
+                assert loop.time() < deadline, "aviator run never became ready"
+                assert proc.returncode is None, "aviator run exited"
+                await asyncio.sleep(0.05)
+            async with http.get(f"http://127.0.0.1:{admin}/debug/policies") as r:
+                policies = json.loads(await r.text())
+            async with http.get(f"http://127.0.0.1:{admin}/debug/endpoints") as r:
+                endpoints = json.loads(await r.text())
+        assert [(p["policy"], p["serving"]) for p in policies] == [
+            (f"AviatorPolicy {ns}/web", True)
+        ]
+        assert [e["address"] for e in endpoints] == ["127.0.0.101:8080"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    text = err.decode()
+    assert proc.returncode == 0, text[-3000:]
+    assert "control plane stopped" in text
+    assert "Traceback" not in text

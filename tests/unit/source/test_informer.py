@@ -209,7 +209,7 @@ async def test_the_watchdog_lets_a_slow_but_living_watch_be() -> None:
 
 
 async def test_failures_back_off_on_the_schedule_with_the_injected_jitter() -> None:
-    async def refused(**params: Any) -> Any:
+    async def refused(query: Any, request_timeout: float) -> Any:
         raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
 
     delays: list[float] = []

@@ -1,10 +1,9 @@
 """KubernetesSource without a server: what it keeps of an object, how problems are named,
-and the credential and flag errors users see (one line each, at construction)."""
+and the credential errors users see (one line each, at construction). ``aviator run`` with
+bad Kubernetes flags is in tests/integration/test_run_kubernetes_cli.py."""
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -134,38 +133,3 @@ def test_in_cluster_credentials_are_required_without_a_kubeconfig(
         KubernetesSource()
     with pytest.raises(KubernetesConfigError, match="--context needs --kubeconfig"):
         KubernetesSource(context="dev")
-
-
-async def _aviator_run(*args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "aviator", "run", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={"PATH": "/usr/bin:/bin"},
-    )  # fmt: skip
-    _, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, err.decode()
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--kubeconfig", "/does/not/exist"], "--kubeconfig /does/not/exist: no such file"),
-        ([], "not running in a cluster"),
-        (["--namespace", "Not_A_Namespace"], "--namespace 'Not_A_Namespace'"),
-    ],
-)
-async def test_aviator_run_reports_bad_kubernetes_flags_in_one_line(
-    args: list[str], message: str
-) -> None:
-    code, err = await _aviator_run("--source", "kubernetes", *args)
-    assert code == 2
-    assert message in err
-    assert "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1
-
-
-async def test_kubernetes_flags_need_the_kubernetes_source(tmp_path: Path) -> None:
-    code, err = await _aviator_run("--source", f"dir:{tmp_path}", "--namespace", "shop")
-    assert code == 2
-    assert "need --source kubernetes" in err
