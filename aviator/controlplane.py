@@ -52,7 +52,6 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_XDS_ADDRESS = "127.0.0.1:18000"
 DEFAULT_ADMIN_ADDRESS = "127.0.0.1:18001"
-DEFAULT_PORT = 8080  # traffic port when a policy names a port no endpoint resolved
 
 
 class ControlPlaneError(Exception):
@@ -405,10 +404,7 @@ class ControlPlane:
         out = []
         for key, s in sorted(self._served.items()):
             endpoints = s.weights.as_tuple() if s.weights is not None else ()
-            port = s.resolution.port
-            if not isinstance(port, int):
-                port = endpoints[0].address.port if endpoints else DEFAULT_PORT
-            out.append(WeightedWorkload(key, port, endpoints))
+            out.append(WeightedWorkload(key, s.resolution.traffic_port, endpoints))
         return out
 
     def _listeners_wanted(self, listeners: frozenset[ListenSpec]) -> None:

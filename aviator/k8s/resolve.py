@@ -137,6 +137,16 @@ class PolicyResolution:
         return next((c for c in self.conditions if c.type == type_), None)
 
     @property
+    def traffic_port(self) -> int:
+        """The workload's one numeric traffic port (the route's and the cluster's): ``port`` if
+        it is a number; for a port name, the port it resolved to on the first endpoint (each
+        endpoint carries its own); :data:`~aviator.k8s.policy.DEFAULT_PORT` when nothing
+        resolved it. The only place a port name becomes a number for the whole workload."""
+        if isinstance(self.port, int):
+            return self.port
+        return self.endpoints[0].address.port if self.endpoints else DEFAULT_PORT
+
+    @property
     def serving(self) -> bool:
         """Whether this policy's workload should be an Envoy cluster now."""
         refs, accepted = self.condition(RESOLVED_REFS), self.condition(ACCEPTED)

@@ -9,7 +9,7 @@ import pytest
 
 from aviator.k8s.fields import ObjectRef
 from aviator.k8s.objects import Pod, Workload, parse_pod, parse_workload
-from aviator.k8s.policy import PolicyEntry, parse_policy_entry
+from aviator.k8s.policy import DEFAULT_PORT, PolicyEntry, parse_policy_entry
 from aviator.k8s.resolve import (
     ACCEPTED,
     RESOLVED_REFS,
@@ -151,6 +151,21 @@ def test_named_ports_resolve_per_pod() -> None:
     assert status(r, RESOLVED_REFS)[2] == (
         "Deployment shop/web selects 3 pod(s): 2 endpoint(s), 1 without the port"
     )
+
+
+def test_the_workload_traffic_port_is_a_number_resolved_in_one_place() -> None:
+    # A number stays; a name takes the first endpoint's number; nothing resolved: the default.
+    numeric = one([policy_doc(port=7000)], [workload_doc()], [pod_doc("web-1", "10.0.0.1")])
+    assert numeric.traffic_port == 7000
+    ports = [{"name": "http", "containerPort": 8081}]
+    named = one(
+        [policy_doc(port="http")],
+        [workload_doc(ports=ports)],
+        [pod_doc("web-2", "10.0.0.2", ports=ports), pod_doc("web-1", "10.0.0.1", ports=ports)],
+    )
+    assert named.traffic_port == 8081
+    nobody = one([policy_doc(port="http")], [workload_doc(ports=ports)], [])
+    assert (nobody.port, nobody.traffic_port) == ("http", DEFAULT_PORT)
 
 
 def test_probe_port_defaults_to_the_traffic_port() -> None:
