@@ -1,4 +1,7 @@
-"""The ADS protocol state machine of one stream, SotW and delta, without gRPC.
+"""The ADS protocol state machine of one stream, SotW and delta, without gRPC: the rules and
+the base class; the two variants are :class:`~aviator.xds.sotw.SotwStream` and
+:class:`~aviator.xds.delta.DeltaStream`, what proxies rejected is in :mod:`aviator.xds.nacks`,
+the stream limits in :mod:`aviator.xds.limits`, the shared bodies in :mod:`aviator.xds.bodies`.
 
 A stream object takes requests (:meth:`ProtocolStream.handle`) and cache wake-ups
 (:meth:`ProtocolStream.flush`) and returns the responses to send, in order. The gRPC layer
@@ -15,9 +18,9 @@ decided here, per stream and per type URL (rules from XDS-CHECKLIST.md):
   every replica. For wildcard CDS this is the server's type version; a gateway's wildcard LDS
   carries its own listener, and its version names that.
 - **NACK** (``error_detail`` set): recorded (log with node, type, version, message; metric;
-  :class:`NackJournal`) and that exact version is not sent again to that node, on this stream
-  or a later one (:class:`RejectedVersions`, per node id); the next push waits for the desired
-  state to change (go-control-plane #962 resends forever). A proxy that comes back with
+  :class:`~aviator.xds.nacks.NackJournal`) and that exact version is not sent again to that
+  node, on this stream or a later one (:class:`~aviator.xds.nacks.RejectedVersions`, per node
+  id); the next push waits for the desired state to change (go-control-plane #962 resends forever). A proxy that comes back with
   nothing of a type (SotW: no ``version_info``; delta: no ``initial_resource_versions``: a
   restarted Envoy) is sent the current state even if that node rejected it before: it holds
   nothing, and Envoy applies the valid clusters and listeners of a response it rejects.
@@ -50,10 +53,9 @@ from __future__ import annotations
 
 import enum
 import itertools
-import sys
 import time
 from abc import ABC, abstractmethod
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -62,12 +64,14 @@ import structlog
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
+from aviator.xds.bodies import ResponseBodies
 from aviator.xds.cache import Cache
+from aviator.xds.limits import DEFAULT_LIMITS, StreamLimits, StreamRefusedError, shown
 from aviator.xds.metrics import XdsMetrics
+from aviator.xds.nacks import MAX_NACKED_VERSIONS, NackJournal, NackRecord, RejectedVersions, capped
 from aviator.xds.resources import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
-    FULL_STATE_TYPES,
     LISTENER_TYPE,
     ROUTE_TYPE,
     TYPE_ORDER,
@@ -76,23 +80,18 @@ from aviator.xds.resources import (
     ListenSpec,
     read_node_listener,
 )
-from aviator.xds.snapshot import ResourceEntry, entries_version
+from aviator.xds.snapshot import ResourceEntry
 
 log = structlog.get_logger(__name__)
 
 WILDCARD = "*"
-_MAX_NACKED_VERSIONS = 64  # per node and type; content versions, so old ones rarely matter
-_MAX_NACKING_NODES = 4096  # nodes whose rejected versions are remembered (least recent go)
 DEFAULT_GATEWAY = GatewayConfig()
 _MAX_CHANGE_SETS = 64  # publishes remembered while a response is in flight; then look at all
-_MAX_NACK_MESSAGE = 4096  # characters of a NACK's message kept and logged (Envoy's are short)
-_MAX_SHOWN = 128  # a client-chosen string longer than this is logged as its length only
-
 # What a resource of each type needs the proxy to hold *first*, and who refers to it.
 # Removal of a key type waits while a held resource of the value type still names it.
 _REFERRER = {CLUSTER_TYPE: ROUTE_TYPE, ROUTE_TYPE: LISTENER_TYPE, ENDPOINT_TYPE: CLUSTER_TYPE}
 # After an ACK/NACK of a key type, the value types may be unblocked: re-evaluate them.
-_DEPENDENTS: dict[str, tuple[str, ...]] = {
+DEPENDENTS: dict[str, tuple[str, ...]] = {
     CLUSTER_TYPE: (ENDPOINT_TYPE, ROUTE_TYPE),
     ROUTE_TYPE: (CLUSTER_TYPE,),
     LISTENER_TYPE: (ROUTE_TYPE,),
@@ -100,7 +99,7 @@ _DEPENDENTS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _error(
+def nack_of(
     request: discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest,
 ) -> tuple[int, str] | None:
     """(code, message) of a NACK, None for an ACK or a plain request."""
@@ -109,155 +108,9 @@ def _error(
     return int(request.error_detail.code), str(request.error_detail.message)
 
 
-def shown(text: str, limit: int = _MAX_SHOWN) -> str:
-    """``text`` for a log line if it is short, printable ASCII; else only its size.
-
-    What a client sends (type URLs, nonces, versions) goes into log lines through this, so a
-    hostile stream cannot write its payload (or terminal escapes, or 100 KB) into the log.
-    """
-    if len(text) <= limit and text.isascii() and text.isprintable():
-        return text
-    return f"<{len(text.encode('utf-8', 'replace'))} bytes, not shown>"
-
-
-def _capped(text: str, limit: int = _MAX_NACK_MESSAGE) -> str:
-    """The first ``limit`` characters of a proxy's message (a NACK's error text)."""
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text) - limit} more characters not kept)"
-
-
-@dataclass(frozen=True, slots=True)
-class StreamLimits:
-    """What one ADS stream may ask of the server; beyond it the stream is refused
-    (:class:`StreamRefusedError`) and every other stream carries on.
-
-    The defaults are far above what a proxy sends and far below what hurts the server:
-    ``max_names`` bounds the names one stream subscribes to per type (a sidecar subscribes
-    to one EDS name per workload; 16,384 workloads is past any mesh Aviator serves, and a
-    list of 100,000 names is refused); ``max_name_bytes`` a resource name (cluster names are
-    ``<namespace>/<name>``, at most 317 bytes); ``max_node_id_bytes`` the node id (Envoy's
-    are a pod name or a hostname); ``max_unknown_types`` the distinct type URLs this server
-    does not serve that a stream may ask for (ignored, logged once) before it is refused.
-    """
-
-    max_node_id_bytes: int = 1024
-    max_names: int = 16_384
-    max_name_bytes: int = 1024
-    max_unknown_types: int = 16
-    # The node ids that may connect (aviator run --xds-allow-node); None: any. A stream whose
-    # first request names another node, or none, is refused (PERMISSION_DENIED).
-    allowed_nodes: frozenset[str] | None = None
-
-    def __post_init__(self) -> None:
-        if self.allowed_nodes is not None and not self.allowed_nodes:
-            raise ValueError("StreamLimits.allowed_nodes must name a node, or be None (any)")
-        for name in ("max_node_id_bytes", "max_names", "max_name_bytes", "max_unknown_types"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"StreamLimits.{name} must be >= 1, got {getattr(self, name)}")
-
-
-DEFAULT_LIMITS = StreamLimits()
-
-
-class StreamRefusedError(Exception):
-    """A stream sent what no proxy sends, or more than the server gives one proxy: it ends
-    with gRPC status ``code`` (a ``grpc.StatusCode`` name; this module imports no gRPC) and
-    ``message``, which names the field and the limit and never repeats the request's
-    content."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 class StreamKind(enum.StrEnum):
     SOTW = "sotw"
     DELTA = "delta"
-
-
-@dataclass(frozen=True, slots=True)
-class NackRecord:
-    """A proxy rejected a response: what, when, and why (Envoy's message verbatim)."""
-
-    node_id: str
-    stream_id: int
-    kind: StreamKind
-    type_url: str
-    rejected_version: str
-    accepted_version: str  # what the proxy keeps using ("" when unknown)
-    error_code: int
-    message: str
-    at: float  # wall-clock seconds
-
-    @property
-    def type(self) -> str:
-        return TYPE_SHORT.get(self.type_url, self.type_url)
-
-
-class NackJournal:
-    """The last NACKs of each node, kept in memory for the status and debug views.
-
-    Bounded: ``per_node`` records for each of at most ``max_nodes`` nodes (least recently
-    rejected nodes are forgotten first). Survives stream restarts.
-    """
-
-    def __init__(self, *, per_node: int = 16, max_nodes: int = 1024) -> None:
-        self._per_node = per_node
-        self._max_nodes = max_nodes
-        self._by_node: OrderedDict[str, deque[NackRecord]] = OrderedDict()
-
-    def record(self, nack: NackRecord) -> None:
-        records = self._by_node.pop(nack.node_id, None) or deque(maxlen=self._per_node)
-        records.append(nack)
-        self._by_node[nack.node_id] = records
-        while len(self._by_node) > self._max_nodes:
-            self._by_node.popitem(last=False)
-
-    def for_node(self, node_id: str) -> tuple[NackRecord, ...]:
-        return tuple(self._by_node.get(node_id, ()))
-
-    def all(self) -> tuple[NackRecord, ...]:
-        return tuple(sorted((n for rs in self._by_node.values() for n in rs), key=lambda n: n.at))
-
-
-class RejectedVersions:
-    """The versions each node rejected, per type: what must not be sent to it again.
-
-    Kept by node id rather than by stream, so a proxy that reconnects is not sent again what
-    it rejected on its previous stream. Bounded: at most ``per_type`` versions per node and
-    type (the oldest rejection is forgotten first) for at most ``max_nodes`` nodes (the node
-    that rejected least recently is forgotten first).
-    """
-
-    def __init__(
-        self, *, per_type: int = _MAX_NACKED_VERSIONS, max_nodes: int = _MAX_NACKING_NODES
-    ) -> None:
-        if per_type < 1 or max_nodes < 1:
-            raise ValueError(f"need per_type >= 1 and max_nodes >= 1, got {per_type}, {max_nodes}")
-        self._per_type = per_type
-        self._max_nodes = max_nodes
-        self._by_node: OrderedDict[str, dict[str, OrderedDict[str, None]]] = OrderedDict()
-
-    def add(self, node_id: str, type_url: str, version: str) -> None:
-        types = self._by_node.pop(node_id, None) or {}
-        self._by_node[node_id] = types
-        versions = types.setdefault(type_url, OrderedDict())
-        versions.pop(version, None)
-        versions[version] = None
-        while len(versions) > self._per_type:
-            versions.popitem(last=False)
-        while len(self._by_node) > self._max_nodes:
-            self._by_node.popitem(last=False)
-
-    def of(self, node_id: str, type_url: str) -> tuple[str, ...]:
-        """The versions of ``type_url`` that ``node_id`` rejected, oldest first."""
-        return tuple(self._by_node.get(node_id, {}).get(type_url, ()))
-
-    def __len__(self) -> int:
-        """Nodes remembered."""
-        return len(self._by_node)
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,7 +145,7 @@ class ProxyStatus:
 
 
 @dataclass(frozen=True, slots=True)
-class _Held:
+class Held:
     """A resource the proxy says it holds at a version the cache does not have (delta
     ``initial_resource_versions``): its version and what it references, nothing to resend."""
 
@@ -302,18 +155,18 @@ class _Held:
 
 # What a proxy holds, per name: the entry we sent (shared by every stream that holds it:
 # a wrapper per stream and resource cost 2 million objects, ~110 MB, for 1,000 streams of
-# 1,000 clusters in ``aviator bench xds``), or a _Held when we never sent it.
-_Holding = ResourceEntry | _Held
+# 1,000 clusters in ``aviator bench xds``), or a Held when we never sent it.
+_Holding = ResourceEntry | Held
 
 
-def _entry(held: _Holding | None) -> ResourceEntry | None:
+def held_entry(held: _Holding | None) -> ResourceEntry | None:
     """The entry behind what the proxy holds, if we sent it (SotW needs it to keep a cluster
     that a held route still uses)."""
     return held if isinstance(held, ResourceEntry) else None
 
 
 @dataclass(slots=True)
-class _Sent:
+class Sent:
     """The response in flight (awaiting ACK/NACK) for one type."""
 
     nonce: str
@@ -324,13 +177,13 @@ class _Sent:
 
 
 @dataclass(slots=True)
-class _TypeState:
+class TypeState:
     requested: bool = False
     wildcard: bool = False
     legacy_wildcard: bool = False
     names: set[str] = field(default_factory=set)
     held: dict[str, _Holding] = field(default_factory=dict)  # what the proxy has ACKed
-    outstanding: _Sent | None = None
+    outstanding: Sent | None = None
     last_nonce: str = ""
     acked_version: str | None = None
     sent_version: str | None = None
@@ -368,31 +221,6 @@ Req = TypeVar("Req", discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscover
 Resp = TypeVar("Resp", discovery_pb2.DiscoveryResponse, discovery_pb2.DeltaDiscoveryResponse)
 
 _stream_ids = itertools.count(1)
-
-
-class ResponseBodies:
-    """Response bodies (all but the nonce) shared by the streams of one server.
-
-    A body is named by its stream kind, type and content version (a hash of exactly what it
-    carries), so every stream owing the same content copies one body instead of assembling
-    it: after a change to every workload, the same 1,000 CLAs go to each of 1,000 streams,
-    and copying a body (in C) costs a tenth of adding 1,000 resources to a new response
-    (``aviator bench xds``). Keeps the ``size`` most recently used bodies.
-    """
-
-    def __init__(self, size: int = 16) -> None:
-        self._size = size
-        self._bodies: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
-
-    def get(self, key: tuple[str, str, str], build: Callable[[], Any]) -> Any:
-        body = self._bodies.get(key)
-        if body is None:
-            body = self._bodies[key] = build()
-            if len(self._bodies) > self._size:
-                self._bodies.popitem(last=False)
-        else:
-            self._bodies.move_to_end(key)
-        return body
 
 
 class ProtocolStream(ABC, Generic[Req, Resp]):
@@ -436,7 +264,7 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
         self._journal = journal if journal is not None else NackJournal()
         self._clock = clock
         self._wake = wake or (lambda: None)
-        self._types: dict[str, _TypeState] = {}
+        self._types: dict[str, TypeState] = {}
         self._dirty: set[str] = set()
         self._follow_up: set[str] = set()  # types to evaluate later in the current pass
         self._nonces = itertools.count(1)
@@ -547,14 +375,14 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
         if info.gateway and self._gateway is not None:
             self.listen_spec = self._gateway.resolve(info.request)
         # A problem quotes the bad value: keep what is quoted short (it is logged and shown).
-        self.node_problems = tuple(_capped(p, 300) for p in info.problems)
+        self.node_problems = tuple(capped(p, 300) for p in info.problems)
         for problem in self.node_problems:
             self._log.warning("node metadata ignored", problem=problem)
         if self._on_node is not None:
             self._on_node(self)
 
-    def _new_type(self, type_url: str, request: Req) -> _TypeState:
-        st = _TypeState()
+    def _new_type(self, type_url: str, request: Req) -> TypeState:
+        st = TypeState()
         if type_url == LISTENER_TYPE:
             spec = self.listen_spec
             st.only = frozenset({spec.listener_name}) if spec is not None else frozenset()
@@ -611,16 +439,16 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
     # -- subclass hooks ---------------------------------------------------------------------
 
     @abstractmethod
-    def _handle(self, type_url: str, st: _TypeState, request: Req) -> list[Resp]: ...
+    def _handle(self, type_url: str, st: TypeState, request: Req) -> list[Resp]: ...
 
     @abstractmethod
-    def _evaluate(self, type_url: str, st: _TypeState, force: bool, scoped: bool) -> Resp | None:
+    def _evaluate(self, type_url: str, st: TypeState, force: bool, scoped: bool) -> Resp | None:
         """The response owed for ``type_url`` now, if any. ``force``: answer even if nothing
         changed. ``scoped``: only the names the cache changed since the last evaluation can
         need an answer (the subscription and what the proxy holds did not change)."""
 
     @abstractmethod
-    def _apply_ack(self, type_url: str, st: _TypeState, sent: _Sent) -> None: ...
+    def _apply_ack(self, type_url: str, st: TypeState, sent: Sent) -> None: ...
 
     @staticmethod
     @abstractmethod
@@ -653,7 +481,7 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
                     out.append(resp)
         return out
 
-    def _take_changes(self, st: _TypeState, scoped: bool) -> frozenset[str] | None:
+    def _take_changes(self, st: TypeState, scoped: bool) -> frozenset[str] | None:
         """The names changed since the last evaluation, or None when this one must look at
         every name (not ``scoped``, or a full look is owed). Resets both.
 
@@ -668,12 +496,12 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
         return changed[0] if len(changed) == 1 else frozenset().union(*changed)
 
     @staticmethod
-    def _in_scope(st: _TypeState, names: frozenset[str]) -> frozenset[str] | set[str]:
+    def _in_scope(st: TypeState, names: frozenset[str]) -> frozenset[str] | set[str]:
         """``names`` the stream subscribes to (a set intersection, not a call per name)."""
         scope = st.scope()
         return names if scope is None else names & scope
 
-    def _waiting(self, type_url: str, st: _TypeState, force: bool) -> bool:
+    def _waiting(self, type_url: str, st: TypeState, force: bool) -> bool:
         """True while the node's own listener is not in the cache (the producer adds it once
         told the node connected): the wildcard LDS subscription stays unanswered, and what
         was owed stays owed. An answer without it would remove the listener Envoy holds."""
@@ -690,7 +518,7 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
             self._log.debug("waiting for this gateway's listener", listener=missing[0])
         return True
 
-    def _defer(self, st: _TypeState, force: bool, scoped: bool) -> None:
+    def _defer(self, st: TypeState, force: bool, scoped: bool) -> None:
         """A response of this type is in flight: evaluate again once it is answered."""
         st.force = st.force or force
         st.recheck = st.recheck or not scoped
@@ -701,13 +529,13 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
     def _control_plane(self) -> base_pb2.ControlPlane:
         return base_pb2.ControlPlane(identifier=self._identifier)
 
-    def _is_stale(self, st: _TypeState, nonce: str) -> bool:
+    def _is_stale(self, st: TypeState, nonce: str) -> bool:
         # A nonce we never issued on a type we never answered is a client carrying state from
         # a previous stream: treat it as an initial request rather than ignore it forever.
         return bool(nonce) and bool(st.last_nonce) and nonce != st.last_nonce
 
     def _resolve(
-        self, type_url: str, st: _TypeState, nonce: str, error: tuple[int, str] | None, claimed: str
+        self, type_url: str, st: TypeState, nonce: str, error: tuple[int, str] | None, claimed: str
     ) -> bool:
         """ACK or NACK the response in flight if ``nonce`` names it; True if it did."""
         sent = st.outstanding
@@ -722,7 +550,7 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
             self._log.debug("xDS ACK", type=labels["type"], version=sent.version)
             return True
         st.nacked[sent.version] = None
-        while len(st.nacked) > _MAX_NACKED_VERSIONS:
+        while len(st.nacked) > MAX_NACKED_VERSIONS:
             st.nacked.popitem(last=False)
         self._rejected.add(self._node_key, type_url, sent.version)
         record = NackRecord(
@@ -749,12 +577,12 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
         )
         return True
 
-    def _watch_diff(self, type_url: str, st: _TypeState, before: set[str], after: set[str]) -> None:
+    def _watch_diff(self, type_url: str, st: TypeState, before: set[str], after: set[str]) -> None:
         self._cache.watch(self, type_url, after - before)
         kept = st.only if st.wildcard and st.only is not None else frozenset()
         self._cache.unwatch(self, type_url, before - after - kept)
 
-    def _set_wildcard(self, type_url: str, st: _TypeState, wildcard: bool) -> bool:
+    def _set_wildcard(self, type_url: str, st: TypeState, wildcard: bool) -> bool:
         """Switch wildcard on/off; True if it was just switched on."""
         if wildcard == st.wildcard:
             return False
@@ -774,7 +602,7 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
             st.held = {n: h for n, h in st.held.items() if n in st.names}
         return wildcard
 
-    def _targets(self, type_url: str, st: _TypeState) -> tuple[dict[str, ResourceEntry], set[str]]:
+    def _targets(self, type_url: str, st: TypeState) -> tuple[dict[str, ResourceEntry], set[str]]:
         """What the proxy should hold now: (entries to have, names held back as they are).
 
         Routes naming a cluster the proxy has not ACKed yet are held back (make before break)
@@ -809,7 +637,7 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
                 refs |= entry.refs
         return refs
 
-    def _suppressed(self, type_url: str, st: _TypeState, version: str) -> bool:
+    def _suppressed(self, type_url: str, st: TypeState, version: str) -> bool:
         if version not in st.nacked:
             return False
         self._metrics.suppressed.labels(type=TYPE_SHORT[type_url], kind=str(self.kind)).inc()
@@ -820,7 +648,7 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
         )
         return True
 
-    def _after_send(self, type_url: str, st: _TypeState, sent: _Sent) -> None:
+    def _after_send(self, type_url: str, st: TypeState, sent: Sent) -> None:
         st.outstanding = sent
         st.last_nonce = sent.nonce
         st.sent_version = sent.version
@@ -842,390 +670,3 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
             resources=len(sent.entries),
             removed=len(sent.removed) + len(sent.absent),
         )
-
-
-class SotwStream(ProtocolStream[discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse]):
-    """State-of-the-world ADS (``StreamAggregatedResources``)."""
-
-    kind = StreamKind.SOTW
-
-    def _handle(
-        self, type_url: str, st: _TypeState, request: discovery_pb2.DiscoveryRequest
-    ) -> list[discovery_pb2.DiscoveryResponse]:
-        nonce = request.response_nonce
-        if self._is_stale(st, nonce):
-            # Superseded by a later response of the same type: its answer is already on the way.
-            self._log.debug("stale request ignored", type=TYPE_SHORT[type_url], nonce=shown(nonce))
-            return []
-        error = _error(request)
-        resolved = self._resolve(type_url, st, nonce, error, request.version_info)
-        first = not st.requested
-        st.requested = True
-        force = self._subscribe(type_url, st, list(request.resource_names), first)
-        if type_url == ENDPOINT_TYPE and any(st.in_scope(n) for n in st.warming):
-            force = True
-        todo = {type_url: force or first or st.force}
-        # An ACK asking for nothing new: only what the cache changed meanwhile can be owed.
-        scoped = () if todo[type_url] else (type_url,)
-        if resolved:
-            for dependent in _DEPENDENTS[type_url]:
-                todo.setdefault(dependent, False)
-        return self._evaluate_all(todo, scoped)
-
-    def _subscribe(self, type_url: str, st: _TypeState, names: list[str], first: bool) -> bool:
-        """Apply the request's full name list; True if it asks for something new."""
-        if not first and names == st.request_names:
-            # Every SotW ACK repeats the whole list (1,000 EDS names for 1,000 clusters): the
-            # same list as last time changes nothing, skip the set arithmetic.
-            return False
-        self._check_names(type_url, len(names), names)
-        # Interned: every stream subscribing to a name shares one string (1,000 streams of
-        # 1,000 names made a million copies).
-        names = [sys.intern(n) for n in names]
-        st.request_names = names
-        requested = set(names)
-        explicit_wildcard = WILDCARD in requested
-        requested.discard(WILDCARD)
-        legacy = (
-            type_url in FULL_STATE_TYPES
-            and not requested
-            and not explicit_wildcard
-            and (first or st.legacy_wildcard)
-        )
-        st.legacy_wildcard = legacy
-        newly_wildcard = self._set_wildcard(type_url, st, explicit_wildcard or legacy)
-        added = requested - st.names
-        self._watch_diff(type_url, st, st.names, requested)
-        st.names = requested
-        if not st.wildcard:
-            # The proxy dropped these (SotW: the request lists everything it wants).
-            st.held = {n: h for n, h in st.held.items() if n in requested}
-        return bool(added) or newly_wildcard
-
-    @staticmethod
-    def _claims_state(request: discovery_pb2.DiscoveryRequest) -> bool:
-        return bool(request.version_info)
-
-    def _apply_ack(self, type_url: str, st: _TypeState, sent: _Sent) -> None:
-        # Only names in scope: the proxy dropped the others (``_subscribe`` keeps ``held``
-        # within the subscription, so nothing else needs filtering).
-        accepted = (
-            sent.entries
-            if st.scope() is None
-            else {n: e for n, e in sent.entries.items() if st.in_scope(n)}
-        )
-        if type_url in FULL_STATE_TYPES:
-            st.held = dict(accepted)  # full state
-        else:
-            st.held.update(accepted)
-
-    def _evaluate(
-        self, type_url: str, st: _TypeState, force: bool, scoped: bool
-    ) -> discovery_pb2.DiscoveryResponse | None:
-        if not st.requested:
-            return None
-        if st.outstanding is not None:
-            self._defer(st, force, scoped)  # answer once the in-flight response is resolved
-            return None
-        if self._waiting(type_url, st, force):
-            return None
-        force = force or st.force
-        changed = self._take_changes(st, scoped and not force)
-        if changed is not None and type_url == ENDPOINT_TYPE:
-            # Only the names the cache changed can differ from what the proxy holds.
-            current = self._cache.resources(type_url)
-            out = {n: current[n] for n in self._in_scope(st, changed) if n in current}
-            kept: set[str] = set()
-        else:
-            out, kept = self._targets(type_url, st)
-        for name in kept:
-            if (entry := _entry(st.held[name])) is not None:
-                out[name] = entry
-        full_state = type_url in FULL_STATE_TYPES
-        if full_state:
-            # Make before break: keep a cluster that a route the proxy holds still names.
-            for name in self._protected(type_url):
-                held = _entry(st.held.get(name))
-                if name not in out and held is not None and st.in_scope(name):
-                    out[name] = held
-        else:
-            if not force:
-                # EDS and RDS are answered by name: a response carries only what the proxy
-                # does not hold yet, and the names it leaves out stay as they are (xDS
-                # protocol, "Grouping resources into responses"; Envoy's SotW mux updates only
-                # the watches a response names). A change to one workload is one CLA, not
-                # every CLA subscribed. Forced answers (new names, warming) carry them all.
-                out = {
-                    n: e
-                    for n, e in out.items()
-                    if (h := st.held.get(n)) is None or h.version != e.version
-                }
-            if not out:
-                # SotW EDS/RDS cannot say "does not exist"; names stay watched until they
-                # appear.
-                st.force = False
-                return None
-        ordered = sorted(out.items())
-        version = entries_version(type_url, (e for _, e in ordered))
-        if not force and full_state and version == st.acked_version:
-            return None
-        if self._suppressed(type_url, st, version):
-            st.force = False
-            return None
-
-        def body() -> discovery_pb2.DiscoveryResponse:
-            resp = discovery_pb2.DiscoveryResponse(
-                version_info=version, type_url=type_url, control_plane=self._control_plane()
-            )
-            resp.resources.extend(e.any for _, e in ordered)
-            return resp
-
-        nonce = self._next_nonce()
-        resp = discovery_pb2.DiscoveryResponse()
-        resp.CopyFrom(self._bodies.get((self.kind, type_url, version), body))
-        resp.nonce = nonce
-        self._after_send(type_url, st, _Sent(nonce, version, out))
-        if type_url == ENDPOINT_TYPE:
-            if force:
-                st.warming.clear()  # a forced SotW EDS response carries all subscribed names
-            else:
-                st.warming -= out.keys()
-        return resp
-
-
-class DeltaStream(
-    ProtocolStream[discovery_pb2.DeltaDiscoveryRequest, discovery_pb2.DeltaDiscoveryResponse]
-):
-    """Incremental ADS (``DeltaAggregatedResources``)."""
-
-    kind = StreamKind.DELTA
-
-    def _handle(
-        self, type_url: str, st: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest
-    ) -> list[discovery_pb2.DeltaDiscoveryResponse]:
-        nonce = request.response_nonce
-        stale = self._is_stale(st, nonce)
-        first = not st.requested
-        st.requested = True
-        # Subscriptions are honoured even when the nonce is stale.
-        self._subscribe(type_url, st, request, first)
-        resolved = False
-        if stale:
-            self._log.debug("stale nonce: only subscriptions applied", type=TYPE_SHORT[type_url])
-        else:
-            error = _error(request)
-            resolved = self._resolve(type_url, st, nonce, error, "")
-            if type_url == ENDPOINT_TYPE and st.warming:
-                st.force_names |= {n for n in st.warming if st.in_scope(n)}
-                st.warming.clear()
-        # A first wildcard request is answered even when empty: the proxy's initial fetch
-        # completes instead of waiting for its timeout.
-        todo = {type_url: first and st.wildcard}
-        # A plain ACK (no subscription change): only what the cache changed can be owed.
-        subscription = (
-            first
-            or len(request.resource_names_subscribe) > 0
-            or len(request.resource_names_unsubscribe) > 0
-        )
-        scoped = () if subscription else (type_url,)
-        if resolved:
-            for dependent in _DEPENDENTS[type_url]:
-                todo.setdefault(dependent, False)
-        return self._evaluate_all(todo, scoped)
-
-    def _subscribe(
-        self,
-        type_url: str,
-        st: _TypeState,
-        request: discovery_pb2.DeltaDiscoveryRequest,
-        first: bool,
-    ) -> None:
-        subscribe = set(request.resource_names_subscribe)
-        unsubscribe = set(request.resource_names_unsubscribe)
-        count = len(st.names) + len(subscribe)
-        if count > self._limits.max_names:  # exact only when it may matter (O(names))
-            count = len((st.names - unsubscribe) | subscribe)
-        self._check_names(type_url, count, subscribe)
-        if first:
-            self._check_names(
-                type_url,
-                len(request.initial_resource_versions),
-                request.initial_resource_versions.keys(),
-            )
-        subscribe = {sys.intern(n) for n in subscribe}
-        wildcard = st.wildcard
-        if first and not subscribe and type_url in FULL_STATE_TYPES:
-            wildcard = True  # legacy wildcard
-        if WILDCARD in subscribe:
-            wildcard = True
-        if WILDCARD in unsubscribe:
-            wildcard = False
-        subscribe.discard(WILDCARD)
-        unsubscribe.discard(WILDCARD)
-        before = set(st.names)
-        for name in unsubscribe:
-            st.names.discard(name)
-            st.force_names.discard(name)
-            st.reported_absent.discard(name)
-            if not wildcard:
-                # The proxy forgets it; a later subscribe must send it again.
-                st.held.pop(name, None)
-        if first:
-            current = self._cache.resources(type_url)
-            for name, version in request.initial_resource_versions.items():
-                entry = current.get(name)
-                if entry is not None and entry.version == version:
-                    st.held[name] = entry
-                else:
-                    refs = entry.refs if entry is not None else frozenset()
-                    st.held[name] = _Held(version, refs)
-        else:
-            for name in subscribe:
-                # A re-subscribe (e.g. a cluster re-created) expects the resource again.
-                if name in st.held:
-                    st.force_names.add(name)
-                st.reported_absent.discard(name)
-        st.names |= subscribe
-        self._watch_diff(type_url, st, before, st.names)
-        if wildcard and not st.wildcard:
-            self._set_wildcard(type_url, st, True)
-        elif not wildcard and st.wildcard:
-            self._set_wildcard(type_url, st, False)
-
-    def _after_send(self, type_url: str, st: _TypeState, sent: _Sent) -> None:
-        super()._after_send(type_url, st, sent)
-        eds = self._types.get(ENDPOINT_TYPE)
-        if type_url != CLUSTER_TYPE or eds is None:
-            return
-        # Warming, delta flavour: Envoy does NOT re-request the endpoints of a changed cluster
-        # whose EDS name it already subscribes to (the new cluster's watch joins the existing
-        # subscription, so nothing goes on the wire: envoyproxy/envoy#47302, go-control-plane
-        # #1001/#1035), and it holds the CDS ACK until the cluster is warm. Waiting for a
-        # request leaves the cluster warming until initial_fetch_timeout (15 s, seen with Envoy
-        # 1.40): resend those endpoints unasked, right after the clusters. Names not
-        # subscribed yet (new clusters) are asked for by Envoy and answered as usual.
-        resend = {n for n in eds.warming if eds.in_scope(n)}
-        if resend:
-            eds.force_names |= resend
-            eds.warming -= resend
-            self._follow_up.add(ENDPOINT_TYPE)
-
-    @staticmethod
-    def _claims_state(request: discovery_pb2.DeltaDiscoveryRequest) -> bool:
-        return len(request.initial_resource_versions) > 0
-
-    def _apply_ack(self, type_url: str, st: _TypeState, sent: _Sent) -> None:
-        for name, entry in sent.entries.items():
-            if st.in_scope(name):
-                st.held[name] = entry
-        for name in sent.removed:
-            st.held.pop(name, None)
-        # A removal told the proxy the name is gone: a name it still subscribes to needs no
-        # second "does not exist" after it.
-        st.reported_absent |= {n for n in sent.absent | sent.removed if n in st.names}
-
-    def _evaluate(
-        self, type_url: str, st: _TypeState, force: bool, scoped: bool
-    ) -> discovery_pb2.DeltaDiscoveryResponse | None:
-        if not st.requested:
-            return None
-        if st.outstanding is not None:
-            self._defer(st, force, scoped)
-            return None
-        if self._waiting(type_url, st, force):
-            return None
-        force = force or st.force
-        changed = self._take_changes(st, scoped and not force and not st.force_names)
-        current = self._cache.resources(type_url)
-        if changed is not None and type_url == ENDPOINT_TYPE:
-            # Only the names the cache changed can differ from what the proxy holds: the
-            # same rules as below, applied to those names alone.
-            upserts = {
-                n: e
-                for n in self._in_scope(st, changed)
-                if (e := current.get(n)) is not None
-                and ((h := st.held.get(n)) is None or h.version != e.version)
-            }
-            gone = {n for n in changed if n not in current}
-            removed = {n for n in gone if n in st.held}
-            if removed:
-                removed -= self._protected(type_url)
-            absent = {
-                n
-                for n in gone
-                if n in st.names and n not in st.held and n not in st.reported_absent
-            }
-        else:
-            out, kept = self._targets(type_url, st)
-            upserts = {
-                n: e
-                for n, e in out.items()
-                if n in st.force_names or (h := st.held.get(n)) is None or h.version != e.version
-            }
-            protected = self._protected(type_url)
-            removed = {n for n in st.held if n not in out and n not in kept and n not in protected}
-            absent = {
-                n
-                for n in st.names
-                if n not in current and n not in st.held and n not in st.reported_absent
-            }
-        if not upserts and not removed and not absent and not force:
-            return None
-        ordered = sorted(upserts.items())
-        version = entries_version(type_url, (e for _, e in ordered), removed | absent)
-        if self._suppressed(type_url, st, version):
-            st.force = False
-            return None
-
-        def body() -> discovery_pb2.DeltaDiscoveryResponse:
-            resp = discovery_pb2.DeltaDiscoveryResponse(
-                system_version_info=version,
-                type_url=type_url,
-                control_plane=self._control_plane(),
-            )
-            resp.resources.extend(e.delta_resource for _, e in ordered)
-            resp.removed_resources.extend(sorted(removed | absent))
-            return resp
-
-        nonce = self._next_nonce()
-        resp = discovery_pb2.DeltaDiscoveryResponse()
-        resp.CopyFrom(self._bodies.get((self.kind, type_url, version), body))
-        resp.nonce = nonce
-        st.force_names -= upserts.keys()
-        self._after_send(
-            type_url, st, _Sent(nonce, version, upserts, frozenset(removed), frozenset(absent))
-        )
-        if type_url == ENDPOINT_TYPE:
-            st.warming -= upserts.keys()
-        return resp
-
-
-def make_stream(
-    kind: StreamKind,
-    cache: Cache,
-    *,
-    identifier: str,
-    metrics: XdsMetrics | None = None,
-    journal: NackJournal | None = None,
-    rejected: RejectedVersions | None = None,
-    gateway: GatewayConfig | None = DEFAULT_GATEWAY,
-    on_node: Callable[[ProtocolStream[Any, Any]], None] | None = None,
-    clock: Callable[[], float] = time.time,
-    bodies: ResponseBodies | None = None,
-    limits: StreamLimits = DEFAULT_LIMITS,
-) -> SotwStream | DeltaStream:
-    cls: type[SotwStream] | type[DeltaStream] = (
-        SotwStream if kind is StreamKind.SOTW else DeltaStream
-    )
-    return cls(
-        cache,
-        identifier=identifier,
-        metrics=metrics,
-        journal=journal,
-        rejected=rejected,
-        gateway=gateway,
-        on_node=on_node,
-        clock=clock,
-        bodies=bodies,
-        limits=limits,
-    )

@@ -2,8 +2,8 @@
 
 This layer only moves messages between gRPC and a :class:`~aviator.xds.protocol.ProtocolStream`
 (where every protocol rule lives), keeps the registry of open streams for the
-connected-proxies view, the :class:`~aviator.xds.protocol.NackJournal` and the
-:class:`~aviator.xds.protocol.RejectedVersions` of every node, and tells the producer of
+connected-proxies view, the :class:`~aviator.xds.nacks.NackJournal` and the
+:class:`~aviator.xds.nacks.RejectedVersions` of every node, and tells the producer of
 snapshots which gateway listeners its connected nodes want (``on_listeners``): the snapshot
 must hold a node's listener for that node to get one.
 
@@ -30,24 +30,15 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf.message import DecodeError
 from prometheus_client import CollectorRegistry
 
+from aviator.xds.bodies import ResponseBodies
 from aviator.xds.cache import Cache
+from aviator.xds.delta import DeltaStream
+from aviator.xds.limits import DEFAULT_LIMITS, StreamLimits, StreamRefusedError
 from aviator.xds.metrics import XdsMetrics
-from aviator.xds.protocol import (
-    DEFAULT_GATEWAY,
-    DEFAULT_LIMITS,
-    DeltaStream,
-    NackJournal,
-    NackRecord,
-    ProtocolStream,
-    ProxyStatus,
-    RejectedVersions,
-    ResponseBodies,
-    SotwStream,
-    StreamKind,
-    StreamLimits,
-    StreamRefusedError,
-)
+from aviator.xds.nacks import NackJournal, NackRecord, RejectedVersions
+from aviator.xds.protocol import DEFAULT_GATEWAY, ProtocolStream, ProxyStatus, StreamKind
 from aviator.xds.resources import GatewayConfig, ListenSpec
+from aviator.xds.sotw import SotwStream
 
 log = structlog.get_logger(__name__)
 

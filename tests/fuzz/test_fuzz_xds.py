@@ -19,14 +19,11 @@ from hypothesis import strategies as st
 
 from aviator.xds import resources as r
 from aviator.xds.cache import Cache
-from aviator.xds.protocol import (
-    DeltaStream,
-    RejectedVersions,
-    SotwStream,
-    StreamLimits,
-    StreamRefusedError,
-)
+from aviator.xds.delta import DeltaStream
+from aviator.xds.limits import StreamLimits, StreamRefusedError
+from aviator.xds.nacks import RejectedVersions
 from aviator.xds.snapshot import build_snapshot
+from aviator.xds.sotw import SotwStream
 from tests.unit.xds.fakes import IDENTIFIER, workload
 
 LIMITS = StreamLimits(max_node_id_bytes=64, max_names=6, max_name_bytes=32, max_unknown_types=3)

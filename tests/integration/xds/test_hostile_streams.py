@@ -23,7 +23,8 @@ from prometheus_client import CollectorRegistry
 from aviator.model import EndpointAddress, WeightedEndpoint, WeightedWorkload, WorkloadKey
 from aviator.xds import resources as r
 from aviator.xds.cache import Cache
-from aviator.xds.protocol import StreamKind, StreamLimits
+from aviator.xds.limits import StreamLimits
+from aviator.xds.protocol import StreamKind
 from aviator.xds.server import AdsServer, ServerLimits
 from aviator.xds.snapshot import build_snapshot
 from tests.integration.xds.rawh2 import RawH2

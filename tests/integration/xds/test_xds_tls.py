@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from aviator.xds import resources as r
 from aviator.xds.cache import Cache
-from aviator.xds.protocol import StreamLimits
+from aviator.xds.limits import StreamLimits
 from aviator.xds.server import AdsServer, ServerLimits, ServerTls
 from aviator.xds.snapshot import build_snapshot
 from tests.integration.xds.certs import Pair, make_ca, make_leaf

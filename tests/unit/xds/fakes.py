@@ -32,14 +32,11 @@ from google.rpc import status_pb2
 from aviator.model import EndpointAddress, Health, WeightedEndpoint, WeightedWorkload, WorkloadKey
 from aviator.xds import resources as r
 from aviator.xds.cache import Cache
+from aviator.xds.delta import DeltaStream
 from aviator.xds.metrics import XdsMetrics
-from aviator.xds.protocol import (
-    DEFAULT_GATEWAY,
-    DeltaStream,
-    NackJournal,
-    RejectedVersions,
-    SotwStream,
-)
+from aviator.xds.nacks import NackJournal, RejectedVersions
+from aviator.xds.protocol import DEFAULT_GATEWAY
+from aviator.xds.sotw import SotwStream
 
 IDENTIFIER = "aviator-test"
 

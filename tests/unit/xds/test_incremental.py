@@ -14,9 +14,10 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from aviator.model import WeightedWorkload
 from aviator.xds import resources as r
+from aviator.xds.bodies import ResponseBodies
 from aviator.xds.cache import Cache
-from aviator.xds.protocol import ResponseBodies, SotwStream
 from aviator.xds.snapshot import build_snapshot
+from aviator.xds.sotw import SotwStream
 from tests.unit.xds.fakes import IDENTIFIER, DeltaProxy, SotwProxy, workload
 
 NAMES = ["default/a", "default/b", "default/c"]

@@ -13,7 +13,7 @@ import pytest
 from aviator.model import WorkloadKey
 from aviator.xds import resources as r
 from aviator.xds.cache import Cache
-from aviator.xds.protocol import RejectedVersions
+from aviator.xds.nacks import RejectedVersions
 from aviator.xds.snapshot import ResourceEntry, Snapshot, build_snapshot
 from tests.unit.xds.fakes import DeltaProxy, SotwProxy, workload
 

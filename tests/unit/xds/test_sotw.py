@@ -10,7 +10,8 @@ import pytest
 from aviator.model import WorkloadKey
 from aviator.xds import resources as r
 from aviator.xds.cache import Cache
-from aviator.xds.protocol import NackJournal, StreamKind
+from aviator.xds.nacks import NackJournal
+from aviator.xds.protocol import StreamKind
 from aviator.xds.snapshot import ResourceEntry, Snapshot, build_snapshot, content_version
 from tests.unit.xds.fakes import EnvoyLikeSotwProxy, SotwProxy, workload
 

@@ -13,9 +13,10 @@ from envoy.service.discovery.v3 import discovery_pb2
 from aviator.envoy.bootstrap import XDS_CLUSTER, render_bootstrap
 from aviator.xds import resources as r
 from aviator.xds.cache import Cache
-from aviator.xds.protocol import SotwStream, StreamLimits, StreamRefusedError, shown
+from aviator.xds.limits import StreamLimits, StreamRefusedError, shown
 from aviator.xds.server import ServerLimits, run_stream
 from aviator.xds.snapshot import build_snapshot
+from aviator.xds.sotw import SotwStream
 from tests.unit.xds.fakes import IDENTIFIER, workload
 
 
