@@ -20,7 +20,8 @@ decided here, per stream and per type URL (rules from XDS-CHECKLIST.md):
 - **NACK** (``error_detail`` set): recorded (log with node, type, version, message; metric;
   :class:`~aviator.xds.nacks.NackJournal`) and that exact version is not sent again to that
   node, on this stream or a later one (:class:`~aviator.xds.nacks.RejectedVersions`, per node
-  id); the next push waits for the desired state to change (go-control-plane #962 resends forever). A proxy that comes back with
+  id); the next push waits for the desired state to change (go-control-plane #962 resends
+  forever). A proxy that comes back with
   nothing of a type (SotW: no ``version_info``; delta: no ``initial_resource_versions``: a
   restarted Envoy) is sent the current state even if that node rejected it before: it holds
   nothing, and Envoy applies the valid clusters and listeners of a response it rejects.
