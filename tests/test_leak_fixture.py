@@ -3,6 +3,7 @@ and only such a test: pytest runs in a child process on small test files that us
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,15 @@ def test_sync() -> None:
 """
 
 
-def test_the_check_fails_exactly_the_tests_that_leak(pytester: pytest.Pytester) -> None:
+def test_the_check_fails_exactly_the_tests_that_leak(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The suite's conftest imports the suite's own modules (tests.kubeapi): the child pytest
+    # finds them from the repository root, as the suite itself does (rootdir on sys.path).
+    root = str(CONFTEST.parent.parent)
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    )
     pytester.makeconftest(CONFTEST.read_text())
     pytester.makeini(INI)
     pytester.makepyfile(test_leaks=TESTS)
