@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from aviator.envoy.process import free_port
+from tests.admin_ready import wait_ready
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "web"
 
@@ -51,16 +52,7 @@ async def test_serves_the_example_and_stops_cleanly_on_sigterm(tmp_path: Path) -
     )  # fmt: skip
     try:
         async with aiohttp.ClientSession() as http:
-            for _ in range(200):
-                try:
-                    async with http.get(f"http://127.0.0.1:{admin}/readyz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.05)
-            else:
-                pytest.fail("aviator run never became ready")
+            await wait_ready(http, admin, within_s=10)
             async with http.get(f"http://127.0.0.1:{admin}/debug/policies") as r:
                 policies = json.loads(await r.text())
             async with http.get(f"http://127.0.0.1:{admin}/debug/endpoints") as r:

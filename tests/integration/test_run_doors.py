@@ -26,6 +26,7 @@ from aviator.cli import run as run_cli
 from aviator.envoy.process import free_port
 from aviator.model import parse_host_port
 from aviator.xds import resources as r
+from tests.admin_ready import wait_ready
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "web"
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.SECRET-TOKEN-b3f1c2d9e8a7"
@@ -74,16 +75,7 @@ async def started(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterat
     run = Run(proc, admin, xds)
     try:
         async with aiohttp.ClientSession() as http:
-            for _ in range(400):
-                try:
-                    async with http.get(f"http://127.0.0.1:{admin}/readyz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.05)
-            else:
-                pytest.fail("aviator run never became ready")
+            await wait_ready(http, admin, within_s=20)
         yield run
     finally:
         if proc.returncode is None:

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from aviator.envoy.process import free_port
+from tests.admin_ready import wait_ready
 
 # `aviator run` in a real process, its source replaced by one whose run() ends (returns, or
 # raises) a moment after the control plane started: nothing else in the process is faked.
@@ -77,16 +78,7 @@ async def test_a_signal_is_a_clean_exit(sig: signal.Signals, tmp_path: Path) -> 
     )  # fmt: skip
     try:
         async with aiohttp.ClientSession() as http:
-            for _ in range(400):
-                try:
-                    async with http.get(f"http://127.0.0.1:{admin}/readyz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.05)
-            else:
-                pytest.fail("aviator run never became ready")
+            await wait_ready(http, admin, within_s=20)
     finally:
         proc.send_signal(sig)
         _, err = await asyncio.wait_for(proc.communicate(), 20)

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import aiohttp
-import pytest
 import yaml
 
 from aviator.envoy.process import free_port
+from tests.admin_ready import wait_ready
 from tests.unit.k8s.builders import pod_doc
 
 
@@ -46,16 +46,7 @@ async def test_a_file_above_the_limit_is_reported_and_the_rest_served(tmp_path: 
     )  # fmt: skip
     try:
         async with aiohttp.ClientSession() as http:
-            for _ in range(600):
-                try:
-                    async with http.get(f"http://127.0.0.1:{admin}/readyz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.05)
-            else:
-                pytest.fail("aviator run never became ready")
+            await wait_ready(http, admin, within_s=30)
             async with http.get(f"http://127.0.0.1:{admin}/debug/problems") as r:
                 problems = json.loads(await r.text())
     finally:
