@@ -29,7 +29,7 @@ import re
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -114,6 +114,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--latency-threshold-ms", type=int, default=100, help="Aviator: spec.latencyThreshold"
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument(
+        "--thinning",
+        type=int,
+        default=1,
+        help="k6 lattice at this many times the rate, thinned at random (1: uniform "
+        "arrivals, the default; larger: closer to Poisson, more work for k6)",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +144,7 @@ class Settings:
     out: Path
     plots: bool
     quick: bool
+    thinning: int = 1
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -152,6 +160,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
     if repeat < 1:
         raise ValueError(f"--repeat must be >= 1, got {repeat}")
+    if args.thinning < 1:
+        raise ValueError(f"--thinning must be >= 1, got {args.thinning}")
     if args.sidecars < 1:
         raise ValueError(f"--sidecars must be >= 1, got {args.sidecars}")
     if not args.deadline > 0:
@@ -186,7 +196,18 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         out=Path(args.out),
         plots=not args.no_plots,
         quick=quick,
+        thinning=int(args.thinning),
     )
+
+
+def case_control_plane(settings: Settings, case: Case) -> ControlPlaneSettings:
+    """The control plane's knobs for ``case``: the scenario's threshold (a multiple of the
+    mean service time) where it has one, else the benchmark's."""
+    x = case.plan.scenario.threshold_x
+    if x is None:
+        return settings.control_plane
+    ms = max(1, round(x * case.plan.shape.mean_service_s * 1000))
+    return replace(settings.control_plane, latency_threshold_ms=ms)
 
 
 def _envoy_version() -> str:
@@ -216,7 +237,8 @@ def _run_line(case: str, r: RunRecord) -> str:
         f"{case:<16} rep {r.repeat}  {r.policy:<8} offered {lr.offered_rate:7.1f}/s "
         f"achieved/offered {ratio:5.3f}  p50 {lr.latency_all.p50_ms:7.1f}  "
         f"p99 {lr.latency_all.p99_ms:7.1f}  p99.9 {lr.latency_all.p999_ms:7.1f} ms  "
-        f"errors {sum(lr.errors.values()):5d}  kept up {'yes' if lr.keeping_up else 'NO'}  "
+        f"errors {sum(lr.errors.values()):5d}  dropped {lr.dropped}  "
+        f"lag p99 {lr.send_lag.p99_ms:5.1f} ms  kept up {'yes' if lr.keeping_up else 'NO'}  "
         f"({r.wall_s:.0f} s)"
     )
 
@@ -241,10 +263,18 @@ def _document(
         f"{shape.backends} backends × {shape.capacity} slots, mean service "
         f"{shape.mean_service_s * 1000:g} ms (exponential, sd = mean, sleeping): nominal "
         f"capacity {shape.nominal_capacity:.0f} req/s; each backend reports ORCA load "
-        "(RIF, RIF/slots, rps) in `endpoint-load-metrics`",
+        "(RIF, RIF/slots, rps) in `endpoint-load-metrics`, except in the scenarios marked "
+        "*no agent*",
         f"{settings.sidecars} Envoy sidecars (`--concurrency 1`), requests split round "
-        "robin across them; open-loop Poisson load from one process, latency from the "
-        f"intended send time (HDR histograms), deadline {settings.deadline_s:g} s",
+        "robin across them; load from k6 1.1.0 (`constant-arrival-rate`, open loop, "
+        + (
+            "uniform arrivals"
+            if settings.thinning == 1
+            else f"a lattice at {settings.thinning}x the rate thinned at random"
+        )
+        + ", VUs = peak rate × deadline × 1.1), latency from the intended send time (k6's "
+        "start lag + the request's whole time; HDR histograms), deadline "
+        f"{settings.deadline_s:g} s",
         f"{settings.repeat} repetition(s) per case; per repetition every policy runs once, "
         "order rotated, everything restarted between runs; "
         f"{settings.cases[0].plan.duration_s:g} s of load per run, the first "
@@ -256,7 +286,10 @@ def _document(
     ]
     notes = {
         c.key: (
-            f"{c.plan.scenario.title}: {c.plan.scenario.description}. Capacity "
+            f"{c.plan.scenario.title}: {c.plan.scenario.description}"
+            + ("" if c.plan.scenario.agent else " (*no agent*)")
+            + f"; Aviator's latencyThreshold "
+            f"{case_control_plane(settings, c).latency_threshold_ms} ms. Capacity "
             f"{c.plan.capacity:.0f} req/s, mean offered {c.plan.mean_rate:.0f} req/s"
             + (
                 f" (ramp {c.plan.scenario.ramp[0]:.0%} → {c.plan.scenario.ramp[1]:.0%})."
@@ -292,6 +325,8 @@ def _document(
             "deadline_s": settings.deadline_s,
             "seed": settings.seed,
             "quick": settings.quick,
+            "generator": "k6",
+            "thinning": settings.thinning,
             "shape": shape.to_json(),
             "control_plane": settings.control_plane.to_json(),
         },
@@ -307,6 +342,29 @@ def _document(
         "runs": [r.to_json() for r in records],
     }
     return doc, page
+
+
+def _side_by_side(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Per case, every policy's p50 / p99 / errors and Aviator's ratios to least request."""
+    lines = ["", "per case (medians over the repetitions; ratios Aviator / least request):"]
+    for case, by_policy in summary.items():
+        cells = []
+        for name, s in by_policy.items():
+            p = s["percentiles"]
+            cells.append(
+                f"{name} p50 {p['p50_ms']['median']:.1f} p99 {p['p99_ms']['median']:.1f} "
+                f"err {s['errors_total']}{'' if s['keeping_up'] else ' (lagged)'}"
+            )
+        ratio = ""
+        if "aviator" in by_policy and "lr" in by_policy:
+            a, b = by_policy["aviator"]["percentiles"], by_policy["lr"]["percentiles"]
+            if b["p99_ms"]["median"] > 0 and b["p50_ms"]["median"] > 0:
+                ratio = (
+                    f"  | aviator/lr p50 x{a['p50_ms']['median'] / b['p50_ms']['median']:.2f} "
+                    f"p99 x{a['p99_ms']['median'] / b['p99_ms']['median']:.2f}"
+                )
+        lines.append(f"{case:<22} " + " | ".join(cells) + ratio)
+    return "\n".join(lines)
 
 
 def _write(settings: Settings, doc: dict[str, Any], page: str | None) -> None:
@@ -384,7 +442,8 @@ async def _run_all(settings: Settings) -> list[RunRecord]:
                         seed=seed,
                         sidecars=settings.sidecars,
                         deadline_s=settings.deadline_s,
-                        control_plane=settings.control_plane,
+                        control_plane=case_control_plane(settings, case),
+                        thinning=settings.thinning,
                     )
                     records.append(record)
                     print(_run_line(case.key, record), flush=True)
@@ -395,6 +454,7 @@ async def _run_all(settings: Settings) -> list[RunRecord]:
         complete = len(records) == total
         doc, page = _document(settings, records, started, envoy_version, plots, complete)
         _write(settings, doc, page)
+    print(_side_by_side(doc["summary"]))
     for goal in doc["goals"]:
         status = {True: "met", False: "NOT MET", None: "not measured"}[goal["met"]]
         print(f"goal [{goal['case']}] {goal['goal']}: {goal['measured']} → {status}")

@@ -183,7 +183,7 @@ async def run_once(
             BackendSpec(f"b{i}", profile, seed=seed * 1000 + i)
             for i, profile in enumerate(run.profiles)
         ),
-        agent=True,
+        agent=run.scenario.agent,
     )
     try:
         async with contextlib.AsyncExitStack() as stack:
