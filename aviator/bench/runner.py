@@ -29,6 +29,7 @@ import structlog
 
 from aviator.bench.controlplane import ControlPlane, ControlPlaneSettings
 from aviator.bench.policies import WORKLOAD, Policy, sidecar_bootstrap, workload_host
+from aviator.bench.reaction import TRACE_EVERY_S, Trace, reactions
 from aviator.bench.records import RunRecord, WeightSample
 from aviator.bench.scenarios import RunPlan
 from aviator.envoy.errors import EnvoyAdminError
@@ -137,6 +138,49 @@ def _on_load_time(
     return [s for s in shifted if 0.0 <= s.t <= until_s]
 
 
+async def _trace(
+    admin_url: str, envoy: EnvoyProcess, names: Mapping[str, str], out: list[Trace]
+) -> None:
+    """Every ``TRACE_EVERY_S`` until cancelled: the control plane's ``/debug/endpoints`` and the
+    sidecar's weights, stamped with the wall clock (moved onto load time afterwards)."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as session:
+        while True:
+            await asyncio.sleep(TRACE_EVERY_S - time.time() % TRACE_EVERY_S)
+            t = time.time()
+            try:
+                async with session.get(admin_url + "/debug/endpoints") as resp:
+                    view = await resp.json()
+                hosts = await envoy.admin.hosts(WORKLOAD.cluster_name)
+            except (aiohttp.ClientError, TimeoutError, EnvoyAdminError, ValueError) as exc:
+                log.debug("trace poll failed", error=str(exc))
+                continue
+            control = {
+                names[e["address"]]: {
+                    k: e.get(k) for k in ("latency_ms", "rif", "samples", "weight", "hot")
+                }
+                for e in view
+                if e.get("address") in names
+            }
+            envoy_w = {names[h.address]: h.weight for h in hosts if h.address in names}
+            out.append(Trace(t=t, control=control, envoy=envoy_w))
+
+
+def _slowdowns(run: RunPlan) -> list[tuple[str, float, float]]:
+    """(backend, start, end) in load time of every slowdown that starts inside the run."""
+    out = []
+    for i, profile in enumerate(run.profiles):
+        phases = profile.phases
+        for j, ph in enumerate(phases):
+            prev = phases[j - 1] if j else None
+            if prev is None or ph.mean_service_s <= prev.mean_service_s * 1.5:
+                continue
+            end = phases[j + 1].start_s if j + 1 < len(phases) else run.duration_s
+            out.append((f"b{i}", ph.start_s, end))
+    return sorted(out, key=lambda x: x[1])
+
+
 async def _sidecar_stats(envoys: Sequence[EnvoyProcess]) -> dict[str, int]:
     totals = dict.fromkeys(_CLUSTER_STATS, 0)
     prefix = f"cluster.{WORKLOAD.cluster_name}."
@@ -176,6 +220,8 @@ async def run_once(
     sidecar_stats: dict[str, int] = {}
     result: LoadResult | None = None
     k6: K6RunInfo | None = None
+    traces: list[Trace] = []
+    reaction: list[dict[str, Any]] = []
     error: str | None = None
     rate = run.mean_rate
     fleet_spec = FleetSpec(
@@ -192,6 +238,7 @@ async def run_once(
             endpoints = [_endpoint(u) for u in urls.values()]
             names = {str(_endpoint(u)): name for name, u in urls.items()}
             xds: tuple[str, int] | None = None
+            cp: ControlPlane | None = None
             if policy.needs_control_plane:
                 ports = {n: _endpoint(u).port for n, u in urls.items()}
                 cp = await stack.enter_async_context(ControlPlane(ports, settings=control_plane))
@@ -209,6 +256,11 @@ async def run_once(
             )
             raw: list[WeightSample] = []
             sampler = asyncio.create_task(_sample_weights(envoys[0][0], names, raw))
+            tracer = (
+                asyncio.create_task(_trace(cp.admin_url, envoys[0][0], names, traces))
+                if cp is not None
+                else None
+            )
             try:
                 k6 = await run_k6_load(
                     spec,
@@ -219,9 +271,18 @@ async def run_once(
                 result = k6.result
             finally:
                 sampler.cancel()
+                if tracer is not None:
+                    tracer.cancel()
                 # Not `suppress(CancelledError)`: that would also swallow our own cancellation.
-                await asyncio.gather(sampler, return_exceptions=True)
+                await asyncio.gather(sampler, *([tracer] if tracer else []), return_exceptions=True)
             weights.extend(_on_load_time(raw, k6.origin_wall_s, run.duration_s))
+            if traces:
+                threshold = (control_plane or ControlPlaneSettings()).latency_threshold_ms
+                on_load = [
+                    Trace(t=tr.t - k6.origin_wall_s, control=tr.control, envoy=tr.envoy)
+                    for tr in traces
+                ]
+                reaction = [r.to_json() for r in reactions(on_load, _slowdowns(run), threshold)]
             backend_stats = {n: s.to_json() for n, s in (await fleet.stats()).items()}
             sidecar_stats = await _sidecar_stats([e for e, _ in envoys])
     except Exception as exc:  # reported in the record and the output, never hidden
@@ -244,4 +305,5 @@ async def run_once(
         wall_s=time.monotonic() - began,
         error=error,
         generator=k6.to_json() if k6 is not None else None,
+        reaction=tuple(reaction),
     )

@@ -31,8 +31,9 @@ The rule (Prequal's hot-cold lexicographic selection, NSDI 2024 §4, turned into
    moving antagonist, the lowest weight went to the backend that had been slow one move
    earlier and was now the fastest (its probe latency still carried its old queue): the
    weights followed the past. With ``c < 1`` nothing is floored at once or DEGRADED, except
-   that an endpoint whose probes fail (error rate ≥ 1/2 or 2 failures in a row), and any
-   endpoint at least as slow, drops to the floor at once: failures are a signal of their own.
+   that an endpoint whose probes fail (2 failures in a row, now), and any
+   endpoint at least as slow, drops to the floor at once, as long as they are few (within the
+   hot cap of rule 3): failures are a signal of their own, many at once are overload.
 5. Endpoints without data (new or stale) get a neutral weight: the median of the others.
 6. Against the previous result: if no endpoint's share of traffic would move by more than
    ``min_change`` (relative) and health and membership are the same, nothing changes
@@ -131,8 +132,12 @@ def _classify_hot(
         by_latency = latency_threshold_s is not None and s.latency_s > latency_threshold_s * keep
         if by_rif or by_latency:
             hot.add(address)
-    cap = max(1, math.ceil((1.0 - knobs.hot_quantile) * len(data) - 1e-9))
-    return frozenset(hot), len(hot) > cap
+    return frozenset(hot), len(hot) > _hot_cap(knobs, len(data))
+
+
+def _hot_cap(knobs: WeigherKnobs, n: int) -> int:
+    """At most this many of ``n`` endpoints may be hot (or floored as failing)."""
+    return max(1, math.ceil((1.0 - knobs.hot_quantile) * n - 1e-9))
 
 
 LATENCY_TOLERANCE = 0.1  # τ as a fraction of latencyThreshold
@@ -140,13 +145,14 @@ LATENCY_TOLERANCE = 0.1  # τ as a fraction of latencyThreshold
 NO_AGENT_CONFIDENCE = 0.75
 
 
-#: An endpoint this far into failing is weighed as failing even when the signal is weak.
-FAILING_ERROR_RATE = 0.5
+#: An endpoint failing this many probes in a row is weighed as failing even when the signal is
+#: weak. Not the error-rate average: it decays over 10 s, so it would follow the past too
+#: (a backend whose queue made probes time out, drained since).
 FAILING_CONSECUTIVE = 2
 
 
 def _failing(s: EndpointStats) -> bool:
-    return s.error_rate >= FAILING_ERROR_RATE or s.consecutive_failures >= FAILING_CONSECUTIVE
+    return s.consecutive_failures >= FAILING_CONSECUTIVE
 
 
 def confidence(data: Mapping[EndpointAddress, EndpointStats], overloaded: bool) -> float:
@@ -270,7 +276,10 @@ def weigh(
         # in latency); never every endpoint: with all of them failing nothing is taken away.
         fail_at = min((s.latency_s for s in data.values() if _failing(s)), default=math.inf)
         failing = frozenset(a for a, s in data.items() if s.latency_s >= fail_at)
-        urgent = failing if len(failing) < len(data) else frozenset()
+        # And only a few: many failing at once is overload (probes timing out in the queues
+        # of plain apps, measured at 70% load with 2 slots), and flooring them herded the
+        # traffic onto the rest.
+        urgent = failing if len(failing) <= _hot_cap(knobs, len(data)) < len(data) else frozenset()
         floor = 1.0 / knobs.max_weight_ratio
         targets = {a: floor if a in urgent else 1.0 - sure * (1.0 - t) for a, t in targets.items()}
         hot = urgent
