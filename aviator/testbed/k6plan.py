@@ -17,12 +17,12 @@ How a :class:`~aviator.testbed.loadspec.LoadSpec` becomes a k6 run (:func:`plan_
   plain constant arrival rate, the default); any rate schedule (a ramp) is one scenario; the
   same seed gives every policy the same arrivals. Targets take turns among the sending slots
   (round robin).
-- **VUs.** A VU is busy for a whole request, so ``maxVUs`` is sized for the peak rate times
-  the deadline (the worst latency a request can have), plus a margin. ``preAllocatedVUs`` (set
-  up before the load starts) covers the peak rate times ``PREALLOCATED_S`` (1.5 s of latency):
-  initialising 3,900 VUs took ~45 s per run on a busy 2-core machine, a third of that covers
-  every policy whose tail stays under 1.5 s, and beyond it k6 initialises VUs during the run,
-  dropping the iterations that found none: a run with drops did not keep up.
+- **VUs.** A VU is busy for a whole request, so ``preAllocatedVUs = maxVUs`` is sized for the
+  peak rate times the deadline (the worst latency a request can have), plus a margin: a
+  generator that runs out of VUs drops iterations, and a run with drops did not keep up.
+  Not fewer preallocated and the rest on demand: k6 then initialises VUs during the run, and
+  on a busy 2-core machine that starved its own scheduler (send lag of seconds, thousands of
+  dropped iterations) exactly in the runs whose tail was long.
 - **Latency from the intended send time.** k6's ``http_req_duration`` runs from the actual
   send. Each sending iteration logs its slot, its start (JS ``Date.now()``, ms) and the
   request's whole time (``blocked + connecting + duration``, µs precision). The schedule's
@@ -68,7 +68,6 @@ DEFAULT_THINNING: Final = 1
 # k6's rate is an integer per timeUnit: iterations per 10 s gives 0.1/s resolution.
 TIME_UNIT_S: Final = 10
 VU_MARGIN: Final = 1.1
-PREALLOCATED_S: Final = 1.5
 VU_EXTRA: Final = 16
 _SKIP: Final = "."
 _FIRST_TARGET: Final = 48  # chr(48) = "0": target i is chr(48 + i)
@@ -93,7 +92,6 @@ class K6Plan:
     period_s: float
     slots: str
     vus: int
-    preallocated: int
     planned: int
     planned_measured: int
 
@@ -142,13 +140,6 @@ def plan_k6(spec: LoadSpec, *, thinning: int = DEFAULT_THINNING, vus: int | None
     # k6 may run one slot more than the duration holds (rounding): it does not send.
     chars.append(_SKIP)
     count = vus if vus is not None else math.ceil(peak * spec.deadline_s * VU_MARGIN) + VU_EXTRA
-    pre = (
-        vus
-        if vus is not None
-        else min(
-            count, math.ceil(peak * min(spec.deadline_s, PREALLOCATED_S) * VU_MARGIN) + VU_EXTRA
-        )
-    )
     return K6Plan(
         spec=spec,
         thinning=thinning,
@@ -156,7 +147,6 @@ def plan_k6(spec: LoadSpec, *, thinning: int = DEFAULT_THINNING, vus: int | None
         period_s=period,
         slots="".join(chars),
         vus=count,
-        preallocated=pre,
         planned=sent,
         planned_measured=planned_measured,
     )
@@ -180,7 +170,7 @@ def k6_config(plan: K6Plan) -> dict[str, Any]:
                 "rate": plan.rate_per_unit,
                 "timeUnit": f"{TIME_UNIT_S}s",
                 "duration": f"{round(spec.duration_s * 1000)}ms",
-                "preAllocatedVUs": plan.preallocated,
+                "preAllocatedVUs": plan.vus,
                 "maxVUs": plan.vus,
                 # Requests still out at the end finish by their deadline: wait for them.
                 "gracefulStop": f"{math.ceil(spec.deadline_s) + 2}s",
