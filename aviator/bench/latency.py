@@ -29,7 +29,7 @@ import re
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -44,6 +44,7 @@ from aviator.bench.plots import (
     weights_plot,
 )
 from aviator.bench.policies import POLICIES, Policy, parse_policies
+from aviator.bench.reaction import STAGES, TRACE_EVERY_S, Reaction, summarize_reactions
 from aviator.bench.records import RunRecord
 from aviator.bench.report import case_key, evaluate_goals, markdown, summarize
 from aviator.bench.runner import run_once
@@ -114,6 +115,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--latency-threshold-ms", type=int, default=100, help="Aviator: spec.latencyThreshold"
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument(
+        "--thinning",
+        type=int,
+        default=1,
+        help="k6 lattice at this many times the rate, thinned at random (1: uniform "
+        "arrivals, the default; larger: closer to Poisson, more work for k6)",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +145,7 @@ class Settings:
     out: Path
     plots: bool
     quick: bool
+    thinning: int = 1
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -152,6 +161,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
     if repeat < 1:
         raise ValueError(f"--repeat must be >= 1, got {repeat}")
+    if args.thinning < 1:
+        raise ValueError(f"--thinning must be >= 1, got {args.thinning}")
     if args.sidecars < 1:
         raise ValueError(f"--sidecars must be >= 1, got {args.sidecars}")
     if not args.deadline > 0:
@@ -186,7 +197,18 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         out=Path(args.out),
         plots=not args.no_plots,
         quick=quick,
+        thinning=int(args.thinning),
     )
+
+
+def case_control_plane(settings: Settings, case: Case) -> ControlPlaneSettings:
+    """The control plane's knobs for ``case``: the scenario's threshold (a multiple of the
+    mean service time) where it has one, else the benchmark's."""
+    x = case.plan.scenario.threshold_x
+    if x is None:
+        return settings.control_plane
+    ms = max(1, round(x * case.plan.shape.mean_service_s * 1000))
+    return replace(settings.control_plane, latency_threshold_ms=ms)
 
 
 def _envoy_version() -> str:
@@ -216,7 +238,8 @@ def _run_line(case: str, r: RunRecord) -> str:
         f"{case:<16} rep {r.repeat}  {r.policy:<8} offered {lr.offered_rate:7.1f}/s "
         f"achieved/offered {ratio:5.3f}  p50 {lr.latency_all.p50_ms:7.1f}  "
         f"p99 {lr.latency_all.p99_ms:7.1f}  p99.9 {lr.latency_all.p999_ms:7.1f} ms  "
-        f"errors {sum(lr.errors.values()):5d}  kept up {'yes' if lr.keeping_up else 'NO'}  "
+        f"errors {sum(lr.errors.values()):5d}  dropped {lr.dropped}  "
+        f"lag p99 {lr.send_lag.p99_ms:5.1f} ms  kept up {'yes' if lr.keeping_up else 'NO'}  "
         f"({r.wall_s:.0f} s)"
     )
 
@@ -241,10 +264,18 @@ def _document(
         f"{shape.backends} backends × {shape.capacity} slots, mean service "
         f"{shape.mean_service_s * 1000:g} ms (exponential, sd = mean, sleeping): nominal "
         f"capacity {shape.nominal_capacity:.0f} req/s; each backend reports ORCA load "
-        "(RIF, RIF/slots, rps) in `endpoint-load-metrics`",
+        "(RIF, RIF/slots, rps) in `endpoint-load-metrics`, except in the scenarios marked "
+        "*no agent*",
         f"{settings.sidecars} Envoy sidecars (`--concurrency 1`), requests split round "
-        "robin across them; open-loop Poisson load from one process, latency from the "
-        f"intended send time (HDR histograms), deadline {settings.deadline_s:g} s",
+        "robin across them; load from k6 1.1.0 (`constant-arrival-rate`, open loop, "
+        + (
+            "uniform arrivals"
+            if settings.thinning == 1
+            else f"a lattice at {settings.thinning}x the rate thinned at random"
+        )
+        + ", VUs = peak rate × deadline × 1.1), latency from the intended send time (k6's "
+        "start lag + the request's whole time; HDR histograms), deadline "
+        f"{settings.deadline_s:g} s",
         f"{settings.repeat} repetition(s) per case; per repetition every policy runs once, "
         "order rotated, everything restarted between runs; "
         f"{settings.cases[0].plan.duration_s:g} s of load per run, the first "
@@ -256,7 +287,10 @@ def _document(
     ]
     notes = {
         c.key: (
-            f"{c.plan.scenario.title}: {c.plan.scenario.description}. Capacity "
+            f"{c.plan.scenario.title}: {c.plan.scenario.description}"
+            + ("" if c.plan.scenario.agent else " (*no agent*)")
+            + f"; Aviator's latencyThreshold "
+            f"{case_control_plane(settings, c).latency_threshold_ms} ms. Capacity "
             f"{c.plan.capacity:.0f} req/s, mean offered {c.plan.mean_rate:.0f} req/s"
             + (
                 f" (ramp {c.plan.scenario.ramp[0]:.0%} → {c.plan.scenario.ramp[1]:.0%})."
@@ -275,6 +309,8 @@ def _document(
         plots=plots,
         labels=LABELS,
     )
+    reaction = _reaction_by_case(settings, records)
+    page += _reaction_markdown(reaction, settings.control_plane.ping_interval_ms)
     doc = {
         "benchmark": "latency",
         "started": started,
@@ -292,6 +328,8 @@ def _document(
             "deadline_s": settings.deadline_s,
             "seed": settings.seed,
             "quick": settings.quick,
+            "generator": "k6",
+            "thinning": settings.thinning,
             "shape": shape.to_json(),
             "control_plane": settings.control_plane.to_json(),
         },
@@ -304,9 +342,89 @@ def _document(
             for case, by_policy in summary.items()
         },
         "goals": [g.to_json() for g in goals],
+        "reaction": reaction,
         "runs": [r.to_json() for r in records],
     }
     return doc, page
+
+
+def _reaction_by_case(
+    settings: Settings, records: Sequence[RunRecord]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per case: each reaction stage's delays over every slowdown of every Aviator run."""
+    ramps = [c.plan.scenario.name for c in settings.cases if c.plan.scenario.ramp]
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for case in settings.cases:
+        mine = [
+            Reaction(r["backend"], r["start_s"], r["delays_ms"])
+            for rec in records
+            if rec.policy == "aviator"
+            and case_key(rec.scenario, rec.load_fraction, rec.scenario in ramps) == case.key
+            for r in rec.reaction
+        ]
+        if mine:
+            out[case.key] = summarize_reactions(mine)
+    return out
+
+
+def _reaction_markdown(by_case: dict[str, dict[str, dict[str, Any]]], ping_ms: int) -> str:
+    if not by_case:
+        return ""
+    target = 2 * ping_ms + 100
+    out = [
+        "## Reaction: backend slows → Envoy holds the new weight",
+        "",
+        "Delay from the slowdown's start to each stage, in ms, over every slowdown of every "
+        "Aviator run: median (min–max), and how many slowdowns showed the stage. Polled every "
+        f"{TRACE_EVERY_S * 1000:g} ms (control plane `/debug/endpoints`, sidecar `/clusters`): "
+        "each figure is within one poll of the truth. *floored* is also when the control "
+        "plane publishes (the same reweigh step). Target (issue 13): Envoy within 2 ping "
+        f"intervals + 100 ms = {target} ms.",
+        "",
+        "| case | signal (first probe that saw it) | estimator crossed | weigher floored / "
+        "published | Envoy holds it | target met |",
+        "|---|---:|---:|---:|---:|:-:|",
+    ]
+    for case, stages in by_case.items():
+        cells = [case]
+        for stage in STAGES:
+            st = stages[stage]
+            if st["median_ms"] is None:
+                cells.append(f"– (0/{st['of']})")
+            else:
+                cells.append(
+                    f"{st['median_ms']:.0f} ({st['min_ms']:.0f}–{st['max_ms']:.0f}) "
+                    f"{st['seen']}/{st['of']}"
+                )
+        envoy = stages["envoy"]
+        met = envoy["median_ms"] is not None and envoy["median_ms"] <= target
+        cells.append("yes (median)" if met else "**no**")
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    return "\n".join(out)
+
+
+def _side_by_side(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Per case, every policy's p50 / p99 / errors and Aviator's ratios to least request."""
+    lines = ["", "per case (medians over the repetitions; ratios Aviator / least request):"]
+    for case, by_policy in summary.items():
+        cells = []
+        for name, s in by_policy.items():
+            p = s["percentiles"]
+            cells.append(
+                f"{name} p50 {p['p50_ms']['median']:.1f} p99 {p['p99_ms']['median']:.1f} "
+                f"err {s['errors_total']}{'' if s['keeping_up'] else ' (lagged)'}"
+            )
+        ratio = ""
+        if "aviator" in by_policy and "lr" in by_policy:
+            a, b = by_policy["aviator"]["percentiles"], by_policy["lr"]["percentiles"]
+            if b["p99_ms"]["median"] > 0 and b["p50_ms"]["median"] > 0:
+                ratio = (
+                    f"  | aviator/lr p50 x{a['p50_ms']['median'] / b['p50_ms']['median']:.2f} "
+                    f"p99 x{a['p99_ms']['median'] / b['p99_ms']['median']:.2f}"
+                )
+        lines.append(f"{case:<22} " + " | ".join(cells) + ratio)
+    return "\n".join(lines)
 
 
 def _write(settings: Settings, doc: dict[str, Any], page: str | None) -> None:
@@ -384,7 +502,8 @@ async def _run_all(settings: Settings) -> list[RunRecord]:
                         seed=seed,
                         sidecars=settings.sidecars,
                         deadline_s=settings.deadline_s,
-                        control_plane=settings.control_plane,
+                        control_plane=case_control_plane(settings, case),
+                        thinning=settings.thinning,
                     )
                     records.append(record)
                     print(_run_line(case.key, record), flush=True)
@@ -395,6 +514,15 @@ async def _run_all(settings: Settings) -> list[RunRecord]:
         complete = len(records) == total
         doc, page = _document(settings, records, started, envoy_version, plots, complete)
         _write(settings, doc, page)
+    print(_side_by_side(doc["summary"]))
+    for case, stages in doc["reaction"].items():
+        text = ", ".join(
+            f"{k} {v['median_ms']:.0f} ms ({v['seen']}/{v['of']})"
+            if v["median_ms"] is not None
+            else f"{k} – (0/{v['of']})"
+            for k, v in stages.items()
+        )
+        print(f"reaction [{case}]: {text}")
     for goal in doc["goals"]:
         status = {True: "met", False: "NOT MET", None: "not measured"}[goal["met"]]
         print(f"goal [{goal['case']}] {goal['goal']}: {goal['measured']} → {status}")

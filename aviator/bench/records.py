@@ -47,6 +47,11 @@ class RunRecord:
     sidecar_stats: Mapping[str, int]
     wall_s: float
     error: str | None = None
+    #: The generator's own account of the run (k6: VUs, dropped iterations, send-lag bound,
+    #: clock lead; :class:`aviator.testbed.k6plan.K6RunInfo`), None if it never finished.
+    generator: Mapping[str, Any] | None = None
+    #: Aviator runs: each slowdown's stages (:class:`aviator.bench.reaction.Reaction` JSON).
+    reaction: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -73,4 +78,6 @@ class RunRecord:
             "sidecar_stats": dict(self.sidecar_stats),
             "wall_s": self.wall_s,
             "error": self.error,
+            "generator": dict(self.generator) if self.generator is not None else None,
+            "reaction": [dict(r) for r in self.reaction],
         }

@@ -21,12 +21,16 @@ __all__ = [
     "PolicySummary",
     "Spread",
     "case_key",
+    "do_no_harm",
     "evaluate_goals",
     "markdown",
     "summarize",
 ]
 
 GOAL_SIDECARS: Final = 3
+#: A goal is judged (met or not) only on at least this many repetitions of every policy in it,
+#: each of which kept up (issue 13: "five repetitions at least").
+MIN_REPEATS: Final = 5
 PERCENTILES: Final = ("p50_ms", "p90_ms", "p99_ms", "p999_ms")
 PERCENTILE_LABELS: Final = {"p50_ms": "p50", "p90_ms": "p90", "p99_ms": "p99", "p999_ms": "p99.9"}
 
@@ -79,6 +83,7 @@ class PolicySummary:
     keeping_up: bool  # every run's generator sent on time
     max_send_lag_p99_ms: float
     failures: tuple[str, ...]
+    dropped_total: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -94,6 +99,7 @@ class PolicySummary:
             "keeping_up": self.keeping_up,
             "max_send_lag_p99_ms": self.max_send_lag_p99_ms,
             "failures": list(self.failures),
+            "dropped_total": self.dropped_total,
         }
 
 
@@ -115,6 +121,7 @@ def _summary(policy: str, records: Sequence[RunRecord]) -> PolicySummary:
         keeping_up=bool(loads) and all(lr.keeping_up for lr in loads),
         max_send_lag_p99_ms=max((lr.send_lag.p99_ms for lr in loads), default=0.0),
         failures=tuple(r.error for r in records if r.error is not None),
+        dropped_total=sum(lr.dropped or 0 for lr in loads),
     )
 
 
@@ -150,6 +157,60 @@ def _p(s: PolicySummary, name: str) -> float:
     return s.percentiles[name].median
 
 
+def _judged(goal: Goal, sides: Sequence[PolicySummary]) -> Goal:
+    """``goal`` as measured, or not judged (``met`` None, the reason appended) when a side has
+    fewer than ``MIN_REPEATS`` completed runs or its generator fell behind in one of them."""
+    if goal.met is None:
+        return goal
+    lagged = [s.policy for s in sides if not s.keeping_up]
+    few = [s.policy for s in sides if s.runs - s.failed < MIN_REPEATS]
+    why = []
+    if lagged:
+        why.append(f"generator fell behind for {', '.join(lagged)}")
+    if few:
+        why.append(f"fewer than {MIN_REPEATS} runs of {', '.join(few)}")
+    if not why:
+        return goal
+    return Goal(goal.case, goal.text, f"{goal.measured}; not judged: {'; '.join(why)}", None)
+
+
+def do_no_harm(summary: Mapping[str, Mapping[str, PolicySummary]]) -> list[Goal]:
+    """Issue 13, item 3, in every case: Aviator's p99 ≤ 1.0x and p50 ≤ 1.05x least request's,
+    and no more errors."""
+    goals: list[Goal] = []
+    for case, cs in summary.items():
+        a, lr = cs.get("aviator"), cs.get("lr")
+        if a is None or lr is None or a.runs == a.failed or lr.runs == lr.failed:
+            continue
+        for name, bound in (("p99_ms", 1.0), ("p50_ms", 1.05)):
+            av, ov = _p(a, name), _p(lr, name)
+            ratio = av / ov if ov > 0 else float("inf")
+            label = PERCENTILE_LABELS[name]
+            goals.append(
+                _judged(
+                    Goal(
+                        case,
+                        f"do no harm: Aviator {label} ≤ {bound:g}× lr {label}",
+                        f"{av:.1f} ms vs {ov:.1f} ms (×{ratio:.2f})",
+                        av <= bound * ov,
+                    ),
+                    (a, lr),
+                )
+            )
+        goals.append(
+            _judged(
+                Goal(
+                    case,
+                    "do no harm: Aviator errors ≤ lr errors",
+                    f"{a.errors_total} vs {lr.errors_total}",
+                    a.errors_total <= lr.errors_total,
+                ),
+                (a, lr),
+            )
+        )
+    return goals
+
+
 def evaluate_goals(summary: Mapping[str, Mapping[str, PolicySummary]], sidecars: int) -> list[Goal]:
     """The issue's goals on the moving antagonist (≥ 3 sidecars): at 70% load Aviator's p99
     ≤ 0.5x least request's and ≤ 0.8x CSWRR's, p50 within 10% of the best, zero errors; at
@@ -169,7 +230,8 @@ def evaluate_goals(summary: Mapping[str, Mapping[str, PolicySummary]], sidecars:
             unmeasured(case, text, "runs failed")
             return
         ratio = a / o if o > 0 else float("inf")
-        goals.append(Goal(case, text, f"{a:.1f} ms vs {o:.1f} ms (×{ratio:.2f})", a <= bound * o))
+        goal = Goal(case, text, f"{a:.1f} ms vs {o:.1f} ms (×{ratio:.2f})", a <= bound * o)
+        goals.append(_judged(goal, (cs["aviator"], cs[other])))
 
     few = sidecars < GOAL_SIDECARS
     for load, bounds in (("70", {"lr": 0.5, "cswrr": 0.8}), ("90", {"lr": 0.3})):
@@ -195,27 +257,33 @@ def evaluate_goals(summary: Mapping[str, Mapping[str, PolicySummary]], sidecars:
         best_name = min(ok, key=lambda k: _p(ok[k], "p50_ms"))
         a50, best = _p(ok["aviator"], "p50_ms"), _p(ok[best_name], "p50_ms")
         goals.append(
-            Goal(
-                case,
-                texts[-2],
-                f"{a50:.1f} ms vs best {best:.1f} ms ({best_name})",
-                a50 <= 1.1 * best,
+            _judged(
+                Goal(
+                    case,
+                    texts[-2],
+                    f"{a50:.1f} ms vs best {best:.1f} ms ({best_name})",
+                    a50 <= 1.1 * best,
+                ),
+                tuple(ok.values()),
             )
         )
         av = ok["aviator"]
         goals.append(
-            Goal(
-                case,
-                texts[-1],
-                f"{av.errors_total} errors in {av.runs - av.failed} runs",
-                av.errors_total == 0,
+            _judged(
+                Goal(
+                    case,
+                    texts[-1],
+                    f"{av.errors_total} errors in {av.runs - av.failed} runs",
+                    av.errors_total == 0,
+                ),
+                (av,),
             )
         )
-    return goals
+    return goals + do_no_harm(summary)
 
 
 def _met(m: bool | None) -> str:
-    return {True: "met", False: "**not met**", None: "not measured"}[m]
+    return {True: "met", False: "**not met**", None: "not judged"}[m]
 
 
 def markdown(
@@ -236,8 +304,11 @@ def markdown(
     out.append(
         "Latency in ms from the intended send time, over every measured request (errors and "
         "time-outs included), median over the repetitions with the range in brackets. "
-        "*kept up*: the load generator sent at the offered rate in every run (achieved/offered "
-        "≥ 0.97, send-lag p99 ≤ 20 ms); when it did not, the figures measure the generator."
+        "*kept up*: in every run k6 dropped no iteration (no VU free at the intended time), "
+        "its send lag (start of the iteration after its intended time) had p99 ≤ 20 ms and "
+        "the achieved rate was ≥ 0.97 of the offered one; when it did not, the figures partly "
+        "measure the generator. A goal is judged only when every policy in it kept up in at "
+        f"least {MIN_REPEATS} repetitions; otherwise it reads *not judged*."
     )
     out.append("")
     for case, by_policy in summary.items():
@@ -247,15 +318,17 @@ def markdown(
             out += [case_notes[case], ""]
         out.append(
             "| policy | p50 | p90 | p99 | p99.9 | errors % | offered req/s | achieved/offered "
-            "| kept up | runs |"
+            "| dropped | lag p99 ms (max) | kept up | runs |"
         )
-        out.append("|---|---:|---:|---:|---:|---:|---:|---:|:-:|---:|")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|---:|")
         for name, s in by_policy.items():
             cells = [labels.get(name, name)]
             cells += [s.percentiles[p].text() for p in PERCENTILES]
             cells.append(s.error_pct.text(2))
             cells.append(s.offered_rate.text(0))
             cells.append(s.achieved_ratio.text(3))
+            cells.append(str(s.dropped_total))
+            cells.append(f"{s.max_send_lag_p99_ms:.1f}")
             cells.append("yes" if s.keeping_up else "**no**")
             cells.append(f"{s.runs - s.failed}/{s.runs}")
             out.append("| " + " | ".join(cells) + " |")

@@ -20,6 +20,7 @@ measured. A disturbance's ``start``/``end`` are fractions of the measured window
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -126,7 +127,13 @@ class Scenario:
     linearly over the measured window (the warm-up runs at the first value) and the
     benchmark's ``--load`` does not apply.
 
-    Invariant: at most one disturbance per backend (they would overwrite each other).
+    ``agent``: the backends carry the probing agent (ORCA load reports, RIF); without it the
+    probe is a plain request that queues with the others (most users' apps). ``slots``
+    replaces the fleet's slots per backend (few slots: heavy queueing). ``threshold_x``:
+    Aviator's ``latencyThreshold`` as a multiple of the mean service time (None: the
+    benchmark's ``--latency-threshold-ms``).
+
+    Invariant: the disturbances of one backend do not overlap.
     """
 
     name: str
@@ -134,13 +141,24 @@ class Scenario:
     description: str
     disturbances: tuple[Disturbance, ...] = ()
     ramp: tuple[float, float] | None = None
+    agent: bool = True
+    slots: int | None = None
+    threshold_x: float | None = None
 
     def __post_init__(self) -> None:
-        backends = [d.backend for d in self.disturbances]
-        if len(backends) != len(set(backends)):
-            raise ValueError(f"scenario {self.name}: two disturbances on one backend")
+        by_backend: dict[int, list[Disturbance]] = {}
+        for d in self.disturbances:
+            by_backend.setdefault(d.backend, []).append(d)
+        for ds in by_backend.values():
+            spans = sorted((_lo(d), _hi(d)) for d in ds)
+            if any(a[1] > b[0] for a, b in itertools.pairwise(spans)):
+                raise ValueError(f"scenario {self.name}: overlapping disturbances on one backend")
         if self.ramp is not None and not 0 < self.ramp[0] <= self.ramp[1]:
             raise ValueError(f"scenario {self.name}: ramp must be 0 < first <= last")
+        if self.slots is not None and self.slots < 1:
+            raise ValueError(f"scenario {self.name}: slots must be >= 1, got {self.slots}")
+        if self.threshold_x is not None and not self.threshold_x > 0:
+            raise ValueError(f"scenario {self.name}: threshold_x must be > 0")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -160,12 +178,38 @@ class Scenario:
                 for d in self.disturbances
             ],
             "ramp": list(self.ramp) if self.ramp else None,
+            "agent": self.agent,
+            "slots": self.slots,
+            "threshold_x": self.threshold_x,
         }
+
+
+def _lo(d: Disturbance) -> float:
+    return 0.0 if d.start is None else d.start
+
+
+def _hi(d: Disturbance) -> float:
+    return 1.0 if d.end is None else d.end
 
 
 # The moving antagonist: one backend at a time becomes 10x slower, for a quarter of the
 # measured window each (Prequal's antagonists are CPU hogs that move between machines).
 _ANTAGONIST_SLOWDOWN: Final = 10.0
+
+
+def _antagonist(moves: int) -> tuple[Disturbance, ...]:
+    """Backend 0, 1, 2, 3, 0, ... in turn ``_ANTAGONIST_SLOWDOWN`` slower, ``moves`` equal
+    windows over the measured window."""
+    return tuple(
+        Disturbance(j % 4, start=j / moves, end=(j + 1) / moves, slowdown=_ANTAGONIST_SLOWDOWN)
+        for j in range(moves)
+    )
+
+
+# Issue 13, item 2: plain HTTP apps (no agent), few slots, thresholds from just above to
+# several times the normal latency, slow- and fast-moving antagonists.
+_PLAIN_SLOTS: Final = 2
+_FAST_MOVES: Final = 12
 
 SCENARIOS: Final[Mapping[str, Scenario]] = {
     s.name: s
@@ -185,6 +229,43 @@ SCENARIOS: Final[Mapping[str, Scenario]] = {
                 Disturbance(i, start=i / 4, end=(i + 1) / 4, slowdown=_ANTAGONIST_SLOWDOWN)
                 for i in range(4)
             ),
+        ),
+        Scenario(
+            "antagonist-fast",
+            "fast-moving antagonist",
+            f"one backend at a time is {_ANTAGONIST_SLOWDOWN:g}x slower, moving every "
+            f"1/{_FAST_MOVES} of the measured window (0, 1, 2, 3, 0, ...)",
+            _antagonist(_FAST_MOVES),
+        ),
+        Scenario(
+            "plain-tight",
+            "plain apps, tight threshold",
+            f"no agent (probe round trips only), {_PLAIN_SLOTS} slots per backend, moving "
+            "antagonist (4 moves), latencyThreshold 1.25x the mean service time",
+            _antagonist(4),
+            agent=False,
+            slots=_PLAIN_SLOTS,
+            threshold_x=1.25,
+        ),
+        Scenario(
+            "plain-tight-fast",
+            "plain apps, tight threshold, fast antagonist",
+            f"no agent, {_PLAIN_SLOTS} slots per backend, antagonist moving every "
+            f"1/{_FAST_MOVES} of the window, latencyThreshold 1.25x the mean service time",
+            _antagonist(_FAST_MOVES),
+            agent=False,
+            slots=_PLAIN_SLOTS,
+            threshold_x=1.25,
+        ),
+        Scenario(
+            "plain-loose",
+            "plain apps, loose threshold",
+            f"no agent, {_PLAIN_SLOTS} slots per backend, moving antagonist (4 moves), "
+            "latencyThreshold 5x the mean service time",
+            _antagonist(4),
+            agent=False,
+            slots=_PLAIN_SLOTS,
+            threshold_x=5.0,
         ),
         Scenario(
             "hidden",
@@ -290,22 +371,17 @@ class RunPlan:
         }
 
 
-def _profile(base: Phase, d: Disturbance | None, warmup_s: float, window_s: float) -> Profile:
-    if d is None:
-        return Profile((base,))
-    changed = d.phase_fields(base)
-    start = None if d.start is None else warmup_s + d.start * window_s
-    end = None if d.end is None or d.end >= 1.0 else warmup_s + d.end * window_s
-    if start is not None and start <= 0:
-        start = None
-    if start is None and end is None:
-        return Profile((Phase(0.0, **changed),))
-    if start is None:
-        assert end is not None
-        return Profile((Phase(0.0, **changed), _with_start(base, end)))
-    if end is None:
-        return Profile((base, Phase(start, **changed)))
-    return Profile.window(base, start, end, **changed)
+def _profile(base: Phase, ds: Sequence[Disturbance], warmup_s: float, window_s: float) -> Profile:
+    """``base``, changed during each of ``ds`` (which do not overlap), in the load's time."""
+    phases: dict[float, Phase] = {0.0: base}
+    for d in sorted(ds, key=_lo):
+        changed = d.phase_fields(base)
+        start = 0.0 if d.start is None else max(warmup_s + d.start * window_s, 0.0)
+        phases[start] = Phase(start, **changed)
+        if d.end is not None and d.end < 1.0:
+            end = warmup_s + d.end * window_s
+            phases.setdefault(end, _with_start(base, end))
+    return Profile.of(list(phases.values()))
 
 
 def _ramp_steps(
@@ -340,7 +416,11 @@ def plan(
         raise ValueError(f"load must be > 0, got {load}")
     if not 0 <= warmup_s < duration_s:
         raise ValueError(f"need 0 <= warmup_s < duration_s, got {warmup_s}, {duration_s}")
-    by_backend = {d.backend: d for d in scenario.disturbances}
+    if scenario.slots is not None:
+        shape = FleetShape(shape.backends, scenario.slots, shape.mean_service_s)
+    by_backend: dict[int, list[Disturbance]] = {}
+    for d in scenario.disturbances:
+        by_backend.setdefault(d.backend, []).append(d)
     missing = [i for i in by_backend if i >= shape.backends]
     if missing:
         raise ValueError(
@@ -350,7 +430,7 @@ def plan(
     base = shape.base_phase
     window = duration_s - warmup_s
     profiles = tuple(
-        _profile(base, by_backend.get(i), warmup_s, window) for i in range(shape.backends)
+        _profile(base, by_backend.get(i, ()), warmup_s, window) for i in range(shape.backends)
     )
     # Lowest capacity over the measured window: check at its start and at every phase start
     # inside it (capacity is constant between phase starts).

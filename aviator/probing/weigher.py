@@ -20,8 +20,22 @@ The rule (Prequal's hot-cold lexicographic selection, NSDI 2024 §4, turned into
    every endpoint with data is hot, the fleet is overloaded as a whole: all stay HEALTHY (the
    weigher never takes a policy's last endpoints away), no floors, and weights are the latency
    weight times (lowest RIF + 1)/(RIF + 1): Prequal's "all hot → lowest RIF", smoothly.
-4. Endpoints without data (new or stale) get a neutral weight: the median of the others.
-5. Against the previous result: if no endpoint's share of traffic would move by more than
+4. Do no harm (issue 13): the targets are blended towards equal weights by the *confidence*
+   of the signal, ``target = 1 - c * (1 - target)``, so that where the data cannot tell the
+   endpoints apart Envoy's least request (the inner loop) does the balancing. ``c = 1`` when
+   most endpoints with data report their load (RIF: the agent's fresh signal). Without it,
+   probe round trips are the only signal, and they queue behind the requests: ``c =
+   NO_AGENT_CONFIDENCE`` (a mistaken weight costs at most ~3.5x, not 20x); and when the fleet
+   is overloaded (more hot than the cap, e.g. every endpoint above the threshold) ``c = 0``:
+   equal weights. Measured in the latency benchmark with plain HTTP apps, few slots and a
+   moving antagonist, the lowest weight went to the backend that had been slow one move
+   earlier and was now the fastest (its probe latency still carried its old queue): the
+   weights followed the past. With ``c < 1`` nothing is floored at once or DEGRADED, except
+   that an endpoint whose probes fail (2 failures in a row, now), and any
+   endpoint at least as slow, drops to the floor at once, as long as they are few (within the
+   hot cap of rule 3): failures are a signal of their own, many at once are overload.
+5. Endpoints without data (new or stale) get a neutral weight: the median of the others.
+6. Against the previous result: if no endpoint's share of traffic would move by more than
    ``min_change`` (relative) and health and membership are the same, nothing changes
    (``changed=False``, previous weights returned). Otherwise non-hot weights move
    ``smoothing`` of the way to their targets; hot ones drop to the floor at once.
@@ -49,7 +63,15 @@ from aviator.model import (
 )
 from aviator.probing.estimator import EndpointStats
 
-__all__ = ["DEFAULT_HOT_QUANTILE", "KnobError", "WeighResult", "WeigherKnobs", "weigh"]
+__all__ = [
+    "DEFAULT_HOT_QUANTILE",
+    "NO_AGENT_CONFIDENCE",
+    "KnobError",
+    "WeighResult",
+    "WeigherKnobs",
+    "confidence",
+    "weigh",
+]
 
 _NO_ENDPOINTS: Mapping[EndpointAddress, WeightedEndpoint] = MappingProxyType({})
 
@@ -110,11 +132,42 @@ def _classify_hot(
         by_latency = latency_threshold_s is not None and s.latency_s > latency_threshold_s * keep
         if by_rif or by_latency:
             hot.add(address)
-    cap = max(1, math.ceil((1.0 - knobs.hot_quantile) * len(data) - 1e-9))
-    return frozenset(hot), len(hot) > cap
+    return frozenset(hot), len(hot) > _hot_cap(knobs, len(data))
+
+
+def _hot_cap(knobs: WeigherKnobs, n: int) -> int:
+    """At most this many of ``n`` endpoints may be hot (or floored as failing)."""
+    return max(1, math.ceil((1.0 - knobs.hot_quantile) * n - 1e-9))
 
 
 LATENCY_TOLERANCE = 0.1  # τ as a fraction of latencyThreshold
+#: Confidence of probe round trips alone (no load reports) when the fleet is not overloaded.
+NO_AGENT_CONFIDENCE = 0.75
+
+
+#: An endpoint failing this many probes in a row is weighed as failing even when the signal is
+#: weak. Not the error-rate average: it decays over 10 s, so it would follow the past too
+#: (a backend whose queue made probes time out, drained since).
+FAILING_CONSECUTIVE = 2
+
+
+def _failing(s: EndpointStats) -> bool:
+    return s.consecutive_failures >= FAILING_CONSECUTIVE
+
+
+def confidence(data: Mapping[EndpointAddress, EndpointStats], overloaded: bool) -> float:
+    """How far the weights may move from equal, in [0, 1] (rule 4 of the module docstring).
+
+    1 when at least half of the endpoints with data report their RIF; otherwise 0 when the
+    fleet is overloaded and ``NO_AGENT_CONFIDENCE`` when not."""
+    if not data:
+        return 0.0
+    reporting = sum(1 for s in data.values() if s.rif is not None)
+    if 2 * reporting >= len(data):
+        return 1.0
+    return 0.0 if overloaded else NO_AGENT_CONFIDENCE
+
+
 DEFAULT_TOLERANCE_S = 0.0  # τ without a threshold: plain inverse latency
 
 
@@ -164,6 +217,14 @@ def _shares(weights: Mapping[EndpointAddress, float]) -> dict[EndpointAddress, f
     return {a: w / total for a, w in weights.items()}
 
 
+def _moved(
+    targets: Mapping[EndpointAddress, float], current: Mapping[EndpointAddress, float]
+) -> float:
+    """Largest relative change of any endpoint's traffic share from ``current`` to ``targets``."""
+    t, c = _shares(targets), _shares(current)
+    return max(abs(t[a] - c[a]) / c[a] for a in c)
+
+
 def _quantize(
     relative: Mapping[EndpointAddress, float], knobs: WeigherKnobs
 ) -> dict[EndpointAddress, int]:
@@ -204,11 +265,28 @@ def weigh(
     was_hot = previous.hot if previous is not None else frozenset()
     hot, overloaded = _classify_hot(data, knobs, latency_threshold_s, was_hot)
     targets, all_hot = _targets(data, hot, overloaded, knobs, latency_threshold_s)
+    # Urgent: endpoints that must drop to the floor now, not through smoothing.
+    urgent = frozenset() if all_hot else hot
+    sure = confidence(data, overloaded)
+    if sure < 1.0:
+        # Failures are a signal of their own, whatever the latencies: a failing endpoint keeps
+        # its full target (the floor) at once, or a down pod without an agent keeps traffic.
+        # Everything else moves only part of the way from equal: nothing else is urgent.
+        # Anything at least as slow as a failing endpoint goes with it (weights stay monotone
+        # in latency); never every endpoint: with all of them failing nothing is taken away.
+        fail_at = min((s.latency_s for s in data.values() if _failing(s)), default=math.inf)
+        failing = frozenset(a for a, s in data.items() if s.latency_s >= fail_at)
+        # And only a few: many failing at once is overload (probes timing out in the queues
+        # of plain apps, measured at 70% load with 2 slots), and flooring them herded the
+        # traffic onto the rest.
+        urgent = failing if len(failing) <= _hot_cap(knobs, len(data)) < len(data) else frozenset()
+        floor = 1.0 / knobs.max_weight_ratio
+        targets = {a: floor if a in urgent else 1.0 - sure * (1.0 - t) for a, t in targets.items()}
+        hot = urgent
+        all_hot = not urgent
     neutral = statistics.median(targets.values()) if targets else 1.0
     for a in addresses:
         targets.setdefault(a, neutral)
-    # Urgent: endpoints that must drop to the floor now, not through smoothing.
-    urgent = frozenset() if all_hot else hot
     health = {
         a: Health.DEGRADED if knobs.degrade_hot and a in urgent else Health.HEALTHY
         for a in addresses
@@ -232,12 +310,8 @@ def weigh(
         or any(prev[a].health is not health[a] for a in addresses)
         or max(prev_weights.values()) > knobs.max_weight_ratio * min(prev_weights.values())
     )
-    if not structural:
-        target_shares = _shares(targets)
-        prev_shares = _shares(prev_weights)
-        moved = max(abs(target_shares[a] - prev_shares[a]) / prev_shares[a] for a in addresses)
-        if moved <= knobs.min_change:
-            return _unchanged(previous)
+    if not structural and _moved(targets, prev_weights) <= knobs.min_change:
+        return _unchanged(previous)
     prev_top = max(prev_weights.values()) if prev_weights else 1.0
     blended = {}
     for a in addresses:
@@ -246,6 +320,11 @@ def weigh(
             blended[a] = before + knobs.smoothing * (targets[a] - before)
         else:
             blended[a] = targets[a]
+    # Snap: if what smoothing leaves would itself be below min_change, go to the targets. A
+    # smoothed state that stops just under min_change from its target sits on a knife-edge,
+    # where probe jitter alone pushes again (seen at 5 m intervals on fake time).
+    if _moved(targets, blended) <= knobs.min_change:
+        blended = dict(targets)
     result = build(_quantize(blended, knobs))
     if result.endpoints == prev and result.hot == previous.hot:
         return _unchanged(previous)

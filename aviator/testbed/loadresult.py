@@ -144,14 +144,21 @@ class LoadResult:
     max_outstanding: int
     histogram_all: str = field(repr=False)  # HdrHistogram.encode(), for merging across runs
     histogram_ok: str = field(repr=False)
+    #: Which generator sent the load: ``python`` (:mod:`aviator.testbed.openloop`) or ``k6``.
+    generator: str = "python"
+    #: Planned requests the generator never sent (k6's ``dropped_iterations``: no VU was free
+    #: at the intended time); None for a generator that cannot drop (it sends late instead).
+    dropped: int | None = None
 
     @property
     def keeping_up(self) -> bool:
-        """Did the generator send on time? (achieved ≥ 97% of offered, p99 lag ≤ 20 ms)."""
+        """Did the generator send on time? (nothing dropped, achieved ≥ 97% of offered,
+        p99 send lag ≤ 20 ms)."""
         rate_ok = self.offered_rate == 0 or (
             self.achieved_rate >= KEEPING_UP_RATE_RATIO * self.offered_rate
         )
-        return rate_ok and self.send_lag.p99_ms <= KEEPING_UP_LAG_P99_MS
+        dropped_ok = not self.dropped
+        return dropped_ok and rate_ok and self.send_lag.p99_ms <= KEEPING_UP_LAG_P99_MS
 
     @property
     def error_rate(self) -> float:
@@ -180,6 +187,8 @@ class LoadResult:
             "max_outstanding": self.max_outstanding,
             "histogram_all": self.histogram_all,
             "histogram_ok": self.histogram_ok,
+            "generator": self.generator,
+            "dropped": self.dropped,
         }
 
     @classmethod
@@ -205,6 +214,8 @@ class LoadResult:
             max_outstanding=data["max_outstanding"],
             histogram_all=data["histogram_all"],
             histogram_ok=data["histogram_ok"],
+            generator=data.get("generator", "python"),
+            dropped=data.get("dropped"),
         )
 
     def decode_histogram(self, which: str = "all") -> HdrHistogram:
@@ -268,11 +279,23 @@ class Recorder:
             self.errors[error] += 1
             counts["@errors"] += 1
 
-    def result(self, scheduled: int, window_start: float, max_outstanding: int) -> LoadResult:
+    def result(
+        self,
+        scheduled: int,
+        window_start: float,
+        max_outstanding: int,
+        *,
+        generator: str = "python",
+        dropped: int | None = None,
+        planned_measured: int | None = None,
+    ) -> LoadResult:
+        """``planned_measured``: the arrivals the plan had in the measured window (default:
+        those measured, right for a generator that sends every one, late or not); a generator
+        that drops requests (``dropped``) offered the plan, not what it sent."""
         spec = self.spec
         window = spec.duration_s - spec.warmup_s
         measured_scheduled = self.measured  # every measured arrival was sent and completed
-        offered = measured_scheduled / window
+        offered = (planned_measured if planned_measured is not None else self.measured) / window
         if self.last_measured_send is None or measured_scheduled == 0:
             achieved = 0.0
         else:
@@ -316,4 +339,6 @@ class Recorder:
             max_outstanding=max_outstanding,
             histogram_all=self.all.encode().decode("ascii"),
             histogram_ok=self.ok_hist.encode().decode("ascii"),
+            generator=generator,
+            dropped=dropped,
         )

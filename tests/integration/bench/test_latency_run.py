@@ -43,10 +43,19 @@ def test_options_are_checked() -> None:
     assert [c.key for c in quick.cases] == [
         "static@70",
         "antagonist@70",
+        "antagonist-fast@70",
+        "plain-tight@70",
+        "plain-tight-fast@70",
+        "plain-loose@70",
         "hidden@70",
         "fastfail@70",
         "ramp",
     ]
+    # A scenario's threshold is a multiple of the mean service time (20 ms).
+    plain = next(c for c in quick.cases if c.key == "plain-tight@70")
+    assert latency.case_control_plane(quick, plain).latency_threshold_ms == 25
+    with pytest.raises(ValueError, match="--thinning"):
+        latency.settings_from_args(_args("--thinning", "0"))
 
 
 def _sane(lat: dict[str, Any]) -> None:
@@ -84,8 +93,11 @@ def test_quick_run_writes_consistent_results(tmp_path: Path) -> None:
         assert load["measured"] > 0
         assert load["measured"] == load["ok"] + sum(load["errors"].values())
         assert sum(load["by_backend"].values()) == load["measured"]
-        # Poisson arrivals at the planned mean rate (4 sigma is about 20% here).
-        assert load["offered_rate"] == pytest.approx(case["mean_rate"], rel=0.25)
+        # k6's uniform lattice at the planned mean rate (the rate is rounded to 0.1/s).
+        assert load["offered_rate"] == pytest.approx(case["mean_rate"], rel=0.02)
+        assert load["generator"] == "k6"
+        assert load["dropped"] is not None
+        assert r["generator"]["vus"] >= 1
         assert load["achieved_rate"] > 0
         _sane(load["latency_all"])
         # Only backend 0 fails.

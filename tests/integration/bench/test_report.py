@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from aviator.bench.records import RunRecord
-from aviator.bench.report import Spread, case_key, evaluate_goals, markdown, summarize
+from aviator.bench.report import (
+    Spread,
+    case_key,
+    do_no_harm,
+    evaluate_goals,
+    markdown,
+    summarize,
+)
 from aviator.testbed.loadresult import LatencySummary, LoadResult
 from aviator.testbed.loadspec import LoadSpec
 
@@ -101,13 +108,18 @@ def test_ramp_cases_ignore_the_load() -> None:
     assert list(summary) == ["ramp"]
 
 
+def _five(policy: str, p50: float, p99: float, **kw: object) -> list[RunRecord]:
+    """Five repetitions alike: the fewest on which a goal is judged."""
+    return [_record(policy, p50, p99, repeat=i, **kw) for i in range(5)]  # type: ignore[arg-type]
+
+
 def test_goals_met_and_missed() -> None:
     records = [
-        _record("lr", 20, 400),
-        _record("cswrr", 21, 110),
-        _record("aviator", 21.5, 100),
-        _record("lr", 25, 1000, load=0.9),
-        _record("aviator", 25, 400, load=0.9, errors=3),
+        *_five("lr", 20, 400),
+        *_five("cswrr", 21, 110),
+        *_five("aviator", 21.5, 100),
+        *_five("lr", 25, 1000, load=0.9),
+        *_five("aviator", 25, 400, load=0.9, errors=3),
     ]
     goals = {(g.case, g.text): g for g in evaluate_goals(summarize(records), sidecars=3)}
     assert goals[("antagonist@70", "Aviator p99 ≤ 0.5× lr p99")].met is True
@@ -120,7 +132,7 @@ def test_goals_met_and_missed() -> None:
 
 
 def test_goals_not_measured_without_the_case_or_enough_sidecars() -> None:
-    records = [_record("lr", 20, 400), _record("aviator", 30, 100, errors=1)]
+    records = [*_five("lr", 20, 400), *_five("aviator", 30, 100, errors=1)]
     goals = evaluate_goals(summarize(records), sidecars=3)
     by_text = {(g.case, g.text): g for g in goals}
     assert by_text[("antagonist@70", "Aviator p99 ≤ 0.8× cswrr p99")].met is None
@@ -128,8 +140,47 @@ def test_goals_not_measured_without_the_case_or_enough_sidecars() -> None:
     assert by_text[("antagonist@70", "zero errors with Aviator")].met is False
     assert by_text[("antagonist@90", "Aviator p99 ≤ 0.3× lr p99")].met is None
     few = evaluate_goals(summarize(records), sidecars=2)
-    assert {g.met for g in few} == {None}
-    assert {g.measured for g in few if g.case == "antagonist@70"} == {"fewer than 3 sidecars"}
+    # The issue's goals need 3 sidecars; do no harm holds in any setup.
+    assert {g.met for g in few if not g.text.startswith("do no harm")} == {None}
+    assert {
+        g.measured for g in few if g.case == "antagonist@70" and not g.text.startswith("do no")
+    } == {"fewer than 3 sidecars"}
+
+
+def test_a_goal_is_not_judged_unless_every_side_kept_up_on_five_runs() -> None:
+    # Aviator far better, but one of least request's runs lagged (90% of the offered rate).
+    lagged = [
+        *_five("lr", 20, 400)[:4],
+        _record("lr", 20, 400, repeat=4, achieved=90.0),
+        *_five("aviator", 20, 100),
+    ]
+    goals = {(g.case, g.text): g for g in evaluate_goals(summarize(lagged), sidecars=3)}
+    g = goals[("antagonist@70", "Aviator p99 ≤ 0.5× lr p99")]
+    assert g.met is None
+    assert "generator fell behind for lr" in g.measured
+    three = [*_five("lr", 20, 400)[:3], *_five("aviator", 20, 100)[:3]]
+    goals = {(g.case, g.text): g for g in evaluate_goals(summarize(three), sidecars=3)}
+    g = goals[("antagonist@70", "Aviator p99 ≤ 0.5× lr p99")]
+    assert g.met is None
+    assert "fewer than 5 runs" in g.measured
+
+
+def test_do_no_harm_is_judged_in_every_case() -> None:
+    records = [
+        *_five("lr", 20, 400, scenario="plain-tight"),
+        *_five("aviator", 20.5, 390, scenario="plain-tight"),
+        *_five("lr", 20, 400, scenario="static"),
+        *_five("aviator", 22, 300, scenario="static", errors=1),
+    ]
+    goals = {(g.case, g.text): g.met for g in do_no_harm(summarize(records))}
+    assert goals == {
+        ("plain-tight@70", "do no harm: Aviator p99 ≤ 1× lr p99"): True,
+        ("plain-tight@70", "do no harm: Aviator p50 ≤ 1.05× lr p50"): True,
+        ("plain-tight@70", "do no harm: Aviator errors ≤ lr errors"): True,
+        ("static@70", "do no harm: Aviator p99 ≤ 1× lr p99"): True,
+        ("static@70", "do no harm: Aviator p50 ≤ 1.05× lr p50"): False,  # 22 > 21
+        ("static@70", "do no harm: Aviator errors ≤ lr errors"): False,
+    }
 
 
 def test_markdown_has_a_row_per_policy_and_the_goals() -> None:
@@ -146,9 +197,10 @@ def test_markdown_has_a_row_per_policy_and_the_goals() -> None:
     )
     assert page.startswith("# T\n\n- one line\n")
     assert (
-        "| least request | 20.0 | 40.0 | 400.0 | 600.0 | 0.00 | 100 | 1.000 | yes | 1/1 |" in page
+        "| least request | 20.0 | 40.0 | 400.0 | 600.0 | 0.00 | 100 | 1.000 | 0 | 2.0 | yes | 1/1 |"
+        in page
     )
-    assert "| aviator | – | – | – | – | – | – | – | **no** | 0/1 |" in page
+    assert "| aviator | – | – | – | – | – | – | – | 0 | 0.0 | **no** | 0/1 |" in page
     assert "- failed run: `ControlPlaneError: not there`" in page
     assert "![antagonist@70](a.png)" in page
-    assert "| antagonist@90 | Aviator p99 ≤ 0.3× lr p99 | not run | not measured |" in page
+    assert "| antagonist@90 | Aviator p99 ≤ 0.3× lr p99 | not run | not judged |" in page

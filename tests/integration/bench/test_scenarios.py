@@ -136,7 +136,34 @@ def test_values_are_validated() -> None:
         Disturbance(0, start=0.5, end=0.5)
     with pytest.raises(ValueError, match="slowdown"):
         Disturbance(0, slowdown=0)
-    with pytest.raises(ValueError, match="two disturbances on one backend"):
+    with pytest.raises(ValueError, match="overlapping disturbances on one backend"):
         Scenario("x", "x", "x", (Disturbance(0), Disturbance(0, slowdown=2)))
+    with pytest.raises(ValueError, match="overlapping"):
+        Scenario("x", "x", "x", (Disturbance(0, 0.0, 0.5), Disturbance(0, 0.4, 0.8)))
+    with pytest.raises(ValueError, match="slots"):
+        Scenario("x", "x", "x", slots=0)
+    # Back to back on one backend is fine: a fast-moving antagonist.
+    Scenario("x", "x", "x", (Disturbance(0, 0.0, 0.5), Disturbance(0, 0.5, 1.0, slowdown=2)))
     with pytest.raises(ValueError, match=">= 2 backends"):
         FleetShape(backends=1)
+
+
+def test_a_fast_antagonist_visits_each_backend_several_times() -> None:
+    p = plan(SCENARIOS["antagonist-fast"], SHAPE, load=0.7, duration_s=26, warmup_s=2)
+    # 12 moves over 24 s: backend 0 slow at 2-4 s, 10-12 s and 18-20 s of load time.
+    b0 = p.profiles[0]
+    assert [round(ph.start_s, 6) for ph in b0.phases] == [0, 2, 4, 10, 12, 18, 20]
+    assert b0.phase_at(3).mean_service_s == pytest.approx(10 * SHAPE.mean_service_s)
+    assert b0.phase_at(5).mean_service_s == pytest.approx(SHAPE.mean_service_s)
+    # One backend slow at any time: capacity is that of the fleet with one 10x slower.
+    per = SHAPE.capacity / SHAPE.mean_service_s
+    assert p.capacity == pytest.approx(per * (SHAPE.backends - 1) + per / 10)
+
+
+def test_plain_scenarios_have_no_agent_few_slots_and_their_threshold() -> None:
+    s = SCENARIOS["plain-tight"]
+    p = plan(s, SHAPE, load=0.7, duration_s=10, warmup_s=2)
+    assert not s.agent
+    assert p.shape.capacity == 2
+    assert all(ph.capacity == 2 for prof in p.profiles for ph in prof.phases)
+    assert s.threshold_x == 1.25

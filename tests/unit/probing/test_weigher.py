@@ -36,23 +36,23 @@ SCENARIOS = {
         [stats(10, 2), stats(10, 2), stats(20, 2)], [1000, 1000, 500]
     ),
     "one 16x slower gets 1/16 (rounded half up)": Scenario(
-        [stats(10), stats(10), stats(160)], [1000, 1000, 63]
+        [stats(10, 0), stats(10, 0), stats(160, 0)], [1000, 1000, 63]
     ),
     "100x slower is held at the floor 1/maxWeightRatio": Scenario(
-        [stats(10), stats(1000)], [1000, 50]
+        [stats(10, 0), stats(1000, 0)], [1000, 50]
     ),
     "RIF above the 0.84 quantile is hot: floor": Scenario(
         [stats(10, 2)] * 9 + [stats(10, 20)], [1000] * 9 + [50], hot=[9]
     ),
     # With a 50 ms threshold the latency tolerance τ is 5 ms: 20 ms weighs (10+5)/(20+5).
     "latency above latencyThreshold is hot: floor": Scenario(
-        [stats(10), stats(20), stats(80)], [1000, 600, 50], hot=[2], threshold_ms=50
+        [stats(10, 0), stats(20, 0), stats(80, 0)], [1000, 600, 50], hot=[2], threshold_ms=50
     ),
     "idle fleet: sub-millisecond differences are noise under τ": Scenario(
-        [stats(0.5), stats(1.5)], [1000, 846], threshold_ms=50
+        [stats(0.5, 0), stats(1.5, 0)], [1000, 846], threshold_ms=50
     ),
     "degradeHot publishes hot endpoints DEGRADED": Scenario(
-        [stats(10), stats(20), stats(80)],
+        [stats(10, 0), stats(20, 0), stats(80, 0)],
         [1000, 600, 50],
         health=[H, H, D],
         hot=[2],
@@ -69,7 +69,7 @@ SCENARIOS = {
         [stats(2000, error_rate=1.0)] * 3, [1000, 1000, 1000], threshold_ms=100
     ),
     "no data yet: neutral (median) weight": Scenario(
-        [stats(10), stats(20), None], [1000, 500, 750]
+        [stats(10, 0), stats(20, 0), None], [1000, 500, 750]
     ),
     "no data anywhere: equal weights": Scenario([None, None], [1000, 1000]),
     "single endpoint": Scenario([stats(37, 5)], [1000]),
@@ -77,10 +77,10 @@ SCENARIOS = {
         [stats(10, 0), stats(10, 0), stats(10, 0), stats(10, 1)], [1000] * 4
     ),
     "latencyExponent 2: 2x slower gets a quarter": Scenario(
-        [stats(10), stats(20)], [1000, 250], knobs={"latencyExponent": 2}
+        [stats(10, 0), stats(20, 0)], [1000, 250], knobs={"latencyExponent": 2}
     ),
     "maxWeightRatio 10 raises the floor": Scenario(
-        [stats(10), stats(1000)], [1000, 100], knobs={"maxWeightRatio": 10}
+        [stats(10, 0), stats(1000, 0)], [1000, 100], knobs={"maxWeightRatio": 10}
     ),
     "no RIF report: never hot by RIF, quantile of the others": Scenario(
         [stats(10), stats(10, 2), stats(10, 2), stats(10, 40)], [1000, 1000, 1000, 50], hot=[3]
@@ -94,12 +94,25 @@ SCENARIOS = {
     # 5 of 6 above the threshold: more than the hot cap (1 of 6 at Q=0.84), so the fleet is
     # overloaded as a whole: no floors (flooring 5 herded traffic onto 1), latency weights.
     "overloaded fleet: no herding onto the one cold endpoint": Scenario(
-        [stats(40), stats(60), stats(60), stats(70), stats(80), stats(500)],
+        [stats(40, 3), stats(60, 3), stats(60, 3), stats(70, 3), stats(80, 3), stats(500, 3)],
         [1000, 692, 692, 600, 529, 89],
         threshold_ms=50,
     ),
+    # Issue 13, do no harm: without load reports, probe latency is the only signal, and when
+    # most endpoints are above the threshold it is queueing, not speed: equal weights.
+    "no agent, overloaded: equal weights, Envoy's least request balances": Scenario(
+        [stats(40), stats(60), stats(60), stats(70), stats(80), stats(500)],
+        [1000] * 6,
+        threshold_ms=50,
+    ),
+    # Without load reports, latency weights move only NO_AGENT_CONFIDENCE of the way from
+    # equal: 1 - 0.75 * (1 - 1/20) for the hot one, no floor at once.
+    "no agent, one hot: pulled down, not floored": Scenario(
+        [stats(40)] * 5 + [stats(500)], [1000] * 5 + [288], threshold_ms=50
+    ),
+    "no agent, 2x slower: 1 - 0.75 * (1 - 1/2)": Scenario([stats(10), stats(20)], [1000, 625]),
     "one hot endpoint within the cap still gets the floor": Scenario(
-        [stats(40)] * 5 + [stats(500)], [1000] * 5 + [50], hot=[5], threshold_ms=50
+        [stats(40, 0)] * 5 + [stats(500, 0)], [1000] * 5 + [50], hot=[5], threshold_ms=50
     ),
     "hot and slow cold ones share the floor": Scenario(
         [stats(10, 2), stats(10, 2), stats(500, 2), stats(10, 30)], [1000, 1000, 50, 50], hot=[3]
@@ -130,8 +143,11 @@ def _weigh(
     previous: WeighResult | None = None,
     **kwargs: object,
 ) -> WeighResult:
+    # A RIF of None here means an idle agent's report (0): these tests are of the confident
+    # path; the no-agent fallback has its own.
     data = {
-        addr(i): None if spec is None else stats(spec[0], spec[1]) for i, spec in enumerate(lat_rif)
+        addr(i): None if spec is None else stats(spec[0], 0.0 if spec[1] is None else spec[1])
+        for i, spec in enumerate(lat_rif)
     }
     return weigh(data, previous=previous, **kwargs)  # type: ignore[arg-type]
 
@@ -162,11 +178,13 @@ def test_material_change_moves_smoothing_of_the_way() -> None:
     second = _weigh([(10, 2), (20, 2)], previous=first)  # target 1000/500, smoothing 0.5
     assert second.changed
     assert _weights(second, 2) == [1000, 750]
-    third = _weigh([(10, 2), (20, 2)], previous=second)  # shares 0.57/0.43 → 0.67/0.33: 22%
-    assert _weights(third, 2) == [1000, 625]
-    fourth = _weigh([(10, 2), (20, 2)], previous=third)  # 0.62/0.38 → 0.67/0.33: 13%: hold
+    # Shares 0.57/0.43 → 0.67/0.33: 22%; half of the way would leave 13% (under minChange):
+    # a state that would sit on the knife-edge of minChange snaps to the target instead.
+    third = _weigh([(10, 2), (20, 2)], previous=second)
+    assert _weights(third, 2) == [1000, 500]
+    fourth = _weigh([(10, 2), (20, 2)], previous=third)
     assert not fourth.changed
-    assert _weights(fourth, 2) == [1000, 625]
+    assert _weights(fourth, 2) == [1000, 500]
 
 
 def test_newly_hot_endpoint_drops_to_the_floor_at_once() -> None:
@@ -394,3 +412,74 @@ def test_all_hot_is_ranked_by_rif(n: int, knobs: WeigherKnobs, base_rif: float) 
     assert weights == sorted(weights, reverse=True)
     assert {e.health for e in result.endpoints.values()} == {Health.HEALTHY}
     assert not math.isnan(sum(weights))
+
+
+# -- do no harm (issue 13): weak signal → towards equal weights ------------------------------
+
+_no_agent_latency = st.floats(min_value=0.5, max_value=5000.0, allow_nan=False)
+
+
+@given(
+    latencies=st.lists(_no_agent_latency, min_size=2, max_size=12),
+    threshold_ms=st.floats(min_value=1.0, max_value=500.0),
+)
+@settings(max_examples=200, deadline=None)
+def test_no_agent_weights_never_herd(latencies: list[float], threshold_ms: float) -> None:
+    """Probe round trips alone never move a weight below 1 - c(1 - floor) of the top one, and
+    never give a slower endpoint more than a faster one."""
+    data = {addr(i): stats(lat) for i, lat in enumerate(latencies)}
+    result = weigh(data, latency_threshold_s=threshold_ms / 1000)
+    weights = [result.endpoints[addr(i)].weight for i in range(len(latencies))]
+    floor = 1.0 / WeigherKnobs().max_weight_ratio
+    assert min(weights) >= math.floor((1 - 0.75 * (1 - floor)) * max(weights))
+    assert all(e.health is Health.HEALTHY for e in result.endpoints.values())
+    order = sorted(range(len(latencies)), key=lambda i: latencies[i])
+    ranked = [weights[i] for i in order]
+    assert ranked == sorted(ranked, reverse=True)
+
+
+@given(
+    latencies=st.lists(st.floats(min_value=100.5, max_value=5000.0), min_size=2, max_size=12),
+)
+@settings(max_examples=200, deadline=None)
+def test_no_agent_every_endpoint_above_the_threshold_gives_equal_weights(
+    latencies: list[float],
+) -> None:
+    """The issue's finding: every probe above the threshold (they queue behind requests)."""
+    data = {addr(i): stats(lat) for i, lat in enumerate(latencies)}
+    result = weigh(data, latency_threshold_s=0.1)
+    assert len({e.weight for e in result.endpoints.values()}) == 1
+    assert result.hot == frozenset()
+
+
+@given(
+    latency=st.floats(min_value=0.5, max_value=5000.0),
+    rif=st.one_of(st.none(), st.floats(min_value=0.0, max_value=100.0)),
+    n=st.integers(min_value=1, max_value=12),
+)
+@settings(max_examples=100, deadline=None)
+def test_endpoints_that_look_alike_get_equal_weights(
+    latency: float, rif: float | None, n: int
+) -> None:
+    data = {addr(i): stats(latency, rif) for i in range(n)}
+    result = weigh(data, latency_threshold_s=0.1)
+    assert len({e.weight for e in result.endpoints.values()}) == 1
+
+
+def test_no_agent_a_failing_endpoint_still_drops_to_the_floor() -> None:
+    """Failures are a signal of their own: a down pod without an agent loses its traffic."""
+    down = EndpointStats(0.2, 0.2, None, None, 1.0, 10, 0.0, consecutive_failures=3)
+    result = weigh({addr(0): stats(5), addr(1): stats(6), addr(2): down}, latency_threshold_s=0.02)
+    assert _weights(result, 3)[2] == math.ceil(MAX_WEIGHT / 20)
+    assert result.hot == frozenset({addr(2)})
+
+
+def test_no_agent_many_failing_at_once_is_overload_not_a_reason_to_herd() -> None:
+    """Probes of plain apps time out in their queues at high load: four of six failing must
+    not floor four and send everything to two (measured: Aviator's p50 77x least request's)."""
+    failing = EndpointStats(0.2, 0.2, None, None, 0.6, 10, 0.0, consecutive_failures=2)
+    data = {addr(i): failing if i < 4 else stats(30) for i in range(6)}
+    result = weigh(data, latency_threshold_s=0.025)
+    weights = _weights(result, 6)
+    assert min(weights) >= 0.25 * max(weights)
+    assert result.hot == frozenset()
