@@ -524,7 +524,7 @@ async def _run_all(settings: Settings) -> list[RunRecord]:
         )
         print(f"reaction [{case}]: {text}")
     for goal in doc["goals"]:
-        status = {True: "met", False: "NOT MET", None: "not measured"}[goal["met"]]
+        status = {True: "met", False: "NOT MET", None: "not judged"}[goal["met"]]
         print(f"goal [{goal['case']}] {goal['goal']}: {goal['measured']} → {status}")
     print(f"wrote {settings.out / 'latency.json'} and {settings.out / 'latency.md'}")
     return records
