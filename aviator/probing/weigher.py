@@ -128,7 +128,9 @@ def _classify_hot(
     for address, s in data.items():
         # Hysteresis: an endpoint that was hot leaves only once clearly below the thresholds.
         keep = 1.0 - knobs.hysteresis if address in was_hot else 1.0
-        by_rif = s.rif is not None and s.rif > enter_rif * keep
+        # min_hot_rif holds with the hysteresis too: at or below it an endpoint is never hot by
+        # RIF (else a recovered endpoint at the fleet's RIF of 1 stayed hot, and floored, for good).
+        by_rif = s.rif is not None and s.rif > max(enter_rif * keep, knobs.min_hot_rif)
         by_latency = latency_threshold_s is not None and s.latency_s > latency_threshold_s * keep
         if by_rif or by_latency:
             hot.add(address)

@@ -132,15 +132,17 @@ def weights_for(
     resolution: PolicyResolution, latency_ms: dict[str, float], previous: WeighResult | None = None
 ) -> WeighResult:
     """The weigher's answer for ``resolution`` when each pod (by name) answers in
-    ``latency_ms`` (pods not named: 5 ms), as the control plane would compute it."""
+    ``latency_ms`` (pods not named: 5 ms), as the control plane would compute it for pods that
+    run the agent (their load reports make the signal confident: without them the weigher
+    does no harm and marks nothing hot for a slow probe alone)."""
     policy = resolution.policy
     assert policy is not None
     stats = {
         e.address: EndpointStats(
             latency_s=latency_ms.get(e.pod, 5.0) / 1000,
             probe_latency_s=latency_ms.get(e.pod, 5.0) / 1000,
-            reported_latency_s=None,
-            rif=None,
+            reported_latency_s=latency_ms.get(e.pod, 5.0) / 1000,
+            rif=1.0,
             error_rate=0.0,
             samples=50,
             age_s=0.1,

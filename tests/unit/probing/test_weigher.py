@@ -483,3 +483,32 @@ def test_no_agent_many_failing_at_once_is_overload_not_a_reason_to_herd() -> Non
     weights = _weights(result, 6)
     assert min(weights) >= 0.25 * max(weights)
     assert result.hot == frozenset()
+
+
+def test_a_recovered_endpoint_at_the_min_hot_rif_leaves_the_hot_set() -> None:
+    # Every endpoint reports RIF 1 (the agent, light load): the quantile is 1 = minHotRif. The
+    # slowed one turns hot by latency; once fast again it must turn cold, not be held hot by
+    # RIF through the hysteresis (1 > 0.9 x 1) for as long as nothing else changes.
+    addresses = [EndpointAddress(f"10.1.0.{i}", 8080) for i in range(1, 5)]
+
+    def stats(slow_ms: float) -> dict[EndpointAddress, EndpointStats]:
+        return {
+            a: EndpointStats(
+                latency_s=(slow_ms if i == 2 else 5.0) / 1000,
+                probe_latency_s=(slow_ms if i == 2 else 5.0) / 1000,
+                reported_latency_s=(slow_ms if i == 2 else 5.0) / 1000,
+                rif=1.0,
+                error_rate=0.0,
+                samples=50,
+                age_s=0.1,
+                consecutive_failures=0,
+            )
+            for i, a in enumerate(addresses)
+        }
+
+    knobs = WeigherKnobs()
+    slowed = weigh(stats(300.0), knobs=knobs, latency_threshold_s=0.1)
+    assert slowed.hot == {addresses[2]}
+    recovered = weigh(stats(5.0), knobs=knobs, latency_threshold_s=0.1, previous=slowed)
+    assert recovered.hot == frozenset()
+    assert recovered.changed
