@@ -89,6 +89,7 @@ class Operator:
 
     def __init__(self, api: KubeApi, settings: OperatorSettings) -> None:
         self.settings = settings
+        self.api = api
         self.elector = LeaderElector(
             api,
             namespace=settings.namespace,
@@ -193,4 +194,7 @@ class Operator:
             },
             "peers": sorted(self.reports.peers),
             "report_dropped_clusters": self.reports.dropped,
+            # Every request this replica sent to the API server, by method (GET reads; the
+            # rest are writes: the Lease renewals, its ACK report, and the leader's writes).
+            "requests": dict(sorted(self.api.requests.items())),
         }
