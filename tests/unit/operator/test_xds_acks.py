@@ -15,9 +15,7 @@ A = "default/a"
 
 
 def _poll(acks: XdsAcks, cache: Cache, *proxies: SotwProxy | DeltaProxy) -> object:
-    return acks.poll(
-        cache.resources(r.ENDPOINT_TYPE), cache.publishes, [p.stream for p in proxies]
-    )
+    return acks.poll(cache.resources(r.ENDPOINT_TYPE), cache.publishes, [p.stream for p in proxies])
 
 
 def test_counts_current_pending_and_rejected_across_sotw_and_delta() -> None:
