@@ -8,6 +8,8 @@ HTTP backends on the pods' 127.0.0.x addresses and a real Envoy gateway from
   observedGeneration, and ``kubectl get avp`` shows them; an edit → observedGeneration
   follows; a policy on a missing target → TargetNotFound; a minute of steady probing writes
   no status and no Event (the writes that remain are the Lease renewals, counted);
+- an Envoy that NACKs the endpoints (forged: Aviator never builds such) → Programmed False,
+  reason Rejected, with Envoy's message; the real endpoints again → Programmed True;
 - two replicas: one leads and writes, the other writes nothing but its own ACK report, and
   the leader counts the other's proxies; SIGKILL the leader → the other leads within the
   lease duration (plus the retry periods it takes to notice) and keeps the status right.
@@ -27,12 +29,18 @@ from typing import Any
 
 import aiohttp
 import pytest
+from envoy.config.endpoint.v3 import endpoint_pb2
 
-from aviator.envoy.process import free_port
+from aviator.controlplane import ControlPlane, Settings
+from aviator.envoy.bootstrap import render_bootstrap
+from aviator.envoy.process import EnvoyProcess, free_port
 from aviator.testbed.backend import BACKEND_HEADER, BackendSpec
 from aviator.testbed.fleet import Fleet
 from aviator.testbed.fleetserver import FleetSpec
 from aviator.testbed.profile import Profile
+from aviator.xds import resources as r
+from aviator.xds.resources import GatewayConfig
+from aviator.xds.snapshot import ResourceEntry, Snapshot
 from tests.integration.kubeapi.operator_support import deployment, policy, ready_pods
 from tests.kubeapi.fixtures import AviatorInstall
 from tests.kubeapi.server import KubeTestEnv
@@ -265,3 +273,93 @@ async def test_two_replicas_one_writes_and_the_other_takes_over_after_sigkill(
             )
             assert lease["spec"]["holderIdentity"] == second
     print(f"new leader's requests: {json.dumps(view_b['requests'])}")
+
+
+async def test_an_envoy_that_rejects_the_endpoints_makes_programmed_false_with_its_message(
+    aviator_install: AviatorInstall,
+    kube_env: KubeTestEnv,
+    kube_namespace: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Aviator never builds endpoints Envoy rejects (the snapshot check refuses weight 0), so
+    this test forges one into the running control plane's cache, in-process (the same wiring
+    ``aviator run`` has): a real Envoy NACKs it, and its message reaches the status."""
+    env, ns = kube_env, kube_namespace
+    await asyncio.to_thread(grant_operator_namespace, env, ns)
+    ip = "127.0.0.81"
+    port = free_port(ip)
+    await asyncio.to_thread(env.apply, deployment("web", ns, replicas=1, port=port))
+    await asyncio.to_thread(ready_pods, env, ns, "web", 1, first_ip=81)
+    await asyncio.to_thread(env.apply, policy("web", ns, target="web"))
+    listen = free_port()
+    settings = Settings(
+        source="kubernetes", kubeconfig=str(aviator_install.kubeconfig), namespaces=(ns,),
+        operator_namespace=ns, xds_address="127.0.0.1:0", admin_address="127.0.0.1:0",
+        gateway=GatewayConfig(address="127.0.0.1", port=listen), allow_probe_loopback=True,
+    )  # fmt: skip
+    async with _fleet([ip], port):
+        cp = ControlPlane(settings)
+        started = asyncio.Event()
+        task = asyncio.create_task(cp.run(started=started))
+        try:
+            await asyncio.wait_for(started.wait(), 30)
+            assert cp.xds_port is not None
+            bootstrap = render_bootstrap(
+                xds_host="127.0.0.1", xds_port=cp.xds_port, node_id="gw-nack",
+                listen_port=listen, listen_address="127.0.0.1", admin_port=free_port(),
+            )  # fmt: skip
+            async with EnvoyProcess(bootstrap, workdir=tmp_path / "envoy") as envoy:
+                await asyncio.wait_for(envoy.wait_live(), 30)
+
+                async def programmed(reason: str) -> dict[str, Any] | None:
+                    obj = await asyncio.to_thread(status_of, env, ns, "web")
+                    p = conditions(obj).get("Programmed", {})
+                    return p if p.get("reason") == reason else None
+
+                await eventually(lambda: programmed("Programmed"), within=60, what="Programmed")
+
+                # Forge a CLA with a second endpoint of weight 0, and let nothing replace it.
+                monkeypatch.setattr(cp, "_submit", lambda: None)
+                cp.publisher.publish_now()  # whatever was queued goes now, not over the forgery
+                cluster = f"{ns}/web"
+                good = cp.cache.snapshot
+                cla = endpoint_pb2.ClusterLoadAssignment()
+                entry = good.of_type(r.ENDPOINT_TYPE)[cluster]
+                cla.CopyFrom(entry.message)
+                extra = cla.endpoints[0].lb_endpoints.add()
+                extra.CopyFrom(cla.endpoints[0].lb_endpoints[0])
+                extra.endpoint.address.socket_address.address = "127.0.0.82"
+                extra.load_balancing_weight.value = 0
+                kept = [
+                    e
+                    for t, es in good.resources.items()
+                    for e in es.values()
+                    if not (t == r.ENDPOINT_TYPE and e.name == cluster)
+                ]
+                bad = Snapshot.from_entries(
+                    [*kept, ResourceEntry.from_message(r.ENDPOINT_TYPE, cla)]
+                )
+                cp.cache.publish(bad, check=False)
+
+                rejected = await eventually(
+                    lambda: programmed("Rejected"), within=30, what="Programmed=False Rejected"
+                )
+                assert rejected["status"] == "False"
+                (nack,) = cp.ads.nacks()
+                assert nack.type == "eds"
+                # Envoy's own words, as the journal holds them, reach the status.
+                assert " ".join(nack.message.split())[:200] in rejected["message"]
+                assert "load_balancing_weight" in rejected["message"].lower().replace(
+                    "loadbalancingweight", "load_balancing_weight"
+                )
+                # Envoy kept serving the endpoints it held.
+                status, _ = await _get(f"http://127.0.0.1:{listen}/", f"web.{ns}")
+                assert status == 200
+
+                # The real endpoints again: accepted, Programmed again.
+                cp.cache.publish(good)
+                await eventually(lambda: programmed("Programmed"), within=30, what="recovered")
+        finally:
+            cp.stop()
+            await asyncio.wait_for(task, 30)
