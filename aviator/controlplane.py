@@ -13,6 +13,12 @@ The flow on each change:
   previous result carries hysteresis) → a new snapshot only if some weights changed;
 - snapshots go through the debounced ``Publisher`` to the ``Cache``, which wakes only the ADS
   streams subscribed to what changed.
+
+With ``--source kubernetes`` the control plane also runs the operator
+(:mod:`aviator.operator.runtime`: status, the leader Lease, Events, annotations, Services),
+told after each resolve, after each reweigh that changed something (and once a second), and
+every second of what its own proxies hold. The operator never takes serving down: its failures
+are logged, it is restarted with back-off, and xDS keeps serving (issue 12).
 """
 
 from __future__ import annotations
@@ -20,21 +26,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import prometheus_client
 import structlog
 
 from aviator.admin import AdminServer
+from aviator.k8s.fields import dns_label_error
 from aviator.k8s.lastvalid import LastValid
 from aviator.k8s.resolve import ACCEPTED, PolicyResolution, resolve_state, serving
 from aviator.k8s.state import ClusterState
-from aviator.model import WeightedWorkload, WorkloadKey, parse_host_port
+from aviator.model import EndpointAddress, WeightedWorkload, WorkloadKey, parse_host_port
+from aviator.operator.xds_acks import XdsAcks
 from aviator.probing.estimator import Estimator
 from aviator.probing.prober import AddressPolicy, Prober, TransportFactory
 from aviator.probing.results import ProbeKey, ProbeOutcome, ProbeResult, ProbeTarget
@@ -44,12 +53,18 @@ from aviator.source.store import StateSource, Store
 from aviator.source.yamlfiles import DEFAULT_LIMITS, Limits
 from aviator.xds.cache import Cache
 from aviator.xds.publisher import Publisher
-from aviator.xds.resources import GatewayConfig, ListenSpec
+from aviator.xds.resources import ENDPOINT_TYPE, GatewayConfig, ListenSpec
 from aviator.xds.server import AdsServer, ServerLimits, ServerTls, StreamLimits
 from aviator.xds.snapshot import SnapshotBuilder, SnapshotError
 
+if TYPE_CHECKING:  # the operator loads the Kubernetes client: only with --source kubernetes
+    from aviator.operator.runtime import Operator, OperatorSettings
+
 log = structlog.get_logger(__name__)
 
+DEFAULT_OPERATOR_NAMESPACE = "aviator-system"
+OPERATOR_BACKOFF = (1.0, 60.0)  # seconds before restarting a failed operator: first, ceiling
+ACK_POLL_INTERVAL = 1.0  # how often this replica's proxies' ACKs are counted for the operator
 DEFAULT_XDS_ADDRESS = "127.0.0.1:18000"
 DEFAULT_ADMIN_ADDRESS = "127.0.0.1:18001"
 
@@ -143,8 +158,17 @@ class Settings:
     xds_tls_client_ca: str | None = None
     xds_allowed_nodes: tuple[str, ...] = ()
     source_limits: Limits = DEFAULT_LIMITS  # what one manifest file may cost (dir source)
+    # --source kubernetes only: write status, Events, the Lease... (aviator.operator); the
+    # namespace of its Leases (else $POD_NAMESPACE, else aviator-system).
+    operator: bool = True
+    operator_namespace: str | None = None
 
     def __post_init__(self) -> None:
+        if self.operator_namespace is not None:
+            if self.source != "kubernetes":
+                raise ValueError("--operator-namespace needs --source kubernetes")
+            if (why := dns_label_error(self.operator_namespace)) is not None:
+                raise ValueError(f"--operator-namespace {self.operator_namespace!r}: {why}")
         parse_host_port(self.xds_address, any_port=True)
         parse_host_port(self.admin_address, any_port=True)
         if not self.reweigh_interval > 0:
@@ -220,15 +244,29 @@ class ControlPlane:
             ),
         )
         self._pods: dict[ProbeKey, str] = {}  # the pod of each probe target, for problems
+        # The operator (--source kubernetes): built by its task once it has an ApiClient.
+        self.operates = settings.source == "kubernetes" and settings.operator
+        self.operator: Operator | None = None
+        self.operator_identity = os.environ.get("POD_NAME") or (
+            # Not in a pod: the host name alone would let two processes on one machine hold
+            # the same lease, each believing it leads.
+            f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        )
+        self.acks = XdsAcks()
+        self._operator_error: str | None = None  # the last failure, logged once
+        self._weights_told = -math.inf  # loop time the operator last got the weights
+        views: dict[str, Callable[[], Any]] = {
+            "policies": self.policies_view,
+            "endpoints": self.endpoints_view,
+            "proxies": self.proxies_view,
+            "problems": self.problems_view,
+        }
+        if self.operates:
+            views["operator"] = self.operator_view
         self.admin = AdminServer(
             registry=self.registry,
             ready=self.readiness,
-            views={
-                "policies": self.policies_view,
-                "endpoints": self.endpoints_view,
-                "proxies": self.proxies_view,
-                "problems": self.problems_view,
-            },
+            views=views,
             debug=settings.debug_views,
         )
         self._state: ClusterState | None = None
@@ -273,16 +311,16 @@ class ControlPlane:
             started.set()
         try:
             async with asyncio.TaskGroup() as tg:
-                tasks = [
-                    tg.create_task(_supervised(name, work), name=name)
-                    for name, work in (
-                        ("source", self.source.run(self.store)),
-                        ("reconcile", self._follow_state()),
-                        ("prober", self.prober.run()),
-                        ("weigher", self._reweigh_loop()),
-                        ("publisher", self.publisher.run()),
-                    )
+                works: list[tuple[str, Awaitable[None]]] = [
+                    ("source", self.source.run(self.store)),
+                    ("reconcile", self._follow_state()),
+                    ("prober", self.prober.run()),
+                    ("weigher", self._reweigh_loop()),
+                    ("publisher", self.publisher.run()),
                 ]
+                if self.operates:
+                    works += [("operator", self._run_operator()), ("acks", self._ack_loop())]
+                tasks = [tg.create_task(_supervised(name, work), name=name) for name, work in works]
                 # A task that ends raises TaskEndedError, which makes the group cancel this
                 # wait and every other task; the group then raises it (in an ExceptionGroup).
                 await self._stop.wait()
@@ -340,6 +378,7 @@ class ControlPlane:
         self._policies.labels(serving="false").set(len(self._resolutions) - len(served))
         self._endpoints.set(sum(len(s.resolution.endpoints) for s in served.values()))
         self.reweigh(asyncio.get_running_loop().time(), force=True)
+        self._state_to_operator()
 
     def _probe_targets(self) -> dict[ProbeKey, ProbeTarget]:
         """One target per served endpoint: the pod's own IP (from its status, never from the
@@ -398,6 +437,7 @@ class ControlPlane:
             s.weights = result
         if changed:
             self._submit()
+        self._weights_to_operator(now, changed)
         return changed
 
     def workloads(self) -> list[WeightedWorkload]:
@@ -460,6 +500,110 @@ class ControlPlane:
             if not bad:
                 log.info("policy serving", policy=ref, endpoints=len(r.endpoints))
         self._reported = seen
+
+    # -- the operator (--source kubernetes) -------------------------------------------------
+
+    def operator_settings(self) -> OperatorSettings:
+        from aviator.operator.runtime import OperatorSettings
+
+        namespace = (
+            self.settings.operator_namespace
+            or os.environ.get("POD_NAMESPACE")
+            or DEFAULT_OPERATOR_NAMESPACE
+        )
+        return OperatorSettings(namespace=namespace, identity=self.operator_identity)
+
+    async def _run_operator(self) -> None:
+        """Run the operator with an ApiClient of its own (its writes never queue behind the
+        source's watches; the same credentials), restarting it with back-off whatever it
+        fails with: serving xDS never depends on it. Cancelled: it releases the lease."""
+        from aviator.operator.kube import KubeApi
+        from aviator.operator.runtime import Operator
+        from aviator.source.kubernetes.source import new_api_client
+
+        loop = asyncio.get_running_loop()
+        low, high = OPERATOR_BACKOFF
+        delay = low
+        while True:
+            started = loop.time()
+            client = None
+            try:
+                client = await new_api_client(self.settings.kubeconfig, self.settings.context)
+                operator = Operator(KubeApi(client), self.operator_settings())
+                self.operator = operator
+                operator.state_changed(self._resolutions)
+                operator.acks_changed(self.acks.current)
+                self._weights_told = -math.inf  # the next reweigh tells it the weights
+                await operator.run()
+                why = "ended on its own"
+            except Exception as exc:
+                why = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+            finally:
+                self.operator = None
+                if client is not None:
+                    with contextlib.suppress(Exception):
+                        await client.close()  # type: ignore[no-untyped-call]
+            if loop.time() - started > high:
+                delay = low  # it ran a good while: this is a new failure, not the same one
+            self._operator_error = why
+            log.error("operator failed, restarting it; xDS keeps serving", error=why,
+                      retry_in_s=delay)  # fmt: skip
+            await asyncio.sleep(delay)
+            delay = min(high, delay * 2)
+
+    async def _ack_loop(self) -> None:
+        """Every second: what this replica's proxies hold, for the operator's Programmed."""
+        while True:
+            await asyncio.sleep(ACK_POLL_INTERVAL)
+            operator = self.operator
+            if operator is None:
+                continue
+            acks = self.acks.poll(
+                self.cache.resources(ENDPOINT_TYPE), self.cache.publishes, self.ads.streams()
+            )
+            if acks is not None:
+                self._tell_operator("acks_changed", operator.acks_changed, acks)
+
+    def _state_to_operator(self) -> None:
+        if (operator := self.operator) is not None:
+            self._tell_operator("state_changed", operator.state_changed, self._resolutions)
+            self._weights_told = -math.inf  # and the weights with the new resolutions, next
+
+    def _weights_to_operator(self, now: float, changed: bool) -> None:
+        """After a reweigh that changed something, and at least once a second."""
+        operator = self.operator
+        if operator is None or (not changed and now - self._weights_told < 1.0):
+            return
+        self._weights_told = now
+        weights = {k: s.weights for k, s in self._served.items() if s.weights is not None}
+
+        def latency_s(key: WorkloadKey, address: EndpointAddress) -> float | None:
+            stats = self.estimator.stats(ProbeKey(key, address), now)
+            return stats.latency_s if stats is not None else None
+
+        self._tell_operator("weights_changed", operator.weights_changed, weights, latency_s, now)
+
+    def _tell_operator(self, what: str, call: Callable[..., None], *args: Any) -> None:
+        """``call(*args)``; an error is logged (once while it repeats), never raised: the
+        reweigh and the resolve that tell the operator must go on serving."""
+        try:
+            call(*args)
+        except Exception as exc:
+            why = f"{what}: {type(exc).__name__}: {' '.join(str(exc).split())}"
+            if why != self._operator_error:
+                log.exception("operator call failed; xDS keeps serving", error=why)
+            self._operator_error = why
+
+    def operator_view(self) -> dict[str, Any]:
+        operator = self.operator
+        view: dict[str, Any] = (
+            operator.view()
+            if operator is not None
+            else {"identity": self.operator_identity, "running": False}
+        )
+        view["lastError"] = self._operator_error
+        view["ackPolls"] = self.acks.polls
+        return view
 
     # -- views -----------------------------------------------------------------------------
 

@@ -47,6 +47,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "default: every namespace)",
     )
     parser.add_argument(
+        "--operator-namespace",
+        metavar="NS",
+        help="with --source kubernetes: the namespace of the Leases that elect the replica "
+        "writing status, Events, annotations and Services, and of the replicas' ACK reports "
+        "(default: $POD_NAMESPACE, else aviator-system)",
+    )
+    parser.add_argument(
         "--xds-address",
         default=DEFAULT_XDS_ADDRESS,
         metavar="HOST:PORT",
@@ -168,6 +175,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             kubeconfig=args.kubeconfig,
             context=args.context,
             namespaces=tuple(args.namespaces or ()),
+            operator_namespace=args.operator_namespace,
             allow_probe_loopback=args.allow_probe_loopback,
             allow_probe_link_local=args.allow_probe_link_local,
             debug_views=args.debug_views,

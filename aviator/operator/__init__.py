@@ -28,6 +28,7 @@ I/O                    does
 ``service_writer``     Services and Endpoints (``deploy/overlays/service`` RBAC)
 ``reports``            each replica's ACK counts in its own Lease; the leader reads them all
 ``runtime``            ``Operator``: all of the above behind three calls
+``xds_acks``           this replica's ACK counts read off its ADS streams (no client, no I/O)
 =====================  =====================================================================
 
 Nothing is imported here: the I/O modules load the Kubernetes client, which a control plane

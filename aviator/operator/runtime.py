@@ -17,7 +17,10 @@ Everything else (who leads, which peer reports to merge, when to write, what to 
 decided inside. Every replica watches, probes and serves xDS and publishes its ACK report;
 only the leader writes status, Events, annotations and Services.
 
-Wiring into :class:`aviator.controlplane.ControlPlane` (only with ``--source kubernetes``)::
+Wired into :class:`aviator.controlplane.ControlPlane` (only with ``--source kubernetes``;
+``ControlPlane._run_operator``, ``_ack_loop``, ``_state_to_operator`` and
+``_weights_to_operator``, with :class:`aviator.operator.xds_acks.XdsAcks` for the ACK
+counts), following this recipe::
 
     # run(), before the TaskGroup: an ApiClient of its own (writes never queue behind
     # watches), same credentials as the source; POD_NAMESPACE/POD_NAME from the Deployment.
@@ -39,10 +42,11 @@ Wiring into :class:`aviator.controlplane.ControlPlane` (only with ``--source kub
     self.operator.acks_changed(cluster_acks(holdings, self._endpoint_versions))
     # views: "operator": self.operator.view
 
-The ADS side needs three small accessors on a protocol stream (aviator/xds/protocol.py):
-the EDS names it subscribes to (wildcard: every served one), the version it holds (ACKed)
-of a name, and Envoy's message when its last response carrying that name was NACKed and it
-still holds an older version.
+The ADS side is three accessors on a protocol stream (aviator/xds/protocol.py):
+``subscribed`` (the EDS names it subscribes to; wildcard: every served one),
+``held_version`` (the version it holds, ACKed, of a name) and ``rejection`` (Envoy's message
+when its last response carrying that name was NACKed and it does not hold that version),
+and ``AdsServer.streams()`` to iterate the live streams.
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ class Operator:
 
     def __init__(self, api: KubeApi, settings: OperatorSettings) -> None:
         self.settings = settings
+        self.api = api
         self.elector = LeaderElector(
             api,
             namespace=settings.namespace,
@@ -193,4 +198,7 @@ class Operator:
             },
             "peers": sorted(self.reports.peers),
             "report_dropped_clusters": self.reports.dropped,
+            # Every request this replica sent to the API server, by method (GET reads; the
+            # rest are writes: the Lease renewals, its ACK report, and the leader's writes).
+            "requests": dict(sorted(self.api.requests.items())),
         }

@@ -57,7 +57,7 @@ import itertools
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -203,6 +203,10 @@ class TypeState:
     changed: list[frozenset[str]] = field(default_factory=list)
     recheck: bool = True
     request_names: list[str] | None = None  # SotW: the name list of the last request
+    # Names whose latest response was NACKed: name -> (the version rejected, Envoy's message).
+    # Cleared by an ACK of a response carrying the name, a new version of it sent, or its
+    # removal (see ``ProtocolStream.rejection``).
+    rejected: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def in_scope(self, name: str) -> bool:
         if name in self.names:
@@ -270,6 +274,9 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
         self._follow_up: set[str] = set()  # types to evaluate later in the current pass
         self._nonces = itertools.count(1)
         self._closed = False
+        # Requests taken so far: what a proxy holds changes only on a request (an ACK, a NACK,
+        # a subscription), so a poller can skip a stream whose count did not move.
+        self.requests_handled = 0
         self._log = log.bind(stream=self.stream_id, kind=str(self.kind))
 
     # -- interface used by the transport ----------------------------------------------------
@@ -298,6 +305,7 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
 
     def handle(self, request: Req) -> list[Resp]:
         """Process one request; return the responses to send now, in order."""
+        self.requests_handled += 1
         if request.HasField("node") and request.node.id and not self.node_id:
             size = len(request.node.id.encode("utf-8", "replace"))
             if size > self._limits.max_node_id_bytes:
@@ -437,6 +445,41 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
             problems=self.node_problems,
         )
 
+    # -- what the proxy holds, per name (the operator's Programmed condition, issue 12) ------
+
+    def subscribed(self, type_url: str, served: Set[str]) -> Set[str]:
+        """The names of ``served`` that this stream subscribes to for ``type_url``: all of
+        them for a wildcard subscription (a gateway's LDS wildcard: its own listener only),
+        none once the stream is closed or before it asked for the type."""
+        st = self._types.get(type_url)
+        if self._closed or st is None or not st.requested:
+            return frozenset()
+        scope = st.scope()
+        return served if scope is None else served & scope
+
+    def held_version(self, type_url: str, name: str) -> str | None:
+        """The version of ``name`` the proxy holds: the one it ACKed (or, delta, said it held
+        at connect, in ``initial_resource_versions``); None if it holds none."""
+        st = self._types.get(type_url)
+        held = st.held.get(name) if st is not None else None
+        return held.version if held is not None else None
+
+    def rejection(self, type_url: str, name: str) -> str | None:
+        """Envoy's message if the last response carrying ``name`` was NACKed and the proxy
+        does not hold that version (it keeps an older one, or none); None otherwise, and as
+        soon as a newer version of ``name`` is sent or one is ACKed.
+
+        A NACK rejects a whole response: every name it carried is counted rejected, with the
+        same message (Envoy's names the resource it choked on)."""
+        st = self._types.get(type_url)
+        rejected = st.rejected.get(name) if st is not None else None
+        if st is None or rejected is None:
+            return None
+        held = st.held.get(name)
+        if held is not None and held.version == rejected[0]:
+            return None
+        return rejected[1]
+
     # -- subclass hooks ---------------------------------------------------------------------
 
     @abstractmethod
@@ -547,6 +590,9 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
         if error is None:
             self._apply_ack(type_url, st, sent)
             st.acked_version = sent.version
+            if st.rejected:
+                for name in sent.entries:
+                    st.rejected.pop(name, None)
             self._metrics.acks.labels(**labels).inc()
             self._log.debug("xDS ACK", type=labels["type"], version=sent.version)
             return True
@@ -566,6 +612,7 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
             at=self._clock(),
         )
         st.last_nack = record
+        self._remember_rejection(st, sent, record.message)
         self._journal.record(record)
         self._metrics.nacks.labels(**labels).inc()
         self._log.warning(
@@ -577,6 +624,17 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
             error=error[1],
         )
         return True
+
+    def _remember_rejection(self, st: TypeState, sent: Sent, message: str) -> None:
+        """Each name ``sent`` carried was rejected with ``message`` (bounded: the names in
+        scope, at most ``max_names``; the message as the journal keeps it)."""
+        message = capped(message)
+        for name, entry in sent.entries.items():
+            st.rejected[name] = (entry.version, message)
+        if len(st.rejected) > self._limits.max_names:
+            st.rejected = {n: r for n, r in st.rejected.items() if st.in_scope(n)}
+            while len(st.rejected) > self._limits.max_names:
+                del st.rejected[next(iter(st.rejected))]
 
     def _watch_diff(self, type_url: str, st: TypeState, before: set[str], after: set[str]) -> None:
         self._cache.watch(self, type_url, after - before)
@@ -650,6 +708,13 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
         return True
 
     def _after_send(self, type_url: str, st: TypeState, sent: Sent) -> None:
+        if st.rejected:
+            # A new version of a rejected name is on its way: its fate is that response's.
+            for name, entry in sent.entries.items():
+                if (r := st.rejected.get(name)) is not None and r[0] != entry.version:
+                    del st.rejected[name]
+            for name in sent.removed:
+                st.rejected.pop(name, None)
         st.outstanding = sent
         st.last_nonce = sent.nonce
         st.sent_version = sent.version

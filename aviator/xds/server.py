@@ -338,6 +338,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         self._wanted: Counter[ListenSpec] = Counter()
 
     def streams(self) -> list[ProtocolStream[Any, Any]]:
+        """The open streams, in the order they opened."""
         return list(self._streams.values())
 
     def wanted_listeners(self) -> frozenset[ListenSpec]:
@@ -632,6 +633,14 @@ class AdsServer:
             await server.stop(grace)
             await self.servicer.drain(within=1.0)
             log.info("ADS server stopped")
+
+    def streams(self) -> list[ProtocolStream[Any, Any]]:
+        """The live streams (a copy: iterate freely). What each proxy holds, per name, is on
+        the stream: :meth:`~aviator.xds.protocol.ProtocolStream.subscribed`,
+        :meth:`~aviator.xds.protocol.ProtocolStream.held_version`,
+        :meth:`~aviator.xds.protocol.ProtocolStream.rejection`; its
+        ``requests_handled`` moves whenever that may have changed."""
+        return self.servicer.streams()
 
     def proxies(self) -> tuple[ProxyStatus, ...]:
         """The open streams: node id, kind, per-type subscription, versions and last NACK."""

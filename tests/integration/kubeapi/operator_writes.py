@@ -11,7 +11,7 @@ every 100 ms the weigher weighs each policy's pods from latencies of 5 ms (one p
 +-10 %), and the Operator gets the weights (weights_changed) and, every second, ACK counts
 (acks_changed). Default intervals (lease 15/10/2 s, status 1 s per policy, annotations 30 s
 per pod, Services 5 s). Prints the writes by method and resource during a 100 s warm-up and
-during the following minute. Figures: docs/kubernetes-status.md.
+during the following minute. Figures: docs/kubernetes.md ("Writes to the API server").
 """
 
 from __future__ import annotations
