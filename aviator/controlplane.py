@@ -59,7 +59,7 @@ MAX_ENDPOINT_WEIGHT_SERIES = 100_000  # the opt-in per-endpoint weights: a scrap
 PROBE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 PROBLEM_KINDS = (  # aviator_problems{kind}: every kind is always exported (0 when none)
     "file",  # a manifest file that could not be read or parsed (directory source)
-    "object",  # an object skipped: its field, kind or shape is wrong
+    "object",  # a problem with an object (one per field at fault): kind, shape, a value
     "policy_invalid",  # a policy whose spec does not validate (Accepted=False, Invalid)
     "policy_conflicted",  # a second policy for a workload (Accepted=False, Conflicted)
     "policy_target_not_found",  # ResolvedRefs=False, TargetNotFound
@@ -321,11 +321,12 @@ class ControlPlane:
         if self._state is not None:
             for p in self._state.problems:
                 counts["object" if p.object is not None else "file"] += 1
-        for r in self._resolutions:
-            for c in r.conditions:
-                kind = f"policy_{_snake(c.reason.value)}"
-                if c.status.value != "True" and kind in counts:
-                    counts[kind] += 1
+        for r in self._resolutions:  # each policy once per kind of trouble
+            bad = {
+                f"policy_{_snake(c.reason.value)}" for c in r.conditions if c.status.value != "True"
+            }
+            for kind in bad & counts.keys():
+                counts[kind] += 1
         counts["probe_refused"] = len(self.prober.refused)
         counts["proxy_metadata"] = sum(len(p.problems) for p in self.ads.proxies())
         family = GaugeMetricFamily(

@@ -189,7 +189,7 @@ def _resource_count(stream: ProtocolStream[Any, Any]) -> int:
     count = 0
     for type_url, st in types.items():
         if st.requested:
-            count += len(_desired(stream, type_url, st)) + len(st.held) + len(st.names)
+            count += len(set(_desired(stream, type_url, st)) | st.held.keys() | st.names)
     return count
 
 
@@ -205,7 +205,7 @@ def client_status(
     if count > MAX_RESOURCES:
         raise CsdsRequestError(
             "RESOURCE_EXHAUSTED",
-            f"{len(matched)} proxies hold about {count} resources; at most {MAX_RESOURCES} are "
+            f"{len(matched)} proxies hold {count} resources; at most {MAX_RESOURCES} are "
             "reported per request: narrow it with node_matchers",
         )
     contents = not request.exclude_resource_contents
