@@ -54,7 +54,9 @@ def json_lines(text: str) -> list[dict[str, Any]]:
 def metric(text: str, name: str, **labels: str) -> float | None:
     """The value of one sample in Prometheus text (None if absent)."""
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = "^" + re.escape(name) + (r"\{" + re.escape(want) + r"\}" if labels else "") + r" (\S+)$"
+    pattern = (
+        "^" + re.escape(name) + (r"\{" + re.escape(want) + r"\}" if labels else "") + r" (\S+)$"
+    )
     found = re.search(pattern, text, re.MULTILINE)
     return float(found.group(1)) if found else None
 
@@ -98,12 +100,14 @@ async def test_json_logs_and_metrics_while_things_go_wrong(tmp_path: Path) -> No
             await _until(
                 http,
                 admin,
-                lambda t: (metric(t, "aviator_probe_failing_endpoints") or 0) == len(PODS)
-                and (
-                    metric(t, "aviator_probe_duration_seconds_count", outcome="connect_error")
-                    or 0
-                )
-                >= len(PODS),
+                lambda t: (
+                    (metric(t, "aviator_probe_failing_endpoints") or 0) == len(PODS)
+                    and (
+                        metric(t, "aviator_probe_duration_seconds_count", outcome="connect_error")
+                        or 0
+                    )
+                    >= len(PODS)
+                ),
             )
             # A policy that does not validate, and a file that does not parse.
             (source / "broken.yaml").write_text(BAD_POLICY)
@@ -111,8 +115,10 @@ async def test_json_logs_and_metrics_while_things_go_wrong(tmp_path: Path) -> No
             text = await _until(
                 http,
                 admin,
-                lambda t: metric(t, "aviator_problems", kind="policy_invalid") == 1
-                and metric(t, "aviator_problems", kind="file") == 1,
+                lambda t: (
+                    metric(t, "aviator_problems", kind="policy_invalid") == 1
+                    and metric(t, "aviator_problems", kind="file") == 1
+                ),
             )
             # A request the admin server cannot parse: the client's error, one line.
             _, writer = await asyncio.open_connection("127.0.0.1", admin)
@@ -156,9 +162,10 @@ async def test_json_logs_and_metrics_while_things_go_wrong(tmp_path: Path) -> No
     assert metric(text, "aviator_snapshot_build_seconds_count") is not None
     # Nothing else carries an address or a pod name as a label.
     for line in text.splitlines():
-        if line.startswith("#") or line.startswith("aviator_endpoint_weight{"):
+        if line.startswith(("#", "aviator_endpoint_weight{")):
             continue
-        assert "127.0.0." not in line and "web-7d4b9c" not in line, line
+        assert "127.0.0." not in line, line
+        assert "web-7d4b9c" not in line, line
 
 
 async def test_a_usage_error_is_a_json_line_too() -> None:
