@@ -29,6 +29,7 @@ count, so that one request cannot stall the loop serving every proxy.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
@@ -193,11 +194,11 @@ def _resource_count(stream: ProtocolStream[Any, Any]) -> int:
     return count
 
 
-def client_status(
+def _matched(
     streams: Iterable[ProtocolStream[Any, Any]], request: csds_pb2.ClientStatusRequest
-) -> csds_pb2.ClientStatusResponse:
-    """The answer to ``request`` over ``streams``; :class:`CsdsRequestError` if it cannot be
-    answered (an unsupported matcher, too many resources)."""
+) -> list[ProtocolStream[Any, Any]]:
+    """The streams ``request`` asks about, by node id; refused before any work when a
+    matcher is unsupported or they hold more than :data:`MAX_RESOURCES`."""
     check_matchers(request.node_matchers)
     matched = [s for s in streams if node_matches(s.node_id, request.node_matchers)]
     matched.sort(key=lambda s: (s.node_id, s.stream_id))
@@ -208,16 +209,40 @@ def client_status(
             f"{len(matched)} proxies hold {count} resources; at most {MAX_RESOURCES} are "
             "reported per request: narrow it with node_matchers",
         )
-    contents = not request.exclude_resource_contents
-    return csds_pb2.ClientStatusResponse(
-        config=[
-            csds_pb2.ClientConfig(
-                node=base_pb2.Node(id=s.node_id),
-                generic_xds_configs=resource_configs(s, contents=contents),
-            )
-            for s in matched
-        ]
+    return matched
+
+
+def _client_config(
+    stream: ProtocolStream[Any, Any], request: csds_pb2.ClientStatusRequest
+) -> csds_pb2.ClientConfig:
+    return csds_pb2.ClientConfig(
+        node=base_pb2.Node(id=stream.node_id),
+        generic_xds_configs=resource_configs(
+            stream, contents=not request.exclude_resource_contents
+        ),
     )
+
+
+def client_status(
+    streams: Iterable[ProtocolStream[Any, Any]], request: csds_pb2.ClientStatusRequest
+) -> csds_pb2.ClientStatusResponse:
+    """The answer to ``request`` over ``streams``; :class:`CsdsRequestError` if it cannot be
+    answered (an unsupported matcher, too many resources)."""
+    matched = _matched(streams, request)
+    return csds_pb2.ClientStatusResponse(config=[_client_config(s, request) for s in matched])
+
+
+async def client_status_async(
+    streams: Iterable[ProtocolStream[Any, Any]], request: csds_pb2.ClientStatusRequest
+) -> csds_pb2.ClientStatusResponse:
+    """:func:`client_status`, giving the event loop back after each stream: building the
+    answer costs ~14 µs per resource (2,000 resources: ~30 ms), and the loop also serves
+    every proxy. Each proxy's part is read at one instant; two proxies' parts may not be."""
+    configs = []
+    for stream in _matched(streams, request):
+        configs.append(_client_config(stream, request))
+        await asyncio.sleep(0)
+    return csds_pb2.ClientStatusResponse(config=configs)
 
 
 # -- gRPC --------------------------------------------------------------------------------------
@@ -239,12 +264,14 @@ def _decode(data: bytes) -> csds_pb2.ClientStatusRequest | _Garbage:
         return _Garbage(len(data))
 
 
-def _answer(streams: Streams, request: csds_pb2.ClientStatusRequest | _Garbage) -> Any:
+async def _answer(
+    streams: Streams, request: csds_pb2.ClientStatusRequest | _Garbage
+) -> csds_pb2.ClientStatusResponse:
     if isinstance(request, _Garbage):
         raise CsdsRequestError(
             "INVALID_ARGUMENT", f"a request of {request.size} bytes is not a ClientStatusRequest"
         )
-    return client_status(streams(), request)
+    return await client_status_async(streams(), request)
 
 
 async def _refuse(context: grpc.aio.ServicerContext[Any, Any], exc: CsdsRequestError) -> None:
@@ -260,7 +287,7 @@ def csds_handlers(streams: Streams) -> grpc.GenericRpcHandler:
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> csds_pb2.ClientStatusResponse:
         try:
-            response: csds_pb2.ClientStatusResponse = _answer(streams, request)
+            response = await _answer(streams, request)
         except CsdsRequestError as exc:
             await _refuse(context, exc)
             raise AssertionError("unreachable: abort raises") from exc
@@ -272,7 +299,7 @@ def csds_handlers(streams: Streams) -> grpc.GenericRpcHandler:
     ) -> AsyncIterator[csds_pb2.ClientStatusResponse]:
         async for request in requests:
             try:
-                response = _answer(streams, request)
+                response = await _answer(streams, request)
             except CsdsRequestError as exc:
                 await _refuse(context, exc)
                 return
@@ -301,6 +328,7 @@ __all__ = [
     "CsdsRequestError",
     "check_matchers",
     "client_status",
+    "client_status_async",
     "csds_handlers",
     "node_matches",
     "resource_configs",

@@ -15,6 +15,7 @@ from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 from envoy.type.matcher.v3 import node_pb2, string_pb2
 
 from aviator.xds import resources as r
+from aviator.xds.csds import SERVICE
 from aviator.xds.protocol import StreamKind
 from aviator.xds.server import AdsServer
 from aviator.xds.snapshot import build_snapshot
@@ -152,6 +153,13 @@ async def test_csds_refuses_what_it_does_not_support(
         await csds.FetchClientStatus(csds_pb2.ClientStatusRequest(node_matchers=[regex]))
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "safe_regex is not supported" in (info.value.details() or "")
+    # Bytes that are not a request: refused, with the size and no traceback.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ads.port}") as channel:
+        raw = channel.unary_unary(f"/{SERVICE}/FetchClientStatus")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await raw(b"\xff\xff\xff garbage")
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "a request of 11 bytes is not a ClientStatusRequest"
     # The streaming RPC answers each request, and refuses the same way.
     call = csds.StreamClientStatus()
     await call.write(csds_pb2.ClientStatusRequest())
