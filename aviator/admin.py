@@ -2,7 +2,9 @@
 
 The server knows nothing about the control plane: it is given a readiness function and named
 views (callables returning JSON-able values), so it is tested on its own and the composition
-root decides what is shown.
+root decides what is shown. The same goes for metrics: :class:`ScrapeCollector` turns a
+callable into metric families computed at scrape time, and :func:`add_process_metrics` puts
+prometheus_client's process, platform and GC collectors on the (private) registry.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -18,6 +20,7 @@ import prometheus_client
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from prometheus_client.metrics_core import Metric
 
 ReadyCheck = Callable[[], tuple[bool, list[str]]]
 View = Callable[[], Any]
@@ -31,6 +34,33 @@ _ExcInfo = (
     | tuple[None, None, None]
     | None
 )
+
+
+class ScrapeCollector:
+    """Metric families computed when ``/metrics`` is read, from ``families()``.
+
+    For values the control plane already holds (problems, per-endpoint weights): computed
+    from the current state at each scrape, a series that no longer exists is simply not
+    there, with no gauge to keep in step or forget. ``families()`` runs on the event loop
+    (the admin handler calls ``generate_latest`` there) and must be quick.
+    """
+
+    def __init__(self, families: Callable[[], Iterable[Metric]]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self._families())
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # names are not checked for clashes: families carry aviator_ names only
+
+
+def add_process_metrics(registry: prometheus_client.CollectorRegistry) -> None:
+    """``process_*`` (CPU, memory, file descriptors, start time), ``python_info`` and
+    ``python_gc_*`` on ``registry`` (prometheus_client registers them only on its global one)."""
+    prometheus_client.ProcessCollector(registry=registry)
+    prometheus_client.PlatformCollector(registry=registry)
+    prometheus_client.GCCollector(registry=registry)
 
 
 class _ServerLog(logging.Logger):

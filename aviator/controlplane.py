@@ -29,15 +29,17 @@ import dataclasses
 import math
 import os
 import socket
+import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import prometheus_client
 import structlog
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
-from aviator.admin import AdminServer
+from aviator.admin import AdminServer, ScrapeCollector, add_process_metrics
 from aviator.k8s.fields import dns_label_error
 from aviator.k8s.lastvalid import LastValid
 from aviator.k8s.resolve import ACCEPTED, PolicyResolution, resolve_state, serving
@@ -67,6 +69,19 @@ OPERATOR_BACKOFF = (1.0, 60.0)  # seconds before restarting a failed operator: f
 ACK_POLL_INTERVAL = 1.0  # how often this replica's proxies' ACKs are counted for the operator
 DEFAULT_XDS_ADDRESS = "127.0.0.1:18000"
 DEFAULT_ADMIN_ADDRESS = "127.0.0.1:18001"
+MAX_ENDPOINT_WEIGHT_SERIES = 100_000  # the opt-in per-endpoint weights: a scrape's worth
+# Probe round trips: a millisecond on a LAN to the longest timeout a policy may set.
+PROBE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+PROBLEM_KINDS = (  # aviator_problems{kind}: every kind is always exported (0 when none)
+    "file",  # a manifest file that could not be read or parsed (directory source)
+    "object",  # a problem with an object (one per field at fault): kind, shape, a value
+    "policy_invalid",  # a policy whose spec does not validate (Accepted=False, Invalid)
+    "policy_conflicted",  # a second policy for a workload (Accepted=False, Conflicted)
+    "policy_target_not_found",  # ResolvedRefs=False, TargetNotFound
+    "policy_port_not_found",  # ResolvedRefs=False, PortNotFound
+    "probe_refused",  # a pod address the prober refuses to contact (AddressPolicy)
+    "proxy_metadata",  # node metadata of a connected proxy that was ignored
+)
 
 
 class ControlPlaneError(Exception):
@@ -162,6 +177,9 @@ class Settings:
     # namespace of its Leases (else $POD_NAMESPACE, else aviator-system).
     operator: bool = True
     operator_namespace: str | None = None
+    # aviator_endpoint_weight, one series per endpoint (labels: workload, address), for at
+    # most this many endpoints; 0: not exported (addresses as labels are unbounded).
+    endpoint_weight_metrics: int = 0
 
     def __post_init__(self) -> None:
         if self.operator_namespace is not None:
@@ -173,6 +191,11 @@ class Settings:
         parse_host_port(self.admin_address, any_port=True)
         if not self.reweigh_interval > 0:
             raise ValueError("reweigh_interval must be > 0")
+        if not 0 <= self.endpoint_weight_metrics <= MAX_ENDPOINT_WEIGHT_SERIES:
+            raise ValueError(
+                f"--endpoint-weight-metrics must be in 0..{MAX_ENDPOINT_WEIGHT_SERIES}, "
+                f"got {self.endpoint_weight_metrics}"
+            )
         if (self.xds_tls_cert is None) != (self.xds_tls_key is None):
             raise ValueError("--xds-tls-cert and --xds-tls-key go together")
         if self.xds_tls_client_ca is not None and self.xds_tls_cert is None:
@@ -242,6 +265,7 @@ class ControlPlane:
                 allow_loopback=settings.allow_probe_loopback,
                 allow_link_local=settings.allow_probe_link_local,
             ),
+            log_fields=self._probe_log_fields,
         )
         self._pods: dict[ProbeKey, str] = {}  # the pod of each probe target, for problems
         # The operator (--source kubernetes): built by its task once it has an ApiClient.
@@ -288,6 +312,96 @@ class ControlPlane:
         )
         self._endpoints = prometheus_client.Gauge(
             "aviator_endpoints", "Endpoints served", registry=self.registry
+        )
+        self._add_metrics()
+
+    def _add_metrics(self) -> None:
+        """The metrics beyond the counters above (docs/metrics.md): bounded labels only."""
+        registry = self.registry
+        add_process_metrics(registry)
+        self._probe_seconds = prometheus_client.Histogram(
+            "aviator_probe_duration_seconds",
+            "Probe round trips by outcome (a failure: until it was noticed)",
+            ["outcome"],
+            buckets=PROBE_BUCKETS,
+            registry=registry,
+        )
+        self._failing: set[ProbeKey] = set()  # endpoints whose last probe failed
+        prometheus_client.Gauge(
+            "aviator_probe_failing_endpoints",
+            "Endpoints whose last probe failed",
+            registry=registry,
+        ).set_function(lambda: len(self._failing))
+        prometheus_client.Gauge(
+            "aviator_probe_targets", "Endpoints being probed", registry=registry
+        ).set_function(lambda: len(self.prober.targets))
+        prometheus_client.Gauge(
+            "aviator_probes_in_flight", "Probes waiting for an answer", registry=registry
+        ).set_function(lambda: self.prober.in_flight)
+        self._build_seconds = prometheus_client.Histogram(
+            "aviator_snapshot_build_seconds",
+            "Building a snapshot from the weighed workloads (only what changed is rebuilt)",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=registry,
+        )
+        self._reweigh_seconds = prometheus_client.Histogram(
+            "aviator_reweigh_duration_seconds",
+            "One weighing pass over every served workload",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=registry,
+        )
+        registry.register(ScrapeCollector(self._problem_metrics))
+        if self.settings.endpoint_weight_metrics:
+            registry.register(ScrapeCollector(self._weight_metrics))
+
+    def _problem_metrics(self) -> Iterator[Metric]:
+        counts = dict.fromkeys(PROBLEM_KINDS, 0)
+        if self._state is not None:
+            for p in self._state.problems:
+                counts["object" if p.object is not None else "file"] += 1
+        for r in self._resolutions:  # each policy once per kind of trouble
+            bad = {
+                f"policy_{_snake(c.reason.value)}" for c in r.conditions if c.status.value != "True"
+            }
+            for kind in bad & counts.keys():
+                counts[kind] += 1
+        counts["probe_refused"] = len(self.prober.refused)
+        counts["proxy_metadata"] = sum(len(p.problems) for p in self.ads.proxies())
+        family = GaugeMetricFamily(
+            "aviator_problems",
+            "What Aviator cannot use or serve right now, by kind (docs/metrics.md); "
+            "/debug/problems and /debug/policies say which and why",
+            labels=["kind"],
+        )
+        for kind, count in counts.items():
+            family.add_metric([kind], count)
+        yield family
+
+    def _weight_metrics(self) -> Iterator[Metric]:
+        """``aviator_endpoint_weight`` for the first ``endpoint_weight_metrics`` endpoints by
+        (workload, address); the rest are counted, not shown."""
+        cap = self.settings.endpoint_weight_metrics
+        family = GaugeMetricFamily(
+            "aviator_endpoint_weight",
+            "The weight Aviator publishes for each endpoint (opt-in: aviator run "
+            "--endpoint-weight-metrics)",
+            labels=["workload", "address"],
+        )
+        shown = dropped = 0
+        for key, s in sorted(self._served.items()):
+            if s.weights is None:
+                continue
+            for address, endpoint in sorted(s.weights.endpoints.items()):
+                if shown >= cap:
+                    dropped += 1
+                    continue
+                family.add_metric([key.cluster_name, str(address)], endpoint.weight)
+                shown += 1
+        yield family
+        yield GaugeMetricFamily(
+            "aviator_endpoint_weight_series_dropped",
+            "Endpoints whose weight is not exported: above --endpoint-weight-metrics",
+            value=dropped,
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -374,6 +488,7 @@ class ControlPlane:
         self.prober.set_targets(targets)
         # Staleness and half-lives follow each endpoint's pingInterval (issue 9).
         self.estimator.track({k: t.interval_s for k, t in targets.items()})
+        self._failing &= targets.keys()
         self._policies.labels(serving="true").set(len(served))
         self._policies.labels(serving="false").set(len(self._resolutions) - len(served))
         self._endpoints.set(sum(len(s.resolution.endpoints) for s in served.values()))
@@ -400,11 +515,32 @@ class ControlPlane:
                 )
         return targets
 
+    def _probe_log_fields(self, key: ProbeKey) -> dict[str, object]:
+        """What a log line about one probed endpoint carries: its policy, workload, endpoint
+        (ip:port) and pod."""
+        served = self._served.get(key.workload)
+        return {
+            "policy": str(served.resolution.ref) if served is not None else None,
+            "workload": str(key.workload),
+            "endpoint": str(key.address),
+            "pod": self._pods.get(key),
+        }
+
     def _on_probe(self, key: ProbeKey, result: ProbeResult) -> None:
         self._probes.labels(outcome=result.outcome.value).inc()
+        self._probe_seconds.labels(outcome=result.outcome.value).observe(result.rtt_s)
+        if result.ok:
+            self._failing.discard(key)
+        else:
+            self._failing.add(key)
         self.estimator.observe(key, result, result.finished_at)
         if result.outcome is not ProbeOutcome.OK:
-            log.debug("probe failed", target=str(key), outcome=result.outcome, detail=result.detail)
+            log.debug(
+                "probe failed",
+                **self._probe_log_fields(key),
+                outcome=result.outcome.value,
+                detail=result.detail,
+            )
 
     async def _reweigh_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -413,7 +549,9 @@ class ControlPlane:
             await asyncio.sleep(delay)
             start = loop.time()
             self.reweigh(start)
-            delay = reweigh_delay(self.settings.reweigh_interval, loop.time() - start)
+            took = loop.time() - start
+            self._reweigh_seconds.observe(took)
+            delay = reweigh_delay(self.settings.reweigh_interval, took)
 
     def reweigh(self, now: float, *, force: bool = False) -> bool:
         """Weigh every served workload at ``now``; submit a snapshot if anything changed."""
@@ -456,6 +594,7 @@ class ControlPlane:
 
     def _submit(self) -> None:
         self._built = True
+        started = time.perf_counter()
         try:
             snapshot = self._builder.build(
                 self.workloads(), gateway=self.settings.gateway, listeners=self._listeners
@@ -463,6 +602,8 @@ class ControlPlane:
         except SnapshotError as exc:
             log.error("cannot build a snapshot, keeping the last one", problems=exc.problems)
             return
+        finally:
+            self._build_seconds.observe(time.perf_counter() - started)
         self.publisher.submit(snapshot)
 
     def _report(self) -> None:
@@ -714,6 +855,11 @@ def reweigh_delay(interval: float, took: float) -> float:
     whose pass is under a quarter of ``interval`` are weighed every ``interval`` as before.
     """
     return max(interval, 4 * took)
+
+
+def _snake(reason: str) -> str:
+    """``TargetNotFound`` → ``target_not_found`` (a condition reason as a label value)."""
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in reason).lstrip("_")
 
 
 def _ms(seconds: float | None) -> float | None:

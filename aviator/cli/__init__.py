@@ -136,14 +136,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"aviator: {exc}", file=sys.stderr)
         return 2
     args = parser.parse_args(args_list)
-    if getattr(args.command_module, "LOGS", True):
+    logs = getattr(args.command_module, "LOGS", True)
+    if logs:
         from aviator import log
 
         log.configure(args.log_level, json=args.log_json)
     try:
         code: int = args.command_module.run(args)
     except UsageError as exc:
-        print(f"aviator {args.command}: {exc}", file=sys.stderr)
+        if logs and args.log_json:  # --log-json: stderr holds JSON lines only
+            import structlog
+
+            structlog.get_logger("aviator.cli").error(
+                "usage error", command=args.command, error=str(exc)
+            )
+        else:
+            print(f"aviator {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

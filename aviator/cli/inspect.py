@@ -1,4 +1,5 @@
-"""``aviator inspect``: what an Envoy holds beside what Aviator measured."""
+"""``aviator inspect``: what an Envoy holds beside what Aviator measured; with ``--csds``, what
+every proxy connected to a control plane holds, by the control plane's CSDS."""
 
 from __future__ import annotations
 
@@ -24,10 +25,29 @@ def _url(text: str, flag: str) -> str:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--envoy-admin",
-        required=True,
         metavar="URL",
         help="Envoy's admin address, e.g. http://127.0.0.1:9901",
     )
+    parser.add_argument(
+        "--csds",
+        metavar="HOST:PORT",
+        help="instead of one Envoy's admin: ask the control plane's CSDS (its --xds-address) "
+        "what every connected proxy holds and what it rejected",
+    )
+    parser.add_argument(
+        "--node",
+        action="append",
+        default=[],
+        metavar="NODE_ID",
+        help="with --csds: only this proxy (repeatable)",
+    )
+    parser.add_argument(
+        "--csds-ca", metavar="FILE", help="with --csds: the xDS port is TLS; its CA (PEM)"
+    )
+    parser.add_argument(
+        "--csds-cert", metavar="FILE", help="with --csds-ca: a client certificate (mutual TLS)"
+    )
+    parser.add_argument("--csds-key", metavar="FILE", help="the private key of --csds-cert")
     parser.add_argument(
         "--aviator-admin",
         metavar="URL",
@@ -68,13 +88,57 @@ def _failure(what: str, url: str, exc: Exception) -> str:
     return f"cannot read {what} at {url}: {' '.join(str(exc).split())}"
 
 
+def _run_csds(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from aviator.envoy.inspect import CsdsError, fetch_csds, render_csds
+
+    address = args.csds
+    if "://" in address or ":" not in address:
+        raise UsageError(
+            f"--csds must be HOST:PORT (the control plane's xDS address), got {address!r}"
+        )
+    if args.envoy_admin is not None or args.aviator_admin is not None:
+        raise UsageError("--csds asks the control plane alone: no --envoy-admin or --aviator-admin")
+    if (args.csds_cert is None) != (args.csds_key is None):
+        raise UsageError("--csds-cert and --csds-key go together")
+    if args.csds_cert is not None and args.csds_ca is None:
+        raise UsageError("--csds-cert needs --csds-ca")
+    try:
+        nodes = asyncio.run(
+            fetch_csds(
+                address,
+                nodes=args.node,
+                timeout_s=args.timeout,
+                ca_file=args.csds_ca,
+                cert_file=args.csds_cert,
+                key_file=args.csds_key,
+            )
+        )
+    except CsdsError as exc:
+        print(f"aviator inspect: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        body = {"csds": address, "nodes": [n.to_json() for n in nodes]}
+        sys.stdout.write(json.dumps(body, indent=2) + "\n")
+    else:
+        sys.stdout.write(render_csds(nodes, source=address) + "\n")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout must be > 0, got {args.timeout:g}")
+    if args.csds is not None:
+        return _run_csds(args)
+    if args.envoy_admin is None:
+        raise UsageError("give --envoy-admin URL (one Envoy) or --csds HOST:PORT (a control plane)")
+    if args.node or args.csds_ca or args.csds_cert or args.csds_key:
+        raise UsageError("--node and --csds-* go with --csds")
     envoy_admin = _url(args.envoy_admin, "--envoy-admin")
     aviator_admin = (
         None if args.aviator_admin is None else _url(args.aviator_admin, "--aviator-admin")
     )
-    if not args.timeout > 0:
-        raise UsageError(f"--timeout must be > 0, got {args.timeout:g}")
     import asyncio
 
     from aviator.envoy.errors import EnvoyAdminError

@@ -122,6 +122,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "metadata address 169.254.169.254 is never probed",
     )
     parser.add_argument(
+        "--endpoint-weight-metrics",
+        type=int,
+        default=0,
+        metavar="N",
+        help="export each endpoint's weight on /metrics (aviator_endpoint_weight, labelled "
+        "with workload and address) for at most N endpoints; 0: not exported (default), "
+        "as addresses make a series per pod",
+    )
+    parser.add_argument(
         "--max-file-size",
         default=f"{DEFAULT_LIMITS.max_file_bytes // 1024 // 1024}Mi",
         metavar="SIZE",
@@ -183,6 +192,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             xds_tls_key=args.xds_tls_key,
             xds_tls_client_ca=args.xds_tls_client_ca,
             xds_allowed_nodes=tuple(args.xds_allow_node),
+            endpoint_weight_metrics=args.endpoint_weight_metrics,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc

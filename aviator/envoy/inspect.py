@@ -8,6 +8,10 @@ shows them. An endpoint only one side has is shown too (a push in flight, or an 
 talks to another control plane).
 
 :func:`join` and :func:`render_table` are pure; :func:`collect` does the two reads.
+
+With ``--csds`` the control plane's side alone: its Client Status Discovery Service (on its xDS
+port) says what each connected proxy holds, resource by resource, and what it rejected
+(:func:`fetch_csds`; :func:`csds_nodes` and :func:`render_csds` are pure).
 """
 
 from __future__ import annotations
@@ -25,11 +29,17 @@ from aviator.envoy.admin import EnvoyAdmin, HostStatus
 
 __all__ = [
     "AviatorAdminError",
+    "CsdsError",
+    "CsdsNode",
+    "CsdsResource",
     "EndpointRow",
     "Report",
     "collect",
+    "csds_nodes",
     "fetch_aviator_endpoints",
+    "fetch_csds",
     "join",
+    "render_csds",
     "render_table",
 ]
 
@@ -362,3 +372,166 @@ async def collect(
             )
     rows = join(hosts, aviator, clusters=clusters, all_clusters=all_clusters)
     return Report(envoy_admin, aviator_admin, tuple(rows))
+
+
+# -- CSDS: what the proxies of a control plane hold, by its own account ------------------------
+
+_TYPE_SHORT = {
+    "type.googleapis.com/envoy.config.cluster.v3.Cluster": "cds",
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment": "eds",
+    "type.googleapis.com/envoy.config.listener.v3.Listener": "lds",
+    "type.googleapis.com/envoy.config.route.v3.RouteConfiguration": "rds",
+}
+MAX_CSDS_RESPONSE_BYTES = 256 * 1024 * 1024  # resource contents are not asked for
+
+
+class CsdsError(Exception):
+    """A control plane's CSDS could not be asked (unreachable, refused, not served)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CsdsResource:
+    """One resource of one proxy: client status (ACKED, NACKED, REQUESTED, DOES_NOT_EXIST),
+    the server's view (SYNCED, STALE, NOT_SENT, ERROR), the version held, and a NACK's
+    message."""
+
+    type: str
+    name: str
+    status: str
+    config_status: str
+    version: str
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "name": self.name,
+            "status": self.status,
+            "config_status": self.config_status,
+            "version": self.version,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CsdsNode:
+    node: str
+    resources: tuple[CsdsResource, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node": self.node, "resources": [r.to_json() for r in self.resources]}
+
+
+def csds_nodes(response: Any) -> list[CsdsNode]:
+    """A ``ClientStatusResponse`` as values (pure)."""
+    from envoy.admin.v3 import config_dump_shared_pb2 as dump_pb2
+    from envoy.service.status.v3 import csds_pb2
+
+    nodes = []
+    for config in response.config:
+        resources = tuple(
+            CsdsResource(
+                type=_TYPE_SHORT.get(c.type_url, c.type_url),
+                name=c.name,
+                status=dump_pb2.ClientResourceStatus.Name(c.client_status),
+                config_status=csds_pb2.ConfigStatus.Name(c.config_status),
+                version=c.version_info,
+                error=c.error_state.details if c.HasField("error_state") else None,
+            )
+            for c in config.generic_xds_configs
+        )
+        nodes.append(CsdsNode(config.node.id, resources))
+    return nodes
+
+
+def render_csds(nodes: Sequence[CsdsNode], *, source: str) -> str:
+    """One line per resource of each proxy; a NACK's message in full below its line."""
+    header = ["node", "type", "name", "status", "server", "version"]
+    table = [header]
+    errors: dict[int, str] = {}
+    for node in nodes:
+        for r in node.resources:
+            if r.error:
+                errors[len(table)] = " ".join(r.error.split())
+            table.append([node.node, r.type, r.name, r.status, r.config_status, r.version or "-"])
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = []
+    for i, row in enumerate(table):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if i in errors:
+            lines.append(f"    rejected: {errors[i]}")
+    count = sum(len(n.resources) for n in nodes)
+    nacked = sum(1 for n in nodes for r in n.resources if r.status == "NACKED")
+    if not nodes:
+        lines = [f"no proxy is connected to {source} (or none matches --node)"]
+    else:
+        plural = "y" if len(nodes) == 1 else "ies"
+        lines.append(f"{len(nodes)} prox{plural} of {source}, {count} resources, {nacked} rejected")
+    return "\n".join(lines)
+
+
+def _read_tls(
+    ca_file: str, cert_file: str | None, key_file: str | None
+) -> tuple[bytes, bytes | None, bytes | None]:
+    """The CA, and the client certificate and key if given (small files, read once)."""
+
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    ca = read(ca_file)
+    assert ca is not None
+    return ca, read(cert_file), read(key_file)
+
+
+async def fetch_csds(
+    address: str,
+    *,
+    nodes: Sequence[str] = (),
+    timeout_s: float = 5.0,
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+) -> list[CsdsNode]:
+    """Ask the CSDS at ``address`` (``host:port``, the control plane's xDS address) what its
+    proxies hold (those of ``nodes`` if given); TLS with ``ca_file`` (and a client certificate
+    for mutual TLS). :class:`CsdsError` on any failure."""
+    import grpc
+    from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
+    from envoy.type.matcher.v3 import node_pb2, string_pb2
+
+    options = [("grpc.max_receive_message_length", MAX_CSDS_RESPONSE_BYTES)]
+    try:
+        if ca_file is None:
+            channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            ca, cert, key = _read_tls(ca_file, cert_file, key_file)
+            credentials = grpc.ssl_channel_credentials(ca, key, cert)
+            channel = grpc.aio.secure_channel(address, credentials, options=options)
+    except OSError as exc:
+        raise CsdsError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+    request = csds_pb2.ClientStatusRequest(
+        exclude_resource_contents=True,
+        node_matchers=[
+            node_pb2.NodeMatcher(node_id=string_pb2.StringMatcher(exact=n)) for n in nodes
+        ],
+    )
+    async with channel:
+        stub = csds_pb2_grpc.ClientStatusDiscoveryServiceStub(channel)
+        try:
+            response = await stub.FetchClientStatus(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            details = " ".join((exc.details() or "").split())
+            if code is grpc.StatusCode.UNIMPLEMENTED:
+                raise CsdsError(
+                    f"{address} does not serve CSDS (is it Aviator's --xds-address?)"
+                ) from exc
+            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise CsdsError(f"CSDS at {address} did not answer in time (--timeout)") from exc
+            if code is grpc.StatusCode.UNAVAILABLE:
+                raise CsdsError(f"cannot reach CSDS at {address}: {details}") from exc
+            raise CsdsError(f"CSDS at {address}: {code.name}: {details}") from exc
+    return csds_nodes(response)

@@ -293,11 +293,14 @@ class Prober(Generic[K]):
         backoff_max_intervals: float = BACKOFF_MAX_INTERVALS,
         rng: random.Random | None = None,
         addresses: AddressPolicy | None = None,
+        log_fields: Callable[[K], Mapping[str, object]] | None = None,
     ) -> None:
         """``addresses``: which addresses may be probed (:class:`AddressPolicy`); a target it
         refuses is never contacted and is listed in :attr:`refused`. None: every address (the
         benchmark probes its loopback backends); the control plane always passes one, and
-        its default refuses loopback and link-local."""
+        its default refuses loopback and link-local. ``log_fields(key)``: the keys a log line
+        about a target carries (the control plane's: ``policy``, ``endpoint``, ``pod``);
+        by default ``key=str(key)``."""
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         if not 0 <= jitter < 1:
@@ -316,6 +319,7 @@ class Prober(Generic[K]):
         self._backoff_max_intervals = backoff_max_intervals
         self._rng = rng or random.Random()
         self._addresses = addresses
+        self._log_fields = log_fields or (lambda key: {"key": str(key)})
         self._slots: dict[K, _Slot] = {}
         self._refused: dict[K, str] = {}
         self._group: asyncio.TaskGroup | None = None
@@ -363,7 +367,7 @@ class Prober(Generic[K]):
             if (why := self._addresses.target_refusal(target)) is not None:
                 refused[key] = why
                 if self._refused.get(key) != why:
-                    log.warning("probe target refused", key=str(key), reason=why)
+                    log.warning("probe target refused", **self._log_fields(key), reason=why)
         self._refused = refused
         if refused:
             targets = {k: t for k, t in targets.items() if k not in refused}
@@ -443,13 +447,15 @@ class Prober(Generic[K]):
                 result = await self._probe_once(transport, slot)
                 if result.ok:
                     if slot.failures:
-                        log.info("probe target recovered", key=str(key), after=slot.failures)
+                        log.info(
+                            "probe target recovered", **self._log_fields(key), after=slot.failures
+                        )
                     slot.failures = 0
                 else:
                     if not slot.failures:  # log transitions, not every failed probe
                         log.info(
                             "probe target failing",
-                            key=str(key),
+                            **self._log_fields(key),
                             url=slot.target.url,
                             outcome=result.outcome.value,
                             status=result.status,
@@ -519,4 +525,4 @@ class Prober(Generic[K]):
         try:
             self._sink(key, result)
         except Exception:
-            log.exception("probe sink failed", key=str(key))
+            log.exception("probe sink failed", **self._log_fields(key))

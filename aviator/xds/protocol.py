@@ -588,6 +588,9 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
         st.outstanding = None
         labels = {"type": TYPE_SHORT[type_url], "kind": str(self.kind)}
         if error is None:
+            self._metrics.acked(
+                type_url, sent.entries, st.held, since=self.connected_at, now=self._clock()
+            )
             self._apply_ack(type_url, st, sent)
             st.acked_version = sent.version
             if st.rejected:
@@ -722,6 +725,9 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
         labels = {"type": TYPE_SHORT[type_url], "kind": str(self.kind)}
         self._metrics.pushes.labels(**labels).inc()
         self._metrics.resources_sent.labels(**labels).inc(len(sent.entries))
+        self._metrics.sent(
+            type_url, sent.entries, st.held, since=self.connected_at, now=self._clock()
+        )
         if type_url == CLUSTER_TYPE and (eds := self._types.get(ENDPOINT_TYPE)) is not None:
             # Warming: the next EDS request after a cluster change must be answered.
             for name, entry in sent.entries.items():

@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry
 
 from aviator.xds.bodies import ResponseBodies
 from aviator.xds.cache import Cache
+from aviator.xds.csds import csds_handlers
 from aviator.xds.delta import DeltaStream
 from aviator.xds.limits import DEFAULT_LIMITS, StreamLimits, StreamRefusedError
 from aviator.xds.metrics import XdsMetrics
@@ -572,7 +573,7 @@ class AdsServer:
         self.limits = limits
         self.tls = tls
         self.certificates: CertificateReloader | None = None
-        self.metrics = XdsMetrics(metrics_registry)
+        self.metrics = XdsMetrics(metrics_registry, cache=cache, clock=clock)
         self.journal = NackJournal()
         self.rejected = RejectedVersions()
         self.servicer = AdsServicer(
@@ -600,7 +601,10 @@ class AdsServer:
         if self._server is not None:
             raise RuntimeError("the ADS server is already started")
         server = grpc.aio.server(options=self.limits.grpc_options())
-        server.add_generic_rpc_handlers((_ads_handlers(self.servicer),))
+        # CSDS on the same port: what each connected proxy holds, for xDS tooling.
+        server.add_generic_rpc_handlers(
+            (_ads_handlers(self.servicer), csds_handlers(self.servicer.streams))
+        )
         try:
             if self.tls is None:
                 port = int(server.add_insecure_port(address))
