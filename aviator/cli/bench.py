@@ -17,6 +17,11 @@ BENCHMARKS: dict[str, tuple[str, str, str | None]] = {
     ),
     "xds": ("aviator.bench.xds", "xDS fan-out: change-to-held latency, CPU, memory", "bench"),
     "source": ("aviator.bench.source", "big or hostile manifest directories: freeze, CPU", "bench"),
+    "k8s": (
+        "aviator.bench.k8s",
+        "a real API server: policy and pod Ready to Envoy; CPU, memory with 1k/10k pods",
+        "bench",
+    ),
 }
 
 

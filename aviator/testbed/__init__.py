@@ -26,4 +26,9 @@ Load:
 - :mod:`aviator.testbed.loadgen` — runs a spec and records it, in-process or in its own process
   (``python -m aviator.testbed.loadgen``).
 - :mod:`aviator.testbed.capacity` — measures what rate the load generator keeps up with here.
+
+Kubernetes:
+
+- :mod:`aviator.testbed.kubeapi` — a real API server (etcd, kube-apiserver,
+  kube-controller-manager on loopback) for the tests and ``aviator bench k8s``.
 """

@@ -1,10 +1,11 @@
-"""pytest fixtures for tests that run against the real Kubernetes API server (server.py).
+"""pytest fixtures for tests that run against the real Kubernetes API server
+(:mod:`aviator.testbed.kubeapi`).
 
 They are registered once for the whole suite by ``tests/conftest.py`` (so a session starts at
 most one API server, whichever directories its tests are in); do not import them again in a
 nested conftest.py: pytest would treat that as a second fixture and start a second server.
 
-- ``kube_env`` (session): a started :class:`~tests.kubeapi.server.KubeTestEnv` (etcd,
+- ``kube_env`` (session): a started :class:`~aviator.testbed.kubeapi.KubeTestEnv` (etcd,
   kube-apiserver, kube-controller-manager). Builds the binaries first if they are missing
   (``scripts/kube-testenv.sh``; ``make test`` does that before pytest) and fails, never skips,
   if it cannot.
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kubeapi.server import ROOT, KubeTestEnv
+from aviator.testbed.kubeapi import ROOT, KubeTestEnv
 
 __all__ = [
     "CRD_NAME",

@@ -1,4 +1,4 @@
-"""Helpers for the operator's tests on the real API server (tests/kubeapi/server.py).
+"""Helpers for the operator's tests on the real API server (aviator/testbed/kubeapi.py).
 
 - :func:`kube_api`: a :class:`~aviator.operator.kube.KubeApi` for a kubeconfig (Aviator's
   ServiceAccount's, to test the shipped RBAC, or the admin's), closed afterwards.
@@ -28,8 +28,8 @@ from aviator.k8s.state import ClusterState, decode_object
 from aviator.operator.kube import KubeApi, api_client_from_kubeconfig
 from aviator.probing.estimator import EndpointStats
 from aviator.probing.weigher import WeighResult, weigh
+from aviator.testbed.kubeapi import KubeTestEnv
 from tests.kubeapi.fixtures import AviatorInstall
-from tests.kubeapi.server import KubeTestEnv
 
 T = TypeVar("T")
 REPLICA_NS = "aviator-system"  # the operator's namespace, where its Leases live

@@ -1,7 +1,7 @@
 """Writes per minute to the API server by the Operator at 1,000 pods under steady load.
 
 Not a test (no assertion on timing): a measurement, run by hand on the real API server of
-tests/kubeapi/server.py::
+aviator/testbed/kubeapi.py::
 
     PYTHONPATH=. .venv/bin/python -m tests.integration.kubeapi.operator_writes [WORKDIR]
 
@@ -34,8 +34,8 @@ from aviator.operator.kube import KubeApi, api_client_from_kubeconfig
 from aviator.operator.runtime import Operator, OperatorSettings
 from aviator.probing.estimator import EndpointStats
 from aviator.probing.weigher import WeighResult, weigh
+from aviator.testbed.kubeapi import ROOT, KubeTestEnv
 from tests.integration.kubeapi.operator_support import read_state
-from tests.kubeapi.server import ROOT, KubeTestEnv
 
 WORKLOADS, PODS = 10, 100
 NS = "bench"

@@ -26,13 +26,13 @@ import yaml
 
 from aviator.envoy.process import validate as envoy_validate
 from aviator.k8s.policy import PolicyError, parse_policy
+from aviator.testbed.kubeapi import ROOT, KubeTestEnv
 from tests.kubeapi.fixtures import (
     CRD_NAME,
     OPERATOR_NAMESPACE,
     OPERATOR_SERVICE_ACCOUNT,
     AviatorInstall,
 )
-from tests.kubeapi.server import ROOT, KubeTestEnv
 
 DEPLOY = ROOT / "deploy"
 EXAMPLES = ROOT / "examples"

@@ -27,8 +27,8 @@ from aviator.operator.annotations import (
 from aviator.operator.annotator import PodAnnotator
 from aviator.operator.kube import KubeApi
 from aviator.probing.weigher import WeighResult
+from aviator.testbed.kubeapi import ROOT, KubeTestEnv, KubeTestEnvError
 from tests.kubeapi.fixtures import AviatorInstall
-from tests.kubeapi.server import ROOT, KubeTestEnv, KubeTestEnvError
 
 from .operator_support import (
     deployment,

@@ -25,8 +25,8 @@ from aviator.operator.election import ElectionTiming
 from aviator.operator.elector import LeaderElector
 from aviator.operator.kube import KubeApi
 from aviator.operator.status_writer import StatusWriter
+from aviator.testbed.kubeapi import ROOT, KubeTestEnv
 from tests.kubeapi.fixtures import AviatorInstall
-from tests.kubeapi.server import ROOT, KubeTestEnv
 
 from .operator_support import deployment, eventually, kube_api, policy, ready_pods, resolutions
 

@@ -14,8 +14,8 @@ from aviator.operator.acks import ClusterAcks
 from aviator.operator.election import ElectionTiming
 from aviator.operator.kube import KubeApi
 from aviator.operator.runtime import Operator, OperatorSettings
+from aviator.testbed.kubeapi import KubeTestEnv
 from tests.kubeapi.fixtures import AviatorInstall
-from tests.kubeapi.server import KubeTestEnv
 
 from .operator_support import (
     REPLICA_NS,

@@ -14,8 +14,8 @@ from typing import Any
 from aviator.operator.acks import ClusterAcks
 from aviator.operator.reports import REPORT_ANNOTATION, AckReports, report_lease_name
 from aviator.operator.status_writer import StatusWriter
+from aviator.testbed.kubeapi import KubeTestEnv, KubeTestEnvError
 from tests.kubeapi.fixtures import AviatorInstall
-from tests.kubeapi.server import KubeTestEnv, KubeTestEnvError
 
 from .operator_support import (
     REPLICA_NS,

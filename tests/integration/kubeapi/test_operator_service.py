@@ -19,8 +19,8 @@ from aviator.model import WorkloadKey
 from aviator.operator.kube import KubeApi
 from aviator.operator.service_writer import HotAvoidingServices
 from aviator.probing.weigher import WeighResult
+from aviator.testbed.kubeapi import ROOT, KubeTestEnv, KubeTestEnvError
 from tests.kubeapi.fixtures import AviatorInstall
-from tests.kubeapi.server import ROOT, KubeTestEnv, KubeTestEnvError
 
 from .operator_support import (
     deployment,

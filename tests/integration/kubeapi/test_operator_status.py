@@ -20,8 +20,8 @@ from aviator.k8s.fields import ObjectRef
 from aviator.operator.acks import ClusterAcks
 from aviator.operator.kube import KubeApi
 from aviator.operator.status_writer import StatusWriter, policy_path
+from aviator.testbed.kubeapi import KubeTestEnv
 from tests.kubeapi.fixtures import AviatorInstall
-from tests.kubeapi.server import KubeTestEnv
 
 from .operator_support import (
     deployment,

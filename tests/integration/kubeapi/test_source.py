@@ -35,8 +35,8 @@ from aviator.source.kubernetes import Backoff, InformerOptions, KubernetesSource
 from aviator.source.kubernetes.informer import Informer
 from aviator.source.kubernetes.source import new_api_client, resources
 from aviator.source.store import Store
+from aviator.testbed.kubeapi import KubeTestEnv
 from tests.kubeapi.fixtures import AviatorInstall
-from tests.kubeapi.server import KubeTestEnv
 
 # Short watches and back-off, so that reconnects happen within a test.
 FAST = InformerOptions(

@@ -1,4 +1,4 @@
-"""The real-API-server test environment itself (tests/kubeapi/server.py) does what the
+"""The real-API-server test environment itself (aviator/testbed/kubeapi.py) does what the
 Kubernetes tests rely on: controllers make Pods, set_pod_status plays the kubelet, forced 410s
 happen, the API server can go away and come back, ServiceAccount tokens authenticate."""
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.kubeapi.server import (
+from aviator.testbed.kubeapi import (
     KUBE_VERSION,
     KubeBinaries,
     KubeTestEnv,
