@@ -32,7 +32,7 @@ import aiohttp
 import yaml
 
 from aviator.envoy.process import EnvoyProcess, free_port
-from tests.kubeapi.server import ROOT, KubeTestEnv
+from aviator.testbed.kubeapi import ROOT, KubeTestEnv
 
 T = TypeVar("T")
 

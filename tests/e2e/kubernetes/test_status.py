@@ -37,13 +37,13 @@ from aviator.envoy.process import EnvoyProcess, free_port
 from aviator.testbed.backend import BACKEND_HEADER, BackendSpec
 from aviator.testbed.fleet import Fleet
 from aviator.testbed.fleetserver import FleetSpec
+from aviator.testbed.kubeapi import KubeTestEnv
 from aviator.testbed.profile import Profile
 from aviator.xds import resources as r
 from aviator.xds.resources import GatewayConfig
 from aviator.xds.snapshot import ResourceEntry, Snapshot
 from tests.integration.kubeapi.operator_support import deployment, policy, ready_pods
 from tests.kubeapi.fixtures import AviatorInstall
-from tests.kubeapi.server import KubeTestEnv
 
 from .status_support import (
     aviator_run,
