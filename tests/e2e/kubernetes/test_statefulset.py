@@ -6,7 +6,8 @@ time (OrderedReady: ``db-1`` only once ``db-0`` is Running and Ready), are named
 and go highest ordinal first on scale-down. Checked:
 
 - a StatefulSet and a policy made with kubectl → at least 80% of the requests go to the fast
-  half; scaled down and up, Envoy follows; the policy deleted, its cluster leaves Envoy;
+  half once the weights have settled; scaled down and up, Envoy follows; the policy
+  deleted, its cluster leaves Envoy;
 - a pod that turns NotReady leaves Envoy, and comes back when Ready again;
 - a pod Running and Ready but without an IP yet is no endpoint and is never probed (its
   backend counts the probes it gets: none), until its IP is set.
@@ -19,7 +20,15 @@ import asyncio
 import pytest
 
 from tests.e2e.kubernetes import harness
-from tests.e2e.kubernetes.harness import Stack, policy_yaml, took, until
+from tests.e2e.kubernetes.harness import (
+    SHARE_WINDOW_S,
+    WARMUP_S,
+    Stack,
+    fast_share,
+    policy_yaml,
+    took,
+    until,
+)
 
 pytestmark = pytest.mark.envoy
 k8s_stack = harness.k8s_stack  # the fixture, visible to this module's tests
@@ -42,9 +51,8 @@ async def test_a_statefulset_sends_the_traffic_to_the_fast_half_and_envoy_follow
     loop = asyncio.get_running_loop()
 
     async with s.traffic(db, rate=80) as traffic:
-        await asyncio.sleep(3 * PING_INTERVAL_S)
-        measured_from = loop.time()
-        await asyncio.sleep(2.0)
+        start = loop.time()
+        await asyncio.sleep(WARMUP_S + SHARE_WINDOW_S)
 
         scaled_at = await db.scale(3)  # db-3 goes
         await db.pods(3)
@@ -56,10 +64,7 @@ async def test_a_statefulset_sends_the_traffic_to_the_fast_half_and_envoy_follow
         ready_at = await db.make_ready(4, slow=[True])  # db-3 again, on a slow address
         await s.gateway.wait_hosts(db.cluster, db.endpoints(), within=FOLLOW_BOUND_S + 10)
         up = loop.time() - ready_at
-    fast, total = traffic.share(s.pool.fast_names, measured_from, measured_from + 2.0)
-    print(f"[e2e-k8s] StatefulSet, after 3 ping intervals: {fast}/{total} to the fast half")
-    assert total > 80
-    assert fast / total >= 0.8, f"{fast}/{total} to the fast half"
+    assert fast_share(traffic, s.pool, start + WARMUP_S, "StatefulSet") >= 0.8
     failed = traffic.failed()
     assert failed == [], f"{len(failed)} failed requests, e.g. {failed[:3]}"
 
