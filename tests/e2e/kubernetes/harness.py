@@ -460,11 +460,13 @@ class Gateway:
 
 @dataclass(frozen=True, slots=True)
 class Sent:
-    """One request: when it was meant to go (loop time), who answered, how it failed."""
+    """One request: when it was meant to go (loop time), who answered, how it failed, and
+    how late the generator sent it (a starved test process shows here, not in Envoy)."""
 
     at: float
     backend: str | None
     error: str | None
+    lag: float = 0.0
 
 
 @dataclass
@@ -478,7 +480,7 @@ class Traffic:
     records: list[Sent] = field(default_factory=list)
     _t0: float = 0.0
     _task: asyncio.Task[int] | None = None
-    _pending: set[float] = field(default_factory=set)
+    _pending: dict[float, float] = field(default_factory=dict)  # offset -> send lag
 
     async def __aenter__(self) -> Traffic:
         loop = asyncio.get_running_loop()
@@ -495,7 +497,7 @@ class Traffic:
         assert self._task is not None
         waiting = set(self._pending)
         deadline = asyncio.get_running_loop().time() + 6.0
-        while waiting & self._pending and asyncio.get_running_loop().time() < deadline:
+        while waiting & self._pending.keys() and asyncio.get_running_loop().time() < deadline:
             if self._task.done():
                 break
             await asyncio.sleep(0.01)
@@ -506,19 +508,34 @@ class Traffic:
 
     # The Observer protocol of aviator.testbed.openloop.
     def on_sent(self, offset: float, lag: float, actual: float) -> None:
-        self._pending.add(offset)
+        self._pending[offset] = lag
 
     def on_done(
         self, offset: float, latency: float, error: str | None, backend: str | None
     ) -> None:
-        self._pending.discard(offset)
-        self.records.append(Sent(self._t0 + offset, backend, error))
+        lag = self._pending.pop(offset, 0.0)
+        self.records.append(Sent(self._t0 + offset, backend, error, lag))
 
     def between(self, start: float = 0.0, end: float = float("inf")) -> list[Sent]:
         return [s for s in self.records if start <= s.at < end]
 
     def failed(self, start: float = 0.0, end: float = float("inf")) -> list[Sent]:
         return [s for s in self.between(start, end) if s.error is not None]
+
+    def failures(self, start: float = 0.0, end: float = float("inf")) -> str:
+        """The failed requests, summed up for an assertion message: how many of each kind,
+        when (seconds after the first request), and how late the generator sent them."""
+        failed = self.failed(start, end)
+        if not failed:
+            return "no failed request"
+        kinds: dict[str, int] = {}
+        for f in failed:
+            kinds[f.error or ""] = kinds.get(f.error or "", 0) + 1
+        return (
+            f"{len(failed)} of {len(self.between(start, end))} requests failed {kinds}, "
+            f"sent {failed[0].at - self._t0:.1f}-{failed[-1].at - self._t0:.1f} s into the "
+            f"traffic, at most {max(f.lag for f in failed):.2f} s late"
+        )
 
     def share(self, names: set[str], start: float, end: float) -> tuple[int, int]:
         """(requests answered by a backend in ``names``, requests) in [start, end)."""
