@@ -331,13 +331,14 @@ class AviatorRun:
             )
         run = cls(proc, admin, xds, log_path)
         try:
-            await until(run._ready, "aviator run ready (/readyz 200)", within=within, every=0.1)
+            await until(run.ready, "aviator run ready (/readyz 200)", within=within, every=0.1)
         except BaseException:
             await run.stop()
             raise
         return run
 
-    async def _ready(self) -> bool:
+    async def ready(self) -> bool:
+        """``/readyz`` answers 200 (fails the test if the process has exited)."""
         if self.proc.returncode is not None:
             raise AssertionError(f"aviator run exited {self.proc.returncode}:\n{self.log_tail()}")
         try:
@@ -467,19 +468,32 @@ class Sent:
     backend: str | None
     error: str | None
     lag: float = 0.0
+    latency: float = 0.0  # from the intended send time to the end
 
 
 @dataclass
 class Traffic:
-    """Open-loop traffic through the gateway (``async with``), every request recorded."""
+    """Open-loop traffic through the gateway (``async with``), every request recorded.
+
+    A request fails if it is not answered 2xx within ``deadline_s`` of its intended send time.
+    The default is Envoy's own route timeout (15 s): what these tests look for is a request
+    that the data path fails (Envoy answers 404 or 503 at once when it has no route, cluster
+    or host), not one that a starved machine (2 cores, an API server starting, other test
+    runs) answers late: on such a machine 5 s was exceeded by a few requests while the API
+    server restarted (the slowest that succeeded took 5.2 s), with Envoy's hosts unchanged.
+    :meth:`worst_latency` reports how late the slowest answer came.
+    """
 
     url: str
     host: str
     rate: float = 60.0
     seed: int = 0
+    deadline_s: float = 15.0
     records: list[Sent] = field(default_factory=list)
     _t0: float = 0.0
     _task: asyncio.Task[int] | None = None
+    _monitor: asyncio.Task[None] | None = None
+    stalls: list[tuple[float, float]] = field(default_factory=list)  # (when, seconds)
     _pending: dict[float, float] = field(default_factory=dict)  # offset -> send lag
 
     async def __aenter__(self) -> Traffic:
@@ -487,23 +501,37 @@ class Traffic:
         self._t0 = loop.time()
         spec = LoadSpec(
             targets=(self.url,), duration_s=3600, rate=self.rate, host=self.host,
-            seed=self.seed, deadline_s=5.0,
+            seed=self.seed, deadline_s=self.deadline_s,
         )  # fmt: skip
         self._task = asyncio.create_task(offer(spec, self, t0=self._t0), name="e2e traffic")
+        self._monitor = asyncio.create_task(self._watch_loop(), name="e2e loop monitor")
         return self
 
+    async def _watch_loop(self) -> None:
+        """Record when this process's event loop (the generator's, and the backends') was
+        held up for more than 0.25 s: a machine too busy to run the test, not Envoy."""
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.05)
+            late = loop.time() - before - 0.05
+            if late > 0.25:
+                self.stalls.append((before - self._t0, late))
+
     async def __aexit__(self, *exc: object) -> None:
-        """Stop sending; every request already sent ends first (by its 5 s deadline)."""
+        """Stop sending; every request already sent ends first (by its deadline)."""
         assert self._task is not None
         waiting = set(self._pending)
-        deadline = asyncio.get_running_loop().time() + 6.0
+        deadline = asyncio.get_running_loop().time() + self.deadline_s + 1.0
         while waiting & self._pending.keys() and asyncio.get_running_loop().time() < deadline:
             if self._task.done():
                 break
             await asyncio.sleep(0.01)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        for task in (self._task, self._monitor):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self.records.sort(key=lambda s: s.at)
 
     # The Observer protocol of aviator.testbed.openloop.
@@ -514,7 +542,7 @@ class Traffic:
         self, offset: float, latency: float, error: str | None, backend: str | None
     ) -> None:
         lag = self._pending.pop(offset, 0.0)
-        self.records.append(Sent(self._t0 + offset, backend, error, lag))
+        self.records.append(Sent(self._t0 + offset, backend, error, lag, latency))
 
     def between(self, start: float = 0.0, end: float = float("inf")) -> list[Sent]:
         return [s for s in self.records if start <= s.at < end]
@@ -531,11 +559,16 @@ class Traffic:
         kinds: dict[str, int] = {}
         for f in failed:
             kinds[f.error or ""] = kinds.get(f.error or "", 0) + 1
+        stalls = ", ".join(f"{d:.2f} s at {t:.1f} s" for t, d in self.stalls[:10]) or "none"
         return (
             f"{len(failed)} of {len(self.between(start, end))} requests failed {kinds}, "
             f"sent {failed[0].at - self._t0:.1f}-{failed[-1].at - self._t0:.1f} s into the "
-            f"traffic, at most {max(f.lag for f in failed):.2f} s late"
+            f"traffic, at most {max(f.lag for f in failed):.2f} s late; this process's loop "
+            f"stalled: {stalls}"
         )
+
+    def worst_latency(self) -> float:
+        return max((s.latency for s in self.records if s.error is None), default=0.0)
 
     def share(self, names: set[str], start: float, end: float) -> tuple[int, int]:
         """(requests answered by a backend in ``names``, requests) in [start, end)."""
@@ -765,6 +798,10 @@ async def stack(
         try:
             async with Gateway.running(aviator.xds_port, workdir / "envoy") as gateway:
                 yield Stack(env, namespace, user, proxy, pool, aviator, gateway)
+                # Nothing Aviator sent was rejected (a NACK would leave Envoy on old config).
+                stats = await gateway.envoy.admin.stats()
+                for kind in ("cluster_manager.cds", "listener_manager.lds"):
+                    assert stats[f"{kind}.update_rejected"] == 0, f"Envoy rejected a {kind} update"
         finally:
             code = await aviator.stop()
             text = aviator.log_text()
