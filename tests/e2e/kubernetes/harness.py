@@ -18,9 +18,10 @@ Every part is the real one, started the way a user starts it:
 - the kubelet's part (an IP, Running, Ready) is :meth:`KubeTestEnv.set_pod_status`;
   :class:`App` assigns each pod the controller made a free backend address;
 - the traffic is the testbed's open loop (:func:`aviator.testbed.openloop.offer`: Poisson
-  arrivals sent at their intended time whatever is outstanding, a 5 s deadline each), through
-  the gateway, recording for every request the backend that answered or how it failed
-  (:class:`Traffic`).
+  arrivals sent at their intended time whatever is outstanding, a deadline each: Envoy's
+  route timeout, 15 s), through the gateway, recording for every request the backend that
+  answered or how it failed, and when this process's loop stalled (:class:`Traffic`). The
+  backends run in the test's process (not a fleet process) so that they can count probes.
 
 The user's own changes (Deployments, StatefulSets, policies, ``kubectl scale``) go through the
 machine's kubectl as admin, with a kubeconfig whose context namespace is the test's (the
@@ -28,7 +29,10 @@ policies name no namespace, as the product's example does not). Real processes n
 time: every wait polls a condition against a deadline (:func:`until`), and how long Envoy took
 to follow a change is measured by polling its admin ``/clusters`` and ``/config_dump``.
 
-Start everything with :func:`stack` (an async context manager); the fixture modules wrap it.
+Start everything with :func:`stack` (an async context manager), or take the ``k8s_stack``
+fixture (``k8s_stack = harness.k8s_stack`` in a test module). On teardown ``aviator run``
+must exit 0 on SIGTERM with no traceback in its log, and Envoy must have rejected no CDS or
+LDS update. Figures are printed as ``[e2e-k8s] ...`` lines (``pytest -s`` shows them).
 """
 
 from __future__ import annotations
