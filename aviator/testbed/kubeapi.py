@@ -70,6 +70,11 @@ What it is, and what it is not:
   the cache's window: after :meth:`KubeTestEnv.stop_apiserver` / :meth:`start_apiserver` (the
   new cache starts at etcd's current revision) or, for reads served by etcd (lists with
   ``resourceVersionMatch=Exact``, continue tokens), after :meth:`KubeTestEnv.compact`.
+  For a 410 from compaction alone, start an environment of its own with
+  ``extra_apiserver_flags=("--watch-cache=false",)``: every watch is then served by etcd, and
+  one from a compacted resourceVersion gets an ERROR event 410 "The resourceVersion for the
+  provided watch is too old" (no bookmarks either: they come from the cache);
+  ``tests/e2e/kubernetes/test_faults.py`` does so.
 
 Blocking calls (subprocesses, HTTP); from async code, wrap them in ``asyncio.to_thread``: the
 child processes are spawned from a long-lived thread, so that the death signal (tied to the
