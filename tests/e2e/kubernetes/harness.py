@@ -2,7 +2,7 @@
 
 Every part is the real one, started the way a user starts it:
 
-- the API server is the session's :class:`~tests.kubeapi.server.KubeTestEnv` (kube-apiserver
+- the API server is the session's :class:`~aviator.testbed.kubeapi.KubeTestEnv` (kube-apiserver
   1.20.2, etcd, the controller-manager that turns Deployments and StatefulSets into Pods), with
   ``dist/crd.yaml`` and ``dist/operator.yaml`` applied (``aviator_install``);
 - Aviator is ``python -m aviator run --source kubernetes --kubeconfig K`` as a subprocess, K
@@ -63,11 +63,11 @@ from aviator.envoy.process import EnvoyProcess, free_port
 from aviator.testbed.backend import Backend, BackendSpec
 from aviator.testbed.fleet import Fleet
 from aviator.testbed.fleetserver import FleetSpec
+from aviator.testbed.kubeapi import KubeTestEnv
 from aviator.testbed.loadspec import LoadSpec
 from aviator.testbed.openloop import offer
 from aviator.testbed.profile import Profile
 from tests.kubeapi.fixtures import AviatorInstall
-from tests.kubeapi.server import KubeTestEnv
 
 __all__ = [
     "ALT",

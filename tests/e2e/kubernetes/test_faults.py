@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from aviator.testbed.kubeapi import KubeTestEnv
 from tests.e2e.kubernetes import harness
 from tests.e2e.kubernetes.harness import ALT, Stack, policy_yaml, stack, took, until
 from tests.kubeapi.fixtures import (
@@ -36,7 +37,6 @@ from tests.kubeapi.fixtures import (
     OPERATOR_SERVICE_ACCOUNT,
     AviatorInstall,
 )
-from tests.kubeapi.server import KubeTestEnv
 
 pytestmark = pytest.mark.envoy
 k8s_stack = harness.k8s_stack  # the fixture, visible to this module's tests
