@@ -207,6 +207,16 @@ class Watch:
         except aiohttp.ClientError as exc:
             self.statuses.append((sent, 0, repr(exc)))
 
+    async def more(self, requests: int, samples: int, *, within: float = 60) -> None:
+        """Wait until this many more requests were answered and Envoy sampled (the traffic a
+        phase must carry, however slow the machine), then return."""
+        want = (len(self.statuses) + requests, len(self.samples) + samples)
+
+        async def enough() -> bool:
+            return len(self.statuses) >= want[0] and len(self.samples) >= want[1]
+
+        await poll_until(enough, within=within)
+
     async def envoy_side(self) -> None:
         """Sample Envoy's active clusters (config_dump) and the hosts it routes to."""
         while not self.stop.is_set():
@@ -303,7 +313,7 @@ async def test_an_invalid_edit_keeps_the_last_valid_spec_serving_without_a_faile
     watch = Watch(stack.gateway_url, stack.envoy, stack.hosts)
     tasks = [asyncio.create_task(watch.traffic()), asyncio.create_task(watch.envoy_side())]
     try:
-        await asyncio.sleep(1.0)  # traffic before the edit: the baseline
+        await watch.more(requests=50, samples=10)  # traffic before the edit: the baseline
 
         # The typo: a number without a unit.
         _write(stack.root / "web.yaml", DEPLOYMENT, _policy(100))
@@ -316,6 +326,7 @@ async def test_an_invalid_edit_keeps_the_last_valid_spec_serving_without_a_faile
         # Long enough for several directory scans (0.4 s), probe rounds (0.2 s), reweighs
         # and debounced publishes (0.25 s) on the invalid spec.
         await asyncio.sleep(2.5)
+        await watch.more(requests=50, samples=10)
         still = await _policy_view(stack.admin_url)
 
         # The repair: a valid spec (a different one, so it is a real change).
@@ -326,17 +337,15 @@ async def test_an_invalid_edit_keeps_the_last_valid_spec_serving_without_a_faile
             return view if _accepted(view)["status"] == "True" else None
 
         good = await poll_until(repaired, within=10)
-        await asyncio.sleep(1.0)  # traffic after the repair
+        await watch.more(requests=50, samples=10)  # traffic after the repair
     finally:
         watch.stop.set()
         await asyncio.gather(*tasks)
 
     failed = [s for s in watch.statuses if s[1] != 200]
     print(f"{len(watch.statuses)} requests, {len(failed)} failed; {len(watch.samples)} samples")
-    assert len(watch.statuses) > 150
     assert failed == [], f"{len(failed)} failed requests, e.g. {failed[:3]}"
     missing = [s for s in watch.samples if not s[1] or s[2] != stack.hosts]
-    assert len(watch.samples) > 40
     assert missing == [], (
         f"Envoy lost the cluster or hosts in {len(missing)} samples: {missing[:3]}"
     )
