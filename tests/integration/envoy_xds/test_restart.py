@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import sys
 import time
@@ -15,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
 from aviator.envoy.admin import EnvoyAdmin
@@ -29,10 +31,13 @@ from tests.integration.envoy_xds.harness import (
     GatewayFactory,
     address,
     cluster_name,
+    dynamic_hosts,
     expected_hosts,
     holds,
+    manifests,
     rejections,
     sample,
+    versions,
     workload,
     write_source,
 )
@@ -42,6 +47,10 @@ pytestmark = pytest.mark.envoy
 WEB = cluster_name("web")
 EDS_VERSION = f"cluster.{WEB}.version_text"
 CDS_VERSION = "cluster_manager.cds.version_text"
+# Envoy retries a lost ADS stream after 0.5 s, doubling up to 30 s (grpc_stream.h), and a new
+# process takes seconds to start on a loaded machine: Envoy may wait most of 30 s to retry.
+RECONNECT_S = 60.0
+KILLS = 4  # changes, each followed by a SIGKILL mid-push and a new process
 
 
 @contextlib.asynccontextmanager
@@ -159,7 +168,7 @@ async def test_restarted_control_plane_process_converges_without_failed_requests
     versions = VersionLog()
     stop = asyncio.Event()
     async with aviator_run(source, xds_port, gateway_port, log) as first:
-        await poll_until(lambda: holding(b1, b2), within=20)
+        await poll_until(lambda: holding(b1, b2), within=RECONNECT_S)
         status, body = await gw.get("web.shop")
         assert (status, body in {"b1", "b2"}) == (200, True)
         tasks = [
@@ -183,7 +192,7 @@ async def test_restarted_control_plane_process_converges_without_failed_requests
             # While it is down a pod is added; the new process starts with that content.
             write_source(source, [b1, b2, b3])
             async with aviator_run(source, xds_port, gateway_port, log):
-                await poll_until(lambda: holding(b1, b2, b3), within=20)
+                await poll_until(lambda: holding(b1, b2, b3), within=RECONNECT_S)
                 await poll_until(lambda: served(1, "b3", since=served_before))
                 settled = len(traffic.ok)
                 await poll_until(lambda: served(50, since=settled))
@@ -205,6 +214,9 @@ async def test_restarted_control_plane_process_converges_without_failed_requests
     # pod) get a version never seen before the restart.
     assert cluster_after == cluster_before
     assert versions.eds_order[-1] not in eds_before
+    # Never an empty state: every CDS Envoy held had the cluster, every EDS a host.
+    assert all(WEB in clusters for _, clusters in versions.cds)
+    assert all(hosts for _, hosts in versions.eds)
     # No version ever stood for two different contents, across both processes.
     assert VersionLog.ambiguous(versions.cds) == {}
     assert VersionLog.ambiguous(versions.eds) == {}
@@ -269,3 +281,131 @@ async def test_a_restarted_server_tells_nothing_before_its_first_snapshot(
         assert server.nacks() == ()
     finally:
         await server.stop(0)
+
+
+API = cluster_name("api")
+
+
+def write_state(source: Path, web: list[Backend], api: list[Backend]) -> None:
+    """``shop/web`` on ``web`` and, if ``api`` is not empty, a second policy, Deployment and
+    pods for ``shop/api`` (its own file: adding it is a new cluster, endpoints and route)."""
+    write_source(source, web)
+    path = source / "api.yaml"
+    if not api:
+        path.unlink(missing_ok=True)
+        return
+    text = json.dumps(manifests(api)).replace('"web"', '"api"').replace('"web-', '"api-')
+    tmp = source / ".api.yaml.tmp"
+    tmp.write_text(yaml.safe_dump_all(json.loads(text), sort_keys=False))
+    tmp.replace(path)
+
+
+@dataclass
+class WebHosts:
+    """Envoy's hosts of ``shop/web``, sampled every 20 ms: any sample without the cluster or
+    without a host is an empty state Envoy was sent."""
+
+    samples: int = 0
+    empty: list[float] = field(default_factory=list)
+
+    async def run(self, admin: EnvoyAdmin, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if not (await dynamic_hosts(admin)).get(WEB):
+                self.empty.append(time.monotonic())
+            self.samples += 1
+            await asyncio.sleep(0.02)
+
+
+async def changed_versions(admin: EnvoyAdmin, before: dict[str, str]) -> bool:
+    return await versions(admin) != before
+
+
+@pytest.mark.parametrize("kind", [StreamKind.SOTW, StreamKind.DELTA])
+async def test_a_control_plane_killed_mid_push_restarts_without_an_empty_state(
+    gateways: GatewayFactory, http_backends: BackendFactory, tmp_path: Path, kind: StreamKind
+) -> None:
+    """SIGKILL in the middle of the pushes of a change: a policy, its cluster, endpoints and
+    route added and the pods of another workload replaced (and back), the process killed the
+    moment Envoy holds the first new version of any resource, while the rest of the change
+    (EDS of the new cluster, RDS after it; or the removals) is still in flight. Each time the
+    next process converges on the new content; Envoy never holds an empty state and no
+    request for the other workload fails."""
+    b1, b2, b3, a1 = [await http_backends(n) for n in ("b1", "b2", "b3", "a1")]
+    states = [([b1, b2], []), ([b2, b3], [a1])]
+    source = tmp_path / "source"
+    write_state(source, *states[0])
+    xds_port, gateway_port = free_port(), free_port()
+    log = tmp_path / "aviator.log"
+    gw = await gateways(xds_port, delta=kind is StreamKind.DELTA, port=gateway_port)
+    admin = gw.admin
+
+    def wanted(web: list[Backend], api: list[Backend]) -> dict[str, set[str]]:
+        out = {WEB: {address(b) for b in web}}
+        if api:
+            out[API] = {address(b) for b in api}
+        return out
+
+    traffic = Traffic(f"http://127.0.0.1:{gateway_port}/")
+    held_versions = VersionLog()
+    web_hosts = WebHosts()
+    stop = asyncio.Event()
+    landed: list[str] = []  # what Envoy held when each process died: old, partial or new
+    converged_s: list[float] = []  # from SIGKILL to Envoy holding the new content
+    async with contextlib.AsyncExitStack() as stack:
+        proc = await stack.enter_async_context(aviator_run(source, xds_port, gateway_port, log))
+        await poll_until(lambda: holds(admin, wanted(*states[0])), within=RECONNECT_S)
+        tasks = [
+            asyncio.create_task(traffic.run(stop)),
+            asyncio.create_task(held_versions.run(admin, stop)),
+            asyncio.create_task(web_hosts.run(admin, stop)),
+        ]
+        try:
+            for i in range(KILLS):
+                old, new = states[i % 2], states[(i + 1) % 2]
+                before = await versions(admin)
+                write_state(source, *new)
+                # No sleep between polls: the rest of the pushes takes milliseconds.
+                await poll_until(
+                    lambda: changed_versions(admin, before),  # noqa: B023
+                    within=30,
+                    interval=0,
+                )
+                proc.send_signal(signal.SIGKILL)
+                await proc.wait()
+                killed = time.monotonic()
+                await poll_until(lambda: connected(admin, 0))
+                held = await dynamic_hosts(admin)
+                landed.append(
+                    "new" if held == wanted(*new) else "old" if held == wanted(*old) else "partial"
+                )
+                proc = await stack.enter_async_context(
+                    aviator_run(source, xds_port, gateway_port, log)
+                )
+                await poll_until(lambda: holds(admin, wanted(*new)), within=RECONNECT_S)  # noqa: B023
+                converged_s.append(time.monotonic() - killed)
+                if new[1]:
+                    assert await gw.get("api.shop") == (200, "a1")
+                sent = len(traffic.ok)
+                await poll_until(lambda: served(traffic, 20, since=sent))  # noqa: B023
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+
+    print(
+        f"{kind} killed mid-push x{KILLS}: Envoy held {landed} at each kill; "
+        f"converged {min(converged_s):.2f}-{max(converged_s):.2f} s after it; "
+        f"{len(traffic.ok)} requests OK, {len(traffic.failed)} failed"
+    )
+    assert traffic.failed == [], f"{len(traffic.failed)} failed, first: {traffic.failed[:3]}"
+    assert web_hosts.samples > 100
+    assert web_hosts.empty == []
+    assert all(WEB in clusters for _, clusters in held_versions.cds)
+    assert all(hosts for _, hosts in held_versions.eds)
+    assert VersionLog.ambiguous(held_versions.cds) == {}
+    assert VersionLog.ambiguous(held_versions.eds) == {}
+    assert set((await rejections(admin, [WEB])).values()) == {0}
+
+
+async def served(traffic: Traffic, at_least: int, since: int = 0) -> bool:
+    await asyncio.sleep(0)
+    return len(traffic.ok) - since >= at_least
