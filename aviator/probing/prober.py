@@ -22,11 +22,19 @@ Guarantees:
   alone made it ~15 s (issue 9). The cap
   stays below the estimator's staleness (5 intervals, at least 30 s), so a failing endpoint's
   statistics never go stale between two probes.
+- A probe is bounded in time and memory, whatever the pod does (issue 14): the timeout covers
+  connect, headers and body (a pod that hangs or answers byte by byte is a timeout); the
+  default transport reads at most :data:`MAX_RESPONSE_HEADERS` headers of at most 8,190 bytes
+  each and discards the body as it reads it, failing the probe past
+  :data:`MAX_RESPONSE_BODY` bytes (an endless body read 141 MB in one 1 s probe before);
+  non-HTTP bytes fail the probe. The failure's detail is at most :data:`MAX_DETAIL` printable
+  ASCII characters, so a pod's bytes never reach a log line raw or large.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ipaddress
 import random
 from collections.abc import Callable, Hashable, Mapping
@@ -41,16 +49,21 @@ from aviator.probing.results import ProbeOutcome, ProbeResult, ProbeTarget
 
 __all__ = [
     "BACKOFF_MAX_INTERVALS",
+    "MAX_DETAIL",
+    "MAX_RESPONSE_BODY",
+    "MAX_RESPONSE_HEADERS",
     "AddressPolicy",
     "AiohttpProbeTransport",
     "ProbeConnectError",
     "ProbeResponse",
+    "ProbeResponseError",
     "ProbeSink",
     "ProbeTransport",
     "Prober",
     "TransportFactory",
     "aiohttp_transport_factory",
     "backoff_period",
+    "bounded_detail",
 ]
 
 log = structlog.get_logger(__name__)
@@ -59,6 +72,14 @@ K = TypeVar("K", bound=Hashable)
 ProbeSink = Callable[[K, ProbeResult], None]
 
 BACKOFF_MAX_INTERVALS = 3.0  # a failing endpoint is probed at least every 3 of its intervals
+
+#: A probe answer's body is read (and discarded) up to this many bytes; a longer one fails the
+#: probe. The agent answers ``ok``; 64 KiB leaves room for a health page (kubelet reads 10 KB).
+MAX_RESPONSE_BODY = 64 * 1024
+#: Headers of a probe answer (aiohttp's limit since 3.13.4; before it, 32,768 of 8 KB each).
+MAX_RESPONSE_HEADERS = 128
+#: Characters of a failed probe's detail (it goes into log lines and views).
+MAX_DETAIL = 240
 
 
 def backoff_period(
@@ -170,6 +191,25 @@ class ProbeConnectError(Exception):
     """The transport could not reach the endpoint (refused, reset, unreachable)."""
 
 
+class ProbeResponseError(Exception):
+    """The endpoint answered, but not with a small HTTP response (bytes that are not HTTP,
+    headers over the limits, a body over :data:`MAX_RESPONSE_BODY`)."""
+
+
+def bounded_detail(text: str, limit: int = MAX_DETAIL) -> str:
+    """``text`` as at most ``limit`` printable ASCII characters: anything else escaped
+    (``\\x1b``), a longer text cut, ending with its full length. Error messages of HTTP
+    libraries quote what the peer sent; a hostile pod must not write into the log."""
+    # Each character escapes to at least one: the first ``limit`` are all that can show.
+    escaped = "".join(
+        c if " " <= c <= "~" else c.encode("unicode_escape").decode("ascii") for c in text[:limit]
+    )
+    if len(text) <= limit and len(escaped) <= limit:
+        return escaped
+    note = f"... ({len(text)} characters)"
+    return escaped[: max(0, limit - len(note))] + note
+
+
 @dataclass(frozen=True, slots=True)
 class ProbeResponse:
     """What a transport returns: the status and the response headers (looked up
@@ -196,10 +236,19 @@ TransportFactory = Callable[[ProbeTarget], ProbeTransport]
 
 
 class AiohttpProbeTransport:
-    """``GET`` over one keep-alive aiohttp session (its connector closes with it)."""
+    """``GET`` over one keep-alive aiohttp session (its connector closes with it).
 
-    def __init__(self, session: Any) -> None:
+    The body is read chunk by chunk and discarded (the connection goes back to the pool for
+    reuse); past ``max_body`` bytes, declared or read, the connection is closed and
+    :class:`ProbeResponseError` raised. A response aiohttp cannot parse (not HTTP, a line over
+    8,190 bytes, too many headers, a broken chunked body) is a :class:`ProbeResponseError` too.
+    """
+
+    def __init__(self, session: Any, *, max_body: int = MAX_RESPONSE_BODY) -> None:
+        if max_body < 0:
+            raise ValueError(f"max_body must be >= 0, got {max_body}")
         self._session = session
+        self._max_body = max_body
         self._url_text = ""
         self._url: Any = None
 
@@ -211,16 +260,45 @@ class AiohttpProbeTransport:
             self._url_text, self._url = target.url, yarl.URL(target.url)
         try:
             async with self._session.get(self._url, allow_redirects=False) as response:
-                # Read the (small) body so the connection goes back to the pool for reuse.
-                await response.read()
+                declared = response.content_length
+                if declared is not None and declared > self._max_body:
+                    response.close()
+                    raise ProbeResponseError(
+                        f"the response declares a body of {declared} bytes; a probe reads "
+                        f"at most {self._max_body}"
+                    )
+                # Drain the body, keeping none of it, so the connection can be reused.
+                read = 0
+                while chunk := await response.content.readany():
+                    read += len(chunk)
+                    if read > self._max_body:
+                        response.close()  # not drained: the connection cannot be reused
+                        raise ProbeResponseError(
+                            f"the response body is longer than {self._max_body} bytes; "
+                            "a probe answer must be small"
+                        )
                 return ProbeResponse(response.status, response.headers)
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
             raise ProbeConnectError(str(exc) or type(exc).__name__) from exc
         except aiohttp.ClientOSError as exc:  # reset by peer and friends
             raise ProbeConnectError(str(exc) or type(exc).__name__) from exc
+        except aiohttp.ClientResponseError as exc:  # the parser refused what the pod sent
+            raise ProbeResponseError(f"not a valid HTTP response: {exc.message}") from exc
+        except aiohttp.ClientPayloadError as exc:  # a broken body (bad chunking, cut short)
+            raise ProbeResponseError(f"a broken response body: {exc}") from exc
 
     async def aclose(self) -> None:
         await self._session.close()
+
+
+def _header_limits() -> dict[str, Any]:
+    """aiohttp's response header limits, spelled out (``max_headers`` exists from 3.13.4)."""
+    import aiohttp
+
+    limits: dict[str, Any] = {"max_line_size": 8190, "max_field_size": 8190}
+    if "max_headers" in inspect.signature(aiohttp.ClientSession).parameters:
+        limits["max_headers"] = MAX_RESPONSE_HEADERS
+    return limits
 
 
 def aiohttp_transport_factory(
@@ -228,6 +306,7 @@ def aiohttp_transport_factory(
     keepalive_timeout_s: float = 60.0,
     user_agent: str = "aviator-prober",
     session_factory: Callable[[ProbeTarget], Any] | None = None,
+    max_body: int = MAX_RESPONSE_BODY,
 ) -> TransportFactory:
     """Transports over aiohttp: one ``ClientSession`` + ``TCPConnector`` per target.
 
@@ -236,13 +315,20 @@ def aiohttp_transport_factory(
     connection. No cookies, no decompression: a probe is as cheap as HTTP/1.1 gets.
     ``session_factory(target)`` replaces the default session (it is called inside the running
     loop and the session is closed with its target); the prober still enforces the timeout.
+    ``max_body``: the longest response body a probe accepts (:class:`AiohttpProbeTransport`).
     """
+    if max_body < 0:
+        raise ValueError(f"max_body must be >= 0, got {max_body}")
+    header_limits: dict[str, Any] | None = None
 
     def factory(target: ProbeTarget) -> ProbeTransport:
         import aiohttp
 
+        nonlocal header_limits
         if session_factory is not None:
-            return AiohttpProbeTransport(session_factory(target))
+            return AiohttpProbeTransport(session_factory(target), max_body=max_body)
+        if header_limits is None:
+            header_limits = _header_limits()
 
         connector = aiohttp.TCPConnector(
             limit=2,  # one probe at a time per target; 2 so a closing socket never blocks
@@ -254,8 +340,9 @@ def aiohttp_transport_factory(
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
             headers={"User-Agent": user_agent},
+            **header_limits,
         )
-        return AiohttpProbeTransport(session)
+        return AiohttpProbeTransport(session, max_body=max_body)
 
     return factory
 
@@ -492,6 +579,8 @@ class Prober(Generic[K]):
                 return self._failure(ProbeOutcome.TIMEOUT, started, target, "timed out")
             except ProbeConnectError as exc:
                 return self._failure(ProbeOutcome.CONNECT_ERROR, started, target, str(exc))
+            except ProbeResponseError as exc:
+                return self._failure(ProbeOutcome.ERROR, started, target, str(exc))
             except Exception as exc:  # any other transport failure is a failed probe, not a crash
                 detail = f"{type(exc).__name__}: {exc}"
                 return self._failure(ProbeOutcome.ERROR, started, target, detail)
@@ -519,7 +608,9 @@ class Prober(Generic[K]):
     ) -> ProbeResult:
         assert self._clock is not None
         finished = max(self._clock(), started)
-        return ProbeResult(outcome, started, finished, target.timeout_s, detail=detail)
+        return ProbeResult(
+            outcome, started, finished, target.timeout_s, detail=bounded_detail(detail)
+        )
 
     def _deliver(self, key: K, result: ProbeResult) -> None:
         try:
