@@ -67,6 +67,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rest", type=float, default=10.0, help="seconds measured at rest (10)")
     parser.add_argument("--poll-ms", type=float, default=20.0, help="healthz poll while reading")
     parser.add_argument(
+        "--rest-poll-ms", type=float, default=50.0, help="healthz poll at rest (50)"
+    )
+    parser.add_argument(
+        "--code",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run the control plane from this source tree (its PYTHONPATH) instead of the "
+        "benchmark's own: before/after figures side by side in one run",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=300.0, help="give up on a scenario after (300 s)"
     )
     parser.add_argument(
@@ -91,11 +102,17 @@ def run(args: argparse.Namespace) -> int:
         print("aviator bench source: needs Linux (/proc)")
         return 2
     _EXTRA[:] = ["--max-file-size", args.max_file_size] if args.max_file_size else []
+    if args.code is not None:
+        if not Path(args.code, "aviator", "__main__.py").is_file():
+            print(f"aviator bench source: --code {args.code}: no aviator package there")
+            return 2
+        _ENV["PYTHONPATH"] = str(args.code.resolve())
     results: dict[str, Any] = {
         "python": sys.version.split()[0],
         "cpus": os.cpu_count(),
         "load_average_before": os.getloadavg()[0],
         "max_file_size": args.max_file_size,
+        "code": str(args.code) if args.code is not None else None,
         "scenarios": {},
     }
     with tempfile.TemporaryDirectory(prefix="aviator-bench-source-") as tmp:
@@ -274,7 +291,7 @@ async def _measure(args: argparse.Namespace, root: Path, *, rest: float) -> dict
     with log.open("wb") as out:
         t0 = time.perf_counter()
         proc = await asyncio.create_subprocess_exec(
-            *_command(root, admin, xds), stdout=out, stderr=subprocess.STDOUT
+            *_command(root, admin, xds), stdout=out, stderr=subprocess.STDOUT, env=_env()
         )
     figures: dict[str, Any] = {}
     try:
@@ -306,17 +323,25 @@ async def _measure(args: argparse.Namespace, root: Path, *, rest: float) -> dict
             figures["reading_healthz_ms_max"] = max(reading) * 1000
             figures["reading_healthz_ms_p99"] = (_pct(reading, 0.99) or 0) * 1000
             at_rest: list[float] = []
+            async with http.get(f"{base}/metrics") as r:
+                counts0 = _rest_metrics(await r.text())
             cpu0, wall0 = _cpu_s(_tree(proc.pid)), time.perf_counter()
             while time.perf_counter() < wall0 + rest:
                 sent = time.perf_counter()
                 async with http.get(f"{base}/healthz") as r:
                     await r.read()
                 at_rest.append(time.perf_counter() - sent)
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(args.rest_poll_ms / 1000)
             pids = _tree(proc.pid)
             cpu1, wall1 = _cpu_s(pids), time.perf_counter()
             figures["rest_cpu_pct"] = (cpu1 - cpu0) / (wall1 - wall0) * 100
             figures["rest_healthz_ms_max"] = max(at_rest) * 1000
+            figures["rest_healthz_ms_p99"] = (_pct(at_rest, 0.99) or 0) * 1000
+            figures["rest_s"] = wall1 - wall0
+            async with http.get(f"{base}/metrics") as r:
+                counts1 = _rest_metrics(await r.text())
+            for name, total in counts1.items():
+                figures[f"rest_{name}_per_s"] = (total - counts0.get(name, 0.0)) / (wall1 - wall0)
             figures["rss_mb"], figures["peak_rss_mb"] = _memory_mb(proc.pid)
             children = [_memory_mb(p) for p in pids if p != proc.pid]
             figures["children_rss_mb"] = sum(m[0] for m in children)
@@ -342,7 +367,7 @@ async def _stop_while_reading(root: Path) -> dict[str, Any]:
     log = root.parent / f"{root.name}-stop.log"
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
-            *_command(root, admin, xds), stdout=out, stderr=subprocess.STDOUT
+            *_command(root, admin, xds), stdout=out, stderr=subprocess.STDOUT, env=_env()
         )
     try:
         deadline = time.perf_counter() + 60
@@ -371,6 +396,23 @@ async def _stop_while_reading(root: Path) -> dict[str, Any]:
 
 
 _EXTRA: list[str] = []  # flags for aviator run (--max-file-size)
+_ENV: dict[str, str] = {}  # set in the control plane's environment (--code: PYTHONPATH)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, **_ENV}
+
+
+def _rest_metrics(text: str) -> dict[str, float]:
+    """Totals of the counters worth printing, from the Prometheus text of ``/metrics``."""
+    wanted = {"aviator_probes_total": "probes", "aviator_weight_changes_total": "weight_changes"}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        base = name.partition("{")[0]
+        if base in wanted:
+            out[wanted[base]] = out.get(wanted[base], 0.0) + float(value.split()[0])
+    return out
 
 
 def _command(root: Path, admin: int, xds: int) -> list[str]:
@@ -390,6 +432,9 @@ def _command(root: Path, admin: int, xds: int) -> list[str]:
         f"127.0.0.1:{admin}",
         "--gateway-port",
         "0",
+        # The served pods are on loopback addresses (127.1.x.x): without this every probe
+        # target is refused by the address policy and nothing is probed at all.
+        *(["--allow-probe-loopback"] if (root / "policy.yaml").exists() else []),
         *_EXTRA,
     ]
 
@@ -403,13 +448,18 @@ def _print(name: str, f: dict[str, Any]) -> None:
     )
     print(
         f"  at rest                  CPU {f['rest_cpu_pct']:.1f} % of a core, "
-        f"/healthz max {f['rest_healthz_ms_max']:.0f} ms"
+        f"/healthz max {f['rest_healthz_ms_max']:.0f} ms, p99 {f['rest_healthz_ms_p99']:.0f} ms"
     )
     print(
         f"  memory                   control plane {f['rss_mb']:.0f} MB (peak "
         f"{f['peak_rss_mb']:.0f}), children {f['children_rss_mb']:.0f} MB (peak "
         f"{f['children_peak_rss_mb']:.0f})"
     )
+    if "rest_probes_per_s" in f:
+        print(
+            f"  at rest, per second      {f['rest_probes_per_s']:,.0f} probes, "
+            f"{f.get('rest_weight_changes_per_s', 0.0):.2f} weight changes"
+        )
     print(f"  stop after SIGTERM       {f['stop_s']:.2f} s at rest", end="")
     if "stop_while_reading_s" in f:
         state = "was ready" if f["stop_while_reading_was_ready"] else "still reading"
