@@ -14,6 +14,7 @@ from aviator.model import MAX_WEIGHT, EndpointAddress, Health, WeigherKnobs, Wei
 from aviator.probing.estimator import EndpointStats
 from aviator.probing.weigher import WeighResult
 
+
 def _quantile(sorted_values: list[float], q: float) -> float:
     """Linear-interpolation quantile (numpy's default) of a non-empty sorted list."""
     pos = q * (len(sorted_values) - 1)

@@ -75,16 +75,14 @@ def test_a_weigher_kept_across_passes_gives_what_the_rule_gives(
     threshold: float | None,
     passes: int,
 ) -> None:
-    current: dict[EndpointAddress, EndpointStats | None] = {a: None for a in addresses}
+    current: dict[EndpointAddress, EndpointStats | None] = dict.fromkeys(addresses)
     engine = WorkloadWeigher(addresses, knobs=knobs, latency_threshold_s=threshold)
     want: WeighResult | None = None
     plain: WeighResult | None = None
     for _ in range(passes):
         # Some endpoints change (or lose their data), often none: the fixed-point path.
         changed = {
-            a: data.draw(endpoint_stats())
-            for a in addresses
-            if data.draw(st.integers(0, 3)) == 0
+            a: data.draw(endpoint_stats()) for a in addresses if data.draw(st.integers(0, 3)) == 0
         }
         current.update(changed)
         engine.update(changed)
