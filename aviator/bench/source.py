@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ import aiohttp
 
 __all__ = ["SCENARIOS", "configure", "run"]
 
-SCENARIOS = ("pods", "served", "big", "bomb")
+SCENARIOS = ("pods", "served", "answered", "big", "bomb")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -86,6 +87,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help="passed to aviator run (default: its own, 10Mi); e.g. 100Mi to parse scenario big",
     )
+    parser.add_argument(
+        "--run-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="pass ARG to aviator run (repeatable; e.g. --run-arg=--max-probe-rate=250)",
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write figures")
 
 
@@ -102,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         print("aviator bench source: needs Linux (/proc)")
         return 2
     _EXTRA[:] = ["--max-file-size", args.max_file_size] if args.max_file_size else []
+    _EXTRA.extend(args.run_arg)
     if args.code is not None:
         if not Path(args.code, "aviator", "__main__.py").is_file():
             print(f"aviator bench source: --code {args.code}: no aviator package there")
@@ -113,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         "load_average_before": os.getloadavg()[0],
         "max_file_size": args.max_file_size,
         "code": str(args.code) if args.code is not None else None,
+        "run_args": list(args.run_arg),
         "scenarios": {},
     }
     with tempfile.TemporaryDirectory(prefix="aviator-bench-source-") as tmp:
@@ -124,10 +134,12 @@ def run(args: argparse.Namespace) -> int:
         for name in chosen:
             root = Path(tmp, name)
             root.mkdir()
-            size = _write(name, root, args)
-            figures = asyncio.run(_measure(args, root, rest=args.rest))
-            figures["bytes"] = size
-            figures.update(asyncio.run(_stop_while_reading(root)))
+            port = _free_port() if name == "answered" else 9
+            size = _write(name, root, args, port)
+            with _answering(port) if name == "answered" else contextlib.nullcontext():
+                figures = asyncio.run(_measure(args, root, rest=args.rest))
+                figures["bytes"] = size
+                figures.update(asyncio.run(_stop_while_reading(root)))
             results["scenarios"][name] = figures
             _print(name, figures)
     results["load_average_after"] = os.getloadavg()[0]
@@ -154,7 +166,7 @@ spec:
   containers:
   - name: main
     image: registry.example/web:1.4.2
-    ports: [{{name: http, containerPort: 9}}]
+    ports: [{{name: http, containerPort: {port}}}]
 status:
   phase: Running
   podIP: {o}.{a}.{b}.{c}
@@ -181,19 +193,28 @@ spec:
 """
 
 
-def _write(scenario: str, root: Path, args: argparse.Namespace) -> int:
+def _write(scenario: str, root: Path, args: argparse.Namespace, port: int = 9) -> int:
     path = root / f"{scenario}.yaml"
-    if scenario in ("pods", "served"):
-        first = "127" if scenario == "served" else "10"
+    if scenario in ("pods", "served", "answered"):
+        first = "10" if scenario == "pods" else "127"
         docs = (
             _POD.format(
-                i=i, z=i % 3, n=i % 50, o=first, a=1 + i // 65536, b=(i // 256) % 256, c=i % 256
+                i=i,
+                z=i % 3,
+                n=i % 50,
+                o=first,
+                a=1 + i // 65536,
+                b=(i // 256) % 256,
+                c=i % 256,
+                port=port,
             )
             for i in range(args.pods)
         )
         path.write_text("---\n".join(docs))
-        if scenario == "served":
-            (root / "policy.yaml").write_text(_POLICY)
+        if scenario != "pods":
+            (root / "policy.yaml").write_text(
+                _POLICY.replace("containerPort: 9", f"containerPort: {port}")
+            )
     elif scenario == "big":
         target = int(args.megabytes * 1_000_000)
         with path.open("w") as f:
@@ -224,6 +245,48 @@ def _write(scenario: str, root: Path, args: argparse.Namespace) -> int:
         ]
         path.write_text("\n".join(lines) + "\n")
     return path.stat().st_size
+
+
+# -- the answering pods ---------------------------------------------------------------------
+
+# One process answers every pod of scenario answered: a listener on 0.0.0.0 accepts
+# connections to every 127.x.y.z address (a socket per address would need 10,000 more file
+# descriptors). HTTP/1.1 keep-alive, an empty 200 per request: the cheapest answer there is.
+_ANSWERER = """
+import asyncio, sys
+async def serve(reader, writer):
+    try:
+        while True:
+            head = await reader.readuntil(b"\\r\\n\\r\\n")
+            writer.write(b"HTTP/1.1 200 OK\\r\\ncontent-length: 0\\r\\n\\r\\n")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+        writer.close()
+async def main():
+    server = await asyncio.start_server(serve, "0.0.0.0", int(sys.argv[1]), backlog=4096)
+    print("listening", flush=True)
+    await server.serve_forever()
+asyncio.run(main())
+"""
+
+
+@contextlib.contextmanager
+def _answering(port: int) -> Iterator[None]:
+    """The answering pods, in a process of their own (not the control plane's child)."""
+    from aviator.envoy.process import parent_death_prefix
+
+    proc = subprocess.Popen(
+        [*parent_death_prefix(), sys.executable, "-c", _ANSWERER, str(port)],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != b"listening":
+            raise RuntimeError("the answering pods did not start")
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # -- one run ---------------------------------------------------------------------------------
