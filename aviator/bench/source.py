@@ -10,11 +10,12 @@ would:
 - **admin latency while reading**: ``/healthz`` is polled every ``--poll-ms`` (20) from the
   moment the admin port answers until 2 s after ready; the worst and the 99th percentile
   round trip. A parse on the event loop shows here as a freeze.
-- **at rest**: over ``--rest`` seconds (10) after that, the CPU the control plane and its
-  children use (``/proc``, user + system, as a share of one core) while ``/healthz`` is polled
-  every 100 ms (each poll costs the server a fraction of a millisecond), the worst round trip,
-  and the resident memory (``VmRSS``, and the peak ``VmHWM``) of the control plane and of its
-  children (the parse worker) at the end.
+- **at rest**: over ``--rest`` seconds (10) after that (and ``--settle`` more), the CPU the
+  control plane and its children use (``/proc``, user + system, as a share of one core) while
+  ``/healthz`` is polled every ``--rest-poll-ms`` (50; each poll costs the server a fraction
+  of a millisecond), the worst and the 99th percentile round trip, the probes and weight
+  changes per second (``/metrics``), and the resident memory (``VmRSS``, and the peak
+  ``VmHWM``) of the control plane and of its children (the parse worker) at the end.
 - **problems**: what ``/debug/problems`` says about the scenario's file (limits, refusals).
 - **stop**: seconds from SIGTERM to exit, at rest, and in a second run where SIGTERM comes
   0.5 s after the control plane logs that it started (so while the file is being read, for
@@ -24,10 +25,16 @@ Scenarios: ``pods`` (``--pods`` valid pods, 10,000 by default, in one multi-docu
 ``served`` (the same pods, and a Deployment and an AviatorPolicy selecting them all, so that
 resolve, the prober, the weigher and the snapshot handle 10,000 endpoints, probed every
 10 s: 1,000 probes/s, within what one core sustains, see docs/benchmarks/probe.md; their IPs
-are loopback addresses on a port where nothing listens, so each probe fails at once),
+are loopback addresses on a port where nothing listens, so each probe fails at once; the
+control plane runs with ``--allow-probe-loopback``, else it would refuse to probe them),
+``answered`` (the same, but every pod answers: one process listening on 0.0.0.0 at the pods'
+port answers each probe with an empty 200 over keep-alive, so latencies vary and the weigher
+works),
 ``big`` (one ``--megabytes`` MB file, 50 by default: a List of ConfigMaps, a kind Aviator does
 not read, so it is all YAML and no objects), ``bomb`` (a ~500-byte YAML alias bomb that expands
-to 10^8 strings, inside a Pod). Linux only (``/proc``).
+to 10^8 strings, inside a Pod). Linux only (``/proc``). ``--code DIR`` runs the control plane
+from another source tree (a checkout of the commit before a change): before and after in one
+run; ``--run-arg`` passes flags to ``aviator run``.
 """
 
 from __future__ import annotations
@@ -66,6 +73,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pods", type=int, default=10_000, help="pods in scenario pods (10000)")
     parser.add_argument("--megabytes", type=float, default=50, help="size of scenario big (50)")
     parser.add_argument("--rest", type=float, default=10.0, help="seconds measured at rest (10)")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="seconds more before the rest window (0): past the first probes of every pod, "
+        "whose connections and sessions are made once",
+    )
     parser.add_argument("--poll-ms", type=float, default=20.0, help="healthz poll while reading")
     parser.add_argument(
         "--rest-poll-ms", type=float, default=50.0, help="healthz poll at rest (50)"
@@ -385,6 +399,11 @@ async def _measure(args: argparse.Namespace, root: Path, *, rest: float) -> dict
             figures["ready_s"] = ready_at - t0
             figures["reading_healthz_ms_max"] = max(reading) * 1000
             figures["reading_healthz_ms_p99"] = (_pct(reading, 0.99) or 0) * 1000
+            settled = time.perf_counter() + args.settle
+            while time.perf_counter() < settled:
+                async with http.get(f"{base}/healthz") as r:
+                    await r.read()
+                await asyncio.sleep(args.rest_poll_ms / 1000)
             at_rest: list[float] = []
             async with http.get(f"{base}/metrics") as r:
                 counts0 = _rest_metrics(await r.text())
