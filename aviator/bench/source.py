@@ -10,11 +10,12 @@ would:
 - **admin latency while reading**: ``/healthz`` is polled every ``--poll-ms`` (20) from the
   moment the admin port answers until 2 s after ready; the worst and the 99th percentile
   round trip. A parse on the event loop shows here as a freeze.
-- **at rest**: over ``--rest`` seconds (10) after that, the CPU the control plane and its
-  children use (``/proc``, user + system, as a share of one core) while ``/healthz`` is polled
-  every 100 ms (each poll costs the server a fraction of a millisecond), the worst round trip,
-  and the resident memory (``VmRSS``, and the peak ``VmHWM``) of the control plane and of its
-  children (the parse worker) at the end.
+- **at rest**: over ``--rest`` seconds (10) after that (and ``--settle`` more), the CPU the
+  control plane and its children use (``/proc``, user + system, as a share of one core) while
+  ``/healthz`` is polled every ``--rest-poll-ms`` (50; each poll costs the server a fraction
+  of a millisecond), the worst and the 99th percentile round trip, the probes and weight
+  changes per second (``/metrics``), and the resident memory (``VmRSS``, and the peak
+  ``VmHWM``) of the control plane and of its children (the parse worker) at the end.
 - **problems**: what ``/debug/problems`` says about the scenario's file (limits, refusals).
 - **stop**: seconds from SIGTERM to exit, at rest, and in a second run where SIGTERM comes
   0.5 s after the control plane logs that it started (so while the file is being read, for
@@ -24,10 +25,16 @@ Scenarios: ``pods`` (``--pods`` valid pods, 10,000 by default, in one multi-docu
 ``served`` (the same pods, and a Deployment and an AviatorPolicy selecting them all, so that
 resolve, the prober, the weigher and the snapshot handle 10,000 endpoints, probed every
 10 s: 1,000 probes/s, within what one core sustains, see docs/benchmarks/probe.md; their IPs
-are loopback addresses on a port where nothing listens, so each probe fails at once),
+are loopback addresses on a port where nothing listens, so each probe fails at once; the
+control plane runs with ``--allow-probe-loopback``, else it would refuse to probe them),
+``answered`` (the same, but every pod answers: one process listening on 0.0.0.0 at the pods'
+port answers each probe with an empty 200 over keep-alive, so latencies vary and the weigher
+works),
 ``big`` (one ``--megabytes`` MB file, 50 by default: a List of ConfigMaps, a kind Aviator does
 not read, so it is all YAML and no objects), ``bomb`` (a ~500-byte YAML alias bomb that expands
-to 10^8 strings, inside a Pod). Linux only (``/proc``).
+to 10^8 strings, inside a Pod). Linux only (``/proc``). ``--code DIR`` runs the control plane
+from another source tree (a checkout of the commit before a change): before and after in one
+run; ``--run-arg`` passes flags to ``aviator run``.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +59,7 @@ import aiohttp
 
 __all__ = ["SCENARIOS", "configure", "run"]
 
-SCENARIOS = ("pods", "served", "big", "bomb")
+SCENARIOS = ("pods", "served", "answered", "big", "bomb")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -65,7 +73,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pods", type=int, default=10_000, help="pods in scenario pods (10000)")
     parser.add_argument("--megabytes", type=float, default=50, help="size of scenario big (50)")
     parser.add_argument("--rest", type=float, default=10.0, help="seconds measured at rest (10)")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="seconds more before the rest window (0): past the first probes of every pod, "
+        "whose connections and sessions are made once",
+    )
     parser.add_argument("--poll-ms", type=float, default=20.0, help="healthz poll while reading")
+    parser.add_argument(
+        "--rest-poll-ms", type=float, default=50.0, help="healthz poll at rest (50)"
+    )
+    parser.add_argument(
+        "--code",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run the control plane from this source tree (its PYTHONPATH) instead of the "
+        "benchmark's own: before/after figures side by side in one run",
+    )
     parser.add_argument(
         "--timeout", type=float, default=300.0, help="give up on a scenario after (300 s)"
     )
@@ -74,6 +100,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SIZE",
         help="passed to aviator run (default: its own, 10Mi); e.g. 100Mi to parse scenario big",
+    )
+    parser.add_argument(
+        "--run-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="pass ARG to aviator run (repeatable; e.g. --run-arg=--max-probe-rate=250)",
     )
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write figures")
 
@@ -91,11 +124,19 @@ def run(args: argparse.Namespace) -> int:
         print("aviator bench source: needs Linux (/proc)")
         return 2
     _EXTRA[:] = ["--max-file-size", args.max_file_size] if args.max_file_size else []
+    _EXTRA.extend(args.run_arg)
+    if args.code is not None:
+        if not Path(args.code, "aviator", "__main__.py").is_file():
+            print(f"aviator bench source: --code {args.code}: no aviator package there")
+            return 2
+        _ENV["PYTHONPATH"] = str(args.code.resolve())
     results: dict[str, Any] = {
         "python": sys.version.split()[0],
         "cpus": os.cpu_count(),
         "load_average_before": os.getloadavg()[0],
         "max_file_size": args.max_file_size,
+        "code": str(args.code) if args.code is not None else None,
+        "run_args": list(args.run_arg),
         "scenarios": {},
     }
     with tempfile.TemporaryDirectory(prefix="aviator-bench-source-") as tmp:
@@ -107,10 +148,12 @@ def run(args: argparse.Namespace) -> int:
         for name in chosen:
             root = Path(tmp, name)
             root.mkdir()
-            size = _write(name, root, args)
-            figures = asyncio.run(_measure(args, root, rest=args.rest))
-            figures["bytes"] = size
-            figures.update(asyncio.run(_stop_while_reading(root)))
+            port = _free_port() if name == "answered" else 9
+            size = _write(name, root, args, port)
+            with _answering(port) if name == "answered" else contextlib.nullcontext():
+                figures = asyncio.run(_measure(args, root, rest=args.rest))
+                figures["bytes"] = size
+                figures.update(asyncio.run(_stop_while_reading(root)))
             results["scenarios"][name] = figures
             _print(name, figures)
     results["load_average_after"] = os.getloadavg()[0]
@@ -137,7 +180,7 @@ spec:
   containers:
   - name: main
     image: registry.example/web:1.4.2
-    ports: [{{name: http, containerPort: 9}}]
+    ports: [{{name: http, containerPort: {port}}}]
 status:
   phase: Running
   podIP: {o}.{a}.{b}.{c}
@@ -164,19 +207,28 @@ spec:
 """
 
 
-def _write(scenario: str, root: Path, args: argparse.Namespace) -> int:
+def _write(scenario: str, root: Path, args: argparse.Namespace, port: int = 9) -> int:
     path = root / f"{scenario}.yaml"
-    if scenario in ("pods", "served"):
-        first = "127" if scenario == "served" else "10"
+    if scenario in ("pods", "served", "answered"):
+        first = "10" if scenario == "pods" else "127"
         docs = (
             _POD.format(
-                i=i, z=i % 3, n=i % 50, o=first, a=1 + i // 65536, b=(i // 256) % 256, c=i % 256
+                i=i,
+                z=i % 3,
+                n=i % 50,
+                o=first,
+                a=1 + i // 65536,
+                b=(i // 256) % 256,
+                c=i % 256,
+                port=port,
             )
             for i in range(args.pods)
         )
         path.write_text("---\n".join(docs))
-        if scenario == "served":
-            (root / "policy.yaml").write_text(_POLICY)
+        if scenario != "pods":
+            (root / "policy.yaml").write_text(
+                _POLICY.replace("containerPort: 9", f"containerPort: {port}")
+            )
     elif scenario == "big":
         target = int(args.megabytes * 1_000_000)
         with path.open("w") as f:
@@ -207,6 +259,48 @@ def _write(scenario: str, root: Path, args: argparse.Namespace) -> int:
         ]
         path.write_text("\n".join(lines) + "\n")
     return path.stat().st_size
+
+
+# -- the answering pods ---------------------------------------------------------------------
+
+# One process answers every pod of scenario answered: a listener on 0.0.0.0 accepts
+# connections to every 127.x.y.z address (a socket per address would need 10,000 more file
+# descriptors). HTTP/1.1 keep-alive, an empty 200 per request: the cheapest answer there is.
+_ANSWERER = """
+import asyncio, sys
+async def serve(reader, writer):
+    try:
+        while True:
+            head = await reader.readuntil(b"\\r\\n\\r\\n")
+            writer.write(b"HTTP/1.1 200 OK\\r\\ncontent-length: 0\\r\\n\\r\\n")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+        writer.close()
+async def main():
+    server = await asyncio.start_server(serve, "0.0.0.0", int(sys.argv[1]), backlog=4096)
+    print("listening", flush=True)
+    await server.serve_forever()
+asyncio.run(main())
+"""
+
+
+@contextlib.contextmanager
+def _answering(port: int) -> Iterator[None]:
+    """The answering pods, in a process of their own (not the control plane's child)."""
+    from aviator.envoy.process import parent_death_prefix
+
+    proc = subprocess.Popen(
+        [*parent_death_prefix(), sys.executable, "-c", _ANSWERER, str(port)],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != b"listening":
+            raise RuntimeError("the answering pods did not start")
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # -- one run ---------------------------------------------------------------------------------
@@ -274,7 +368,7 @@ async def _measure(args: argparse.Namespace, root: Path, *, rest: float) -> dict
     with log.open("wb") as out:
         t0 = time.perf_counter()
         proc = await asyncio.create_subprocess_exec(
-            *_command(root, admin, xds), stdout=out, stderr=subprocess.STDOUT
+            *_command(root, admin, xds), stdout=out, stderr=subprocess.STDOUT, env=_env()
         )
     figures: dict[str, Any] = {}
     try:
@@ -305,18 +399,31 @@ async def _measure(args: argparse.Namespace, root: Path, *, rest: float) -> dict
             figures["ready_s"] = ready_at - t0
             figures["reading_healthz_ms_max"] = max(reading) * 1000
             figures["reading_healthz_ms_p99"] = (_pct(reading, 0.99) or 0) * 1000
+            settled = time.perf_counter() + args.settle
+            while time.perf_counter() < settled:
+                async with http.get(f"{base}/healthz") as r:
+                    await r.read()
+                await asyncio.sleep(args.rest_poll_ms / 1000)
             at_rest: list[float] = []
+            async with http.get(f"{base}/metrics") as r:
+                counts0 = _rest_metrics(await r.text())
             cpu0, wall0 = _cpu_s(_tree(proc.pid)), time.perf_counter()
             while time.perf_counter() < wall0 + rest:
                 sent = time.perf_counter()
                 async with http.get(f"{base}/healthz") as r:
                     await r.read()
                 at_rest.append(time.perf_counter() - sent)
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(args.rest_poll_ms / 1000)
             pids = _tree(proc.pid)
             cpu1, wall1 = _cpu_s(pids), time.perf_counter()
             figures["rest_cpu_pct"] = (cpu1 - cpu0) / (wall1 - wall0) * 100
             figures["rest_healthz_ms_max"] = max(at_rest) * 1000
+            figures["rest_healthz_ms_p99"] = (_pct(at_rest, 0.99) or 0) * 1000
+            figures["rest_s"] = wall1 - wall0
+            async with http.get(f"{base}/metrics") as r:
+                counts1 = _rest_metrics(await r.text())
+            for name, total in counts1.items():
+                figures[f"rest_{name}_per_s"] = (total - counts0.get(name, 0.0)) / (wall1 - wall0)
             figures["rss_mb"], figures["peak_rss_mb"] = _memory_mb(proc.pid)
             children = [_memory_mb(p) for p in pids if p != proc.pid]
             figures["children_rss_mb"] = sum(m[0] for m in children)
@@ -342,7 +449,7 @@ async def _stop_while_reading(root: Path) -> dict[str, Any]:
     log = root.parent / f"{root.name}-stop.log"
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
-            *_command(root, admin, xds), stdout=out, stderr=subprocess.STDOUT
+            *_command(root, admin, xds), stdout=out, stderr=subprocess.STDOUT, env=_env()
         )
     try:
         deadline = time.perf_counter() + 60
@@ -371,6 +478,23 @@ async def _stop_while_reading(root: Path) -> dict[str, Any]:
 
 
 _EXTRA: list[str] = []  # flags for aviator run (--max-file-size)
+_ENV: dict[str, str] = {}  # set in the control plane's environment (--code: PYTHONPATH)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, **_ENV}
+
+
+def _rest_metrics(text: str) -> dict[str, float]:
+    """Totals of the counters worth printing, from the Prometheus text of ``/metrics``."""
+    wanted = {"aviator_probes_total": "probes", "aviator_weight_changes_total": "weight_changes"}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        base = name.partition("{")[0]
+        if base in wanted:
+            out[wanted[base]] = out.get(wanted[base], 0.0) + float(value.split()[0])
+    return out
 
 
 def _command(root: Path, admin: int, xds: int) -> list[str]:
@@ -390,6 +514,9 @@ def _command(root: Path, admin: int, xds: int) -> list[str]:
         f"127.0.0.1:{admin}",
         "--gateway-port",
         "0",
+        # The served pods are on loopback addresses (127.1.x.x): without this every probe
+        # target is refused by the address policy and nothing is probed at all.
+        *(["--allow-probe-loopback"] if (root / "policy.yaml").exists() else []),
         *_EXTRA,
     ]
 
@@ -403,13 +530,18 @@ def _print(name: str, f: dict[str, Any]) -> None:
     )
     print(
         f"  at rest                  CPU {f['rest_cpu_pct']:.1f} % of a core, "
-        f"/healthz max {f['rest_healthz_ms_max']:.0f} ms"
+        f"/healthz max {f['rest_healthz_ms_max']:.0f} ms, p99 {f['rest_healthz_ms_p99']:.0f} ms"
     )
     print(
         f"  memory                   control plane {f['rss_mb']:.0f} MB (peak "
         f"{f['peak_rss_mb']:.0f}), children {f['children_rss_mb']:.0f} MB (peak "
         f"{f['children_peak_rss_mb']:.0f})"
     )
+    if "rest_probes_per_s" in f:
+        print(
+            f"  at rest, per second      {f['rest_probes_per_s']:,.0f} probes, "
+            f"{f.get('rest_weight_changes_per_s', 0.0):.2f} weight changes"
+        )
     print(f"  stop after SIGTERM       {f['stop_s']:.2f} s at rest", end="")
     if "stop_while_reading_s" in f:
         state = "was ready" if f["stop_while_reading_was_ready"] else "still reading"

@@ -29,6 +29,8 @@ Invariants:
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from collections.abc import Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -305,12 +307,35 @@ def estimate_stats(
     )
 
 
+def _expiry(estimate: EndpointEstimate, now: float, stale_after_s: float) -> float | None:
+    """When the next of ``estimate``'s statistics still fresh at ``now`` goes stale (its
+    sample, its RIF report, its latency report), a little early; None if none is left.
+
+    Early by a relative 1e-9 (and 1 ns), so that rounding in ``now - at > stale`` never makes
+    a transition come after the deadline: a deadline that comes before it only costs one more
+    look at the key."""
+    due: float | None = None
+    for at in (estimate.last_at, estimate.rif_at, estimate.reported_latency_at):
+        if at is None or now - at > stale_after_s:
+            continue
+        deadline = at + stale_after_s
+        deadline -= 1e-9 * max(1.0, abs(deadline))
+        if due is None or deadline < due:
+            due = deadline
+    return due
+
+
 class Estimator(Generic[K]):
     """A table of :class:`EndpointEstimate` by key. Holds state, reads no clock.
 
     Each key's settings follow the probe interval :meth:`track` gave it (``config`` itself
     for a key without one). Not thread-safe; meant to be fed by the prober's sink on the
     event loop.
+
+    :meth:`take_changes` tells one consumer (the weigher's pass) which keys' statistics may
+    have changed since it last asked: a sample accepted, or a statistic gone stale (found in
+    a heap of deadlines, at most one entry per key), so that a pass reads the statistics of
+    the endpoints that moved and not of every endpoint (issue 9, item 6).
     """
 
     def __init__(self, config: EstimatorConfig | None = None) -> None:
@@ -318,6 +343,12 @@ class Estimator(Generic[K]):
         self._estimates: dict[K, EndpointEstimate] = {}
         self._intervals: dict[K, float] = {}
         self._configs: dict[float, EstimatorConfig] = {}  # by interval: few distinct values
+        self._changed: set[K] = set()
+        # Staleness deadlines: (due, tie-breaker, key); _due holds the live entry's time per
+        # key (an entry whose time is not the key's _due is dropped when it comes up).
+        self._deadlines: list[tuple[float, int, K]] = []
+        self._due: dict[K, float] = {}
+        self._ties = itertools.count()
 
     def config_for(self, key: K) -> EstimatorConfig:
         """The settings of ``key``: ``config`` for its probe interval."""
@@ -333,8 +364,15 @@ class Estimator(Generic[K]):
         """Keep exactly the keys of ``intervals`` (as :meth:`retain`), each with the probe
         interval (seconds) its staleness and half-lives follow."""
         self.retain(intervals)
+        before = self._intervals
         self._intervals = dict(intervals)
-        self._configs = {i: c for i, c in self._configs.items() if i in intervals.values()}
+        wanted = set(intervals.values())
+        self._configs = {i: c for i, c in self._configs.items() if i in wanted}
+        for key, estimate in self._estimates.items():
+            if before.get(key) != self._intervals.get(key):
+                # Another staleness: the key's statistics and deadline may move either way.
+                self._changed.add(key)
+                self._schedule(key, estimate, estimate.last_at, force=True)
 
     def observe(self, key: K, result: ProbeResult, now: float) -> bool:
         """Fold ``result`` into ``key``'s estimate; False if the sample was dropped."""
@@ -343,7 +381,47 @@ class Estimator(Generic[K]):
         if after is before or after is None:
             return False
         self._estimates[key] = after
+        self._changed.add(key)
+        if key not in self._due:
+            self._schedule(key, after, after.last_at)
         return True
+
+    def take_changes(self, now: float) -> set[K]:
+        """The keys whose :meth:`stats` may differ from what they were at the previous call
+        (or that have been observed since it): each accepted sample, each statistic that went
+        stale by ``now``, and each key whose interval :meth:`track` changed. A superset is
+        allowed (reading a key's stats again is harmless), a missed change is not.
+        ``now`` must not go backwards between calls."""
+        changed, self._changed = self._changed, set()
+        heap = self._deadlines
+        came_up = []
+        while heap and heap[0][0] <= now:
+            due, _, key = heapq.heappop(heap)
+            if self._due.get(key) != due:
+                continue  # superseded, or the key is gone
+            del self._due[key]
+            came_up.append(key)
+        for key in came_up:  # after the loop: a deadline at ``now`` comes up at the next call
+            changed.add(key)
+            estimate = self._estimates.get(key)
+            if estimate is not None:
+                self._schedule(key, estimate, now)
+        return changed
+
+    def _schedule(
+        self, key: K, estimate: EndpointEstimate, now: float, *, force: bool = False
+    ) -> None:
+        """Put ``key``'s next staleness deadline in the heap (unless it has one, or ``force``)."""
+        if key in self._due and not force:
+            return
+        due = _expiry(estimate, now, self.config_for(key).stale_after_s)
+        if due is None:
+            self._due.pop(key, None)
+            return
+        # Not before now: a deadline rounding put in the past comes up at the next call.
+        due = max(due, now)
+        self._due[key] = due
+        heapq.heappush(self._deadlines, (due, next(self._ties), key))
 
     def stats(self, key: K, now: float) -> EndpointStats | None:
         """``key``'s statistics at ``now``; ``None`` for no data yet or stale data."""
@@ -357,7 +435,9 @@ class Estimator(Generic[K]):
         return self._estimates.get(key)
 
     def forget(self, key: K) -> None:
-        self._estimates.pop(key, None)
+        if self._estimates.pop(key, None) is not None:
+            self._changed.add(key)
+        self._due.pop(key, None)
 
     def retain(self, keys: Iterable[K]) -> None:
         """Drop every estimate (and interval) whose key is not in ``keys`` (endpoints that
@@ -365,6 +445,11 @@ class Estimator(Generic[K]):
         keep = set(keys)
         for key in [k for k in self._estimates if k not in keep]:
             del self._estimates[key]
+            self._due.pop(key, None)
+            self._changed.add(key)  # its statistics are gone: a change too
+        if len(self._deadlines) > 2 * len(self._due) + 64:  # drop the dead entries
+            self._deadlines = [d for d in self._deadlines if self._due.get(d[2]) == d[0]]
+            heapq.heapify(self._deadlines)
         for key in [k for k in self._intervals if k not in keep]:
             del self._intervals[key]
 

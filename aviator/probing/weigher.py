@@ -42,15 +42,32 @@ The rule (Prequal's hot-cold lexicographic selection, NSDI 2024 §4, turned into
 
 Published weights are integers in ``[ceil(MAX_WEIGHT / max_weight_ratio), MAX_WEIGHT]``,
 so every weight is ≥ 1 and max/min ≤ ``max_weight_ratio``.
+
+Two entry points, one rule. :func:`weigh` is the total function above. :class:`WorkloadWeigher`
+is the same function kept warm for one workload across passes (issue 9, item 6: a policy
+serving 10,000 pods spent 0.3-0.8 s per pass and most of a core): it holds the endpoints'
+signals in lists (by index, in address order), is told only the endpoints whose statistics
+changed, and gives exactly what :func:`weigh` would give on the full statistics with its last
+result as ``previous``. A pass with no changed signal after an unchanged result weighs nothing
+(the rule's fixed point); any other pass runs over plain lists of floats and allocates new
+``WeightedEndpoint`` values only for the endpoints whose weight or health moved. The weigher
+reads only three things of an ``EndpointStats``: ``latency_s``, ``rif`` and whether
+``consecutive_failures`` reaches :data:`FAILING_CONSECUTIVE`; a sample that moves none of
+them (a refused probe of an endpoint already failing) changes nothing.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from itertools import compress, repeat
+from operator import add, and_, ge, gt, is_not, mul, or_, sub, truediv
 from types import MappingProxyType
+from typing import cast
 
 from aviator.model import (
     DEFAULT_HOT_QUANTILE,
@@ -65,10 +82,12 @@ from aviator.probing.estimator import EndpointStats
 
 __all__ = [
     "DEFAULT_HOT_QUANTILE",
+    "FAILING_CONSECUTIVE",
     "NO_AGENT_CONFIDENCE",
     "KnobError",
     "WeighResult",
     "WeigherKnobs",
+    "WorkloadWeigher",
     "confidence",
     "weigh",
 ]
@@ -101,40 +120,26 @@ class WeighResult:
         return {a: e.weight for a, e in self.endpoints.items()}
 
 
+def _result(
+    endpoints: Mapping[EndpointAddress, WeightedEndpoint],
+    hot: frozenset[EndpointAddress],
+    changed: bool,
+) -> WeighResult:
+    """A :class:`WeighResult` over ``endpoints`` as given: a read-only view this module made
+    and nobody else holds (``__post_init__`` would copy it, hashing every address again)."""
+    result = object.__new__(WeighResult)
+    object.__setattr__(result, "endpoints", endpoints)
+    object.__setattr__(result, "hot", hot)
+    object.__setattr__(result, "changed", changed)
+    return result
+
+
 def _quantile(sorted_values: list[float], q: float) -> float:
     """Linear-interpolation quantile (numpy's default) of a non-empty sorted list."""
     pos = q * (len(sorted_values) - 1)
     lo = math.floor(pos)
     hi = min(lo + 1, len(sorted_values) - 1)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-def _classify_hot(
-    data: Mapping[EndpointAddress, EndpointStats],
-    knobs: WeigherKnobs,
-    latency_threshold_s: float | None,
-    was_hot: frozenset[EndpointAddress],
-) -> tuple[frozenset[EndpointAddress], bool]:
-    """The hot endpoints, and whether the whole fleet is overloaded.
-
-    At most ``max(1, ceil((1 - hot_quantile) * n))`` endpoints can be hot: Prequal's hot set is
-    the top of the RIF distribution, a minority. When more qualify (at 90% load most endpoints
-    cross a latency threshold), flooring all but one or two herded every sidecar's traffic onto
-    them and collapsed the tail in the latency benchmark; the fleet is then treated as all hot.
-    """
-    rifs = sorted(s.rif for s in data.values() if s.rif is not None)
-    enter_rif = max(_quantile(rifs, knobs.hot_quantile), knobs.min_hot_rif) if rifs else math.inf
-    hot = set()
-    for address, s in data.items():
-        # Hysteresis: an endpoint that was hot leaves only once clearly below the thresholds.
-        keep = 1.0 - knobs.hysteresis if address in was_hot else 1.0
-        # min_hot_rif holds with the hysteresis too: at or below it an endpoint is never hot by
-        # RIF (else a recovered endpoint at the fleet's RIF of 1 stayed hot, and floored, for good).
-        by_rif = s.rif is not None and s.rif > max(enter_rif * keep, knobs.min_hot_rif)
-        by_latency = latency_threshold_s is not None and s.latency_s > latency_threshold_s * keep
-        if by_rif or by_latency:
-            hot.add(address)
-    return frozenset(hot), len(hot) > _hot_cap(knobs, len(data))
 
 
 def _hot_cap(knobs: WeigherKnobs, n: int) -> int:
@@ -153,90 +158,24 @@ NO_AGENT_CONFIDENCE = 0.75
 FAILING_CONSECUTIVE = 2
 
 
-def _failing(s: EndpointStats) -> bool:
-    return s.consecutive_failures >= FAILING_CONSECUTIVE
-
-
 def confidence(data: Mapping[EndpointAddress, EndpointStats], overloaded: bool) -> float:
     """How far the weights may move from equal, in [0, 1] (rule 4 of the module docstring).
 
     1 when at least half of the endpoints with data report their RIF; otherwise 0 when the
     fleet is overloaded and ``NO_AGENT_CONFIDENCE`` when not."""
-    if not data:
-        return 0.0
     reporting = sum(1 for s in data.values() if s.rif is not None)
-    if 2 * reporting >= len(data):
+    return _confidence(len(data), reporting, overloaded)
+
+
+def _confidence(with_data: int, reporting: int, overloaded: bool) -> float:
+    if not with_data:
+        return 0.0
+    if 2 * reporting >= with_data:
         return 1.0
     return 0.0 if overloaded else NO_AGENT_CONFIDENCE
 
 
 DEFAULT_TOLERANCE_S = 0.0  # τ without a threshold: plain inverse latency
-
-
-def _targets(
-    data: Mapping[EndpointAddress, EndpointStats],
-    hot: frozenset[EndpointAddress],
-    overloaded: bool,
-    knobs: WeigherKnobs,
-    latency_threshold_s: float | None,
-) -> tuple[dict[EndpointAddress, float], bool]:
-    """Relative target weights in [floor, 1] for endpoints with data; True if all are hot."""
-    floor = 1.0 / knobs.max_weight_ratio
-    tau = (
-        LATENCY_TOLERANCE * latency_threshold_s
-        if latency_threshold_s is not None
-        else DEFAULT_TOLERANCE_S
-    )
-    if not data:
-        return {}, False
-    fastest = min(s.latency_s for s in data.values()) + tau
-
-    def by_latency(s: EndpointStats, fastest: float) -> float:
-        return float((fastest / (s.latency_s + tau)) ** knobs.latency_exponent)
-
-    cold = {a: s for a, s in data.items() if a not in hot}
-    if cold and not overloaded:
-        fastest_cold = min(s.latency_s for s in cold.values()) + tau
-        out = {a: max(floor, by_latency(s, fastest_cold)) for a, s in cold.items()}
-        out.update((a, floor) for a in data if a in hot)
-        return out, False
-    # All hot (or overloaded): Prequal picks the lowest RIF; smoothly, that is a weight falling
-    # with RIF, times the latency weight so that at equal RIF the slower one still gets less
-    # (RIF alone left a 10x slower backend a third of the others' weight). An endpoint without
-    # a load report ranks mid-fleet.
-    known = sorted(s.rif for s in data.values() if s.rif is not None)
-    middle = statistics.median(known) if known else 0.0
-    rifs = {a: s.rif if s.rif is not None else middle for a, s in data.items()}
-    lowest = min(rifs.values())
-    return {
-        a: max(floor, by_latency(s, fastest) * (lowest + 1.0) / (rifs[a] + 1.0))
-        for a, s in data.items()
-    }, True
-
-
-def _shares(weights: Mapping[EndpointAddress, float]) -> dict[EndpointAddress, float]:
-    total = sum(weights.values())
-    return {a: w / total for a, w in weights.items()}
-
-
-def _moved(
-    targets: Mapping[EndpointAddress, float], current: Mapping[EndpointAddress, float]
-) -> float:
-    """Largest relative change of any endpoint's traffic share from ``current`` to ``targets``."""
-    t, c = _shares(targets), _shares(current)
-    return max(abs(t[a] - c[a]) / c[a] for a in c)
-
-
-def _quantize(
-    relative: Mapping[EndpointAddress, float], knobs: WeigherKnobs
-) -> dict[EndpointAddress, int]:
-    """Scale so the largest is MAX_WEIGHT, round half up, clamp into [w_min, MAX_WEIGHT]."""
-    top = max(relative.values())
-    w_min = math.ceil(MAX_WEIGHT / knobs.max_weight_ratio)  # so MAX_WEIGHT / w_min <= ratio
-    return {
-        a: min(MAX_WEIGHT, max(w_min, math.floor(r / top * MAX_WEIGHT + 0.5)))
-        for a, r in relative.items()
-    }
 
 
 def weigh(
@@ -252,88 +191,360 @@ def weigh(
     has exactly the addresses of ``stats``; ``changed`` is False iff it equals ``previous``
     (then the previous endpoints and hot set are returned as they were).
     """
-    knobs = knobs or WeigherKnobs()
-    if latency_threshold_s is not None and not (
-        math.isfinite(latency_threshold_s) and latency_threshold_s > 0
-    ):
-        raise ValueError(f"latency_threshold_s must be finite and > 0, got {latency_threshold_s!r}")
-    addresses = sorted(stats)
-    if not addresses:
-        if previous is not None and not previous.endpoints:
-            return previous if not previous.changed else WeighResult(changed=False)
-        return WeighResult(changed=True)
-
-    data = {a: s for a in addresses if (s := stats[a]) is not None}
-    was_hot = previous.hot if previous is not None else frozenset()
-    hot, overloaded = _classify_hot(data, knobs, latency_threshold_s, was_hot)
-    targets, all_hot = _targets(data, hot, overloaded, knobs, latency_threshold_s)
-    # Urgent: endpoints that must drop to the floor now, not through smoothing.
-    urgent = frozenset() if all_hot else hot
-    sure = confidence(data, overloaded)
-    if sure < 1.0:
-        # Failures are a signal of their own, whatever the latencies: a failing endpoint keeps
-        # its full target (the floor) at once, or a down pod without an agent keeps traffic.
-        # Everything else moves only part of the way from equal: nothing else is urgent.
-        # Anything at least as slow as a failing endpoint goes with it (weights stay monotone
-        # in latency); never every endpoint: with all of them failing nothing is taken away.
-        fail_at = min((s.latency_s for s in data.values() if _failing(s)), default=math.inf)
-        failing = frozenset(a for a, s in data.items() if s.latency_s >= fail_at)
-        # And only a few: many failing at once is overload (probes timing out in the queues
-        # of plain apps, measured at 70% load with 2 slots), and flooring them herded the
-        # traffic onto the rest.
-        urgent = failing if len(failing) <= _hot_cap(knobs, len(data)) < len(data) else frozenset()
-        floor = 1.0 / knobs.max_weight_ratio
-        targets = {a: floor if a in urgent else 1.0 - sure * (1.0 - t) for a, t in targets.items()}
-        hot = urgent
-        all_hot = not urgent
-    neutral = statistics.median(targets.values()) if targets else 1.0
-    for a in addresses:
-        targets.setdefault(a, neutral)
-    health = {
-        a: Health.DEGRADED if knobs.degrade_hot and a in urgent else Health.HEALTHY
-        for a in addresses
-    }
-    published_hot = frozenset() if all_hot else hot
-
-    def build(weights: Mapping[EndpointAddress, int]) -> WeighResult:
-        return WeighResult(
-            {a: WeightedEndpoint(a, weights[a], health[a]) for a in addresses},
-            hot=published_hot,
-            changed=True,
-        )
-
-    if previous is None:
-        return build(_quantize(targets, knobs))
-
-    prev = previous.endpoints
-    prev_weights = {a: float(e.weight) for a, e in prev.items()}
-    structural = (
-        set(prev) != set(addresses)
-        or any(prev[a].health is not health[a] for a in addresses)
-        or max(prev_weights.values()) > knobs.max_weight_ratio * min(prev_weights.values())
+    weigher = WorkloadWeigher(
+        stats, knobs=knobs, latency_threshold_s=latency_threshold_s, previous=previous
     )
-    if not structural and _moved(targets, prev_weights) <= knobs.min_change:
-        return _unchanged(previous)
-    prev_top = max(prev_weights.values()) if prev_weights else 1.0
-    blended = {}
-    for a in addresses:
-        if a in prev and a not in urgent:
-            before = prev_weights[a] / prev_top
-            blended[a] = before + knobs.smoothing * (targets[a] - before)
+    weigher.update(stats)
+    return weigher.weigh()
+
+
+class WorkloadWeigher:
+    """:func:`weigh` for one workload, kept across passes (pure; holds state, reads no clock).
+
+    Built for a fixed set of addresses, knobs and threshold (build a new one when they
+    change, passing the last result as ``previous``). :meth:`update` gives it the statistics
+    that changed; :meth:`weigh` returns exactly what ``weigh(all_stats, knobs=...,
+    latency_threshold_s=..., previous=self.result)`` returns. Every address starts with no data.
+
+    The signals are kept in lists by index and each step of the rule runs over them with
+    ``map``/``itertools`` (no Python frame per endpoint), performing the same floating-point
+    operations in the same order as the rule as written, so the results are identical, not
+    merely close. ``weighings`` counts the endpoints weighed so far (a pass that runs the rule
+    weighs every endpoint; a pass at the rule's fixed point weighs none): what a test can count
+    instead of timing a pass.
+    """
+
+    __slots__ = (
+        "_addresses",
+        "_dirty",
+        "_failing",
+        "_has",
+        "_index",
+        "_knobs",
+        "_latency",
+        "_n_data",
+        "_prev_health",
+        "_prev_weight",
+        "_result",
+        "_rif",
+        "_rif_or_low",
+        "_same_members",
+        "_threshold",
+        "weighings",
+    )
+
+    def __init__(
+        self,
+        addresses: Iterable[EndpointAddress],
+        *,
+        knobs: WeigherKnobs | None = None,
+        latency_threshold_s: float | None = None,
+        previous: WeighResult | None = None,
+    ) -> None:
+        if latency_threshold_s is not None and not (
+            math.isfinite(latency_threshold_s) and latency_threshold_s > 0
+        ):
+            raise ValueError(
+                f"latency_threshold_s must be finite and > 0, got {latency_threshold_s!r}"
+            )
+        self._knobs = knobs or WeigherKnobs()
+        self._threshold = latency_threshold_s
+        self._addresses: list[EndpointAddress] = sorted(set(addresses))
+        self._index = {a: i for i, a in enumerate(self._addresses)}
+        n = len(self._addresses)
+        self._has: list[bool] = [False] * n  # False: no data (the stats were None)
+        self._latency: list[float] = [0.0] * n  # 0.0 where there is no data
+        self._rif: list[float | None] = [None] * n
+        self._rif_or_low: list[float] = [-math.inf] * n  # the RIF, -inf where there is none
+        self._failing: list[bool] = [False] * n
+        self._n_data = 0
+        self._dirty = True
+        self.weighings = 0
+        self._result = previous
+        self._same_members = False
+        self._prev_weight: list[float] = []
+        self._prev_health: list[Health] = []
+        if previous is not None:
+            self._remember(previous)
+
+    @property
+    def result(self) -> WeighResult | None:
+        """The last result (``previous`` until the first :meth:`weigh`)."""
+        return self._result
+
+    def update(self, stats: Mapping[EndpointAddress, EndpointStats | None]) -> None:
+        """Take the statistics of some addresses (``None``: no data now). Addresses this
+        weigher was not built for are ignored."""
+        index = self._index
+        has, latency, rif, failing = self._has, self._latency, self._rif, self._failing
+        for address, s in stats.items():
+            i = index.get(address)
+            if i is None:
+                continue
+            if s is None:
+                if has[i]:
+                    has[i], latency[i], rif[i], failing[i] = False, 0.0, None, False
+                    self._rif_or_low[i] = -math.inf
+                    self._n_data -= 1
+                    self._dirty = True
+                continue
+            r, fails = s.rif, s.consecutive_failures >= FAILING_CONSECUTIVE
+            if has[i] and latency[i] == s.latency_s and rif[i] == r and failing[i] is fails:
+                continue  # nothing the rule reads has moved
+            if not has[i]:
+                has[i] = True
+                self._n_data += 1
+            latency[i], rif[i], failing[i] = s.latency_s, r, fails
+            self._rif_or_low[i] = -math.inf if r is None else r
+            self._dirty = True
+
+    def _remember(self, result: WeighResult) -> None:
+        """Keep ``result``'s weights and health by index, if it has exactly our addresses."""
+        endpoints = result.endpoints
+        self._same_members = len(endpoints) == len(self._addresses) and all(
+            a in endpoints for a in self._addresses
+        )
+        if self._same_members:
+            self._prev_weight = [float(endpoints[a].weight) for a in self._addresses]
+            self._prev_health = [endpoints[a].health for a in self._addresses]
         else:
-            blended[a] = targets[a]
-    # Snap: if what smoothing leaves would itself be below min_change, go to the targets. A
-    # smoothed state that stops just under min_change from its target sits on a knife-edge,
-    # where probe jitter alone pushes again (seen at 5 m intervals on fake time).
-    if _moved(targets, blended) <= knobs.min_change:
-        blended = dict(targets)
-    result = build(_quantize(blended, knobs))
-    if result.endpoints == prev and result.hot == previous.hot:
-        return _unchanged(previous)
-    return result
+            self._prev_weight, self._prev_health = [], []
+
+    def weigh(self) -> WeighResult:
+        """The weights now (see the class docstring)."""
+        previous = self._result
+        if not self._dirty and previous is not None and not previous.changed:
+            return previous  # the same signals against an unchanged result: a fixed point
+        result = self._weigh(previous)
+        self._dirty = False
+        if result is not previous:
+            if result.changed:
+                self._remember(result)
+            self._result = result
+        return result
+
+    def _weigh(self, previous: WeighResult | None) -> WeighResult:
+        addresses = self._addresses
+        n_all = len(addresses)
+        if not n_all:
+            if previous is not None and not previous.endpoints:
+                return _unchanged(previous)
+            return _result(_NO_ENDPOINTS, frozenset(), True)
+        self.weighings += n_all
+        knobs, threshold = self._knobs, self._threshold
+        has, latency, rif, failing = self._has, self._latency, self._rif, self._failing
+        n_data = self._n_data
+        everyone = range(n_all)
+        data: Sequence[int] = everyone if n_data == n_all else list(compress(everyone, has))
+        cap = _hot_cap(knobs, n_data)
+
+        # Rules 1 and 3: the hot set (hysteresis for those hot before), and overload. Where
+        # there is no data the latency is 0.0 and the RIF -inf: never above a threshold.
+        was_hot: list[int] = []
+        if previous is not None and previous.hot:
+            index = self._index
+            was_hot = sorted(index[a] for a in previous.hot if a in index)
+        known = cast("list[float]", sorted(filter(partial(is_not, None), rif)))
+        enter_rif = (
+            max(_quantile(known, knobs.hot_quantile), knobs.min_hot_rif) if known else math.inf
+        )
+        keep = 1.0 - knobs.hysteresis
+        rif_cold = max(enter_rif * 1.0, knobs.min_hot_rif)
+        rif_held = max(enter_rif * keep, knobs.min_hot_rif)
+        flags: list[bool] | None = None
+        if known:
+            flags = list(map(gt, self._rif_or_low, repeat(rif_cold)))
+        if threshold is not None:
+            above = list(map(gt, latency, repeat(threshold * 1.0)))
+            flags = above if flags is None else list(map(or_, flags, above))
+        if flags is not None:
+            for i in was_hot:
+                if has[i]:
+                    by_rif = known and self._rif_or_low[i] > rif_held
+                    by_lat = threshold is not None and latency[i] > threshold * keep
+                    flags[i] = bool(by_rif or by_lat)
+        hot = list(compress(everyone, flags)) if flags is not None else []
+        hot_set = set(hot)
+        overloaded = len(hot) > cap
+
+        # Rule 2 (and 3 when all are hot): relative targets in [floor, 1]; ``order`` is the
+        # order the rule sums them in (cold, then hot, then those without data).
+        floor = 1.0 / knobs.max_weight_ratio
+        tau = LATENCY_TOLERANCE * threshold if threshold is not None else DEFAULT_TOLERANCE_S
+        exponent = knobs.latency_exponent
+        target: list[float] = [0.0] * n_all
+        order: Sequence[int] = []
+        all_hot = False
+        if n_data:
+            cold = [i for i in data if i not in hot_set] if hot else data
+            if cold and not overloaded:
+                lat = latency if cold is everyone else list(map(latency.__getitem__, cold))
+                fastest_cold = min(lat) + tau
+                cold_targets = map(
+                    max,
+                    repeat(floor),
+                    map(
+                        pow,
+                        map(truediv, repeat(fastest_cold), map(add, lat, repeat(tau))),
+                        repeat(exponent),
+                    ),
+                )
+                if cold is everyone:
+                    target = list(cold_targets)
+                else:
+                    _scatter(target, cold, cold_targets)
+                for i in hot:
+                    target[i] = floor
+                order = everyone if cold is everyone else [*cold, *hot]
+            else:
+                # Prequal's "all hot → lowest RIF", smoothly, times the latency weight; an
+                # endpoint without a load report ranks mid-fleet. (Overload: rare, plain.)
+                fastest = min(latency[i] for i in data) + tau
+                middle = statistics.median(known) if known else 0.0
+                ranked = [middle if (r := rif[i]) is None else r for i in data]
+                lowest = min(ranked)
+                for i, r in zip(data, ranked, strict=True):
+                    by_latency = float((fastest / (latency[i] + tau)) ** exponent)
+                    target[i] = max(floor, by_latency * (lowest + 1.0) / (r + 1.0))
+                order = data
+                all_hot = True
+        urgent: set[int] = set() if all_hot else hot_set
+
+        # Rule 4: blend towards equal by the signal's confidence; failures stay urgent.
+        sure = _confidence(n_data, len(known), overloaded)
+        if sure < 1.0:
+            fail_at = min(compress(latency, failing), default=math.inf)
+            failing_now = (
+                list(compress(everyone, map(and_, has, map(ge, latency, repeat(fail_at)))))
+                if fail_at < math.inf
+                else []
+            )
+            urgent = set(failing_now) if len(failing_now) <= cap < n_data else set()
+            target = list(
+                map(sub, repeat(1.0), map(mul, repeat(sure), map(sub, repeat(1.0), target)))
+            )
+            for i in urgent:
+                target[i] = floor
+            hot_set = urgent
+            all_hot = not urgent
+
+        # Rule 5: no data → the median of the others.
+        if n_data < n_all:
+            neutral = statistics.median(map(target.__getitem__, order)) if n_data else 1.0
+            missing = [i for i in everyone if not has[i]]
+            for i in missing:
+                target[i] = neutral
+            order = [*order, *missing]
+        health = [Health.HEALTHY] * n_all
+        if knobs.degrade_hot:
+            for i in urgent:
+                health[i] = Health.DEGRADED
+        published_hot = frozenset() if all_hot else frozenset(addresses[i] for i in hot_set)
+        if previous is None:
+            return self._build(_quantize(target, knobs), health, published_hot, previous)
+
+        # Rule 6: against the previous result.
+        prev_w: list[float | None] | list[float]
+        if self._same_members:
+            prev_w = self._prev_weight
+            top, bottom = max(prev_w), min(prev_w)
+            structural = health != self._prev_health or top > knobs.max_weight_ratio * bottom
+        else:  # membership changed: structural, and only some addresses have a weight before
+            prev = previous.endpoints
+            prev_w = [
+                float(e.weight) if (e := prev.get(a)) is not None else None for a in addresses
+            ]
+            top = max((float(e.weight) for e in prev.values()), default=1.0)
+            structural = True
+        # The total in the order the rule sums the targets.
+        total_target = sum(target) if order is everyone else sum(map(target.__getitem__, order))
+        if not structural and _moved(target, total_target, prev_w) <= knobs.min_change:
+            return _unchanged(previous)
+        blended: list[float]
+        if self._same_members:
+            before = list(map(truediv, prev_w, repeat(top)))
+            blended = list(
+                map(add, before, map(mul, repeat(knobs.smoothing), map(sub, target, before)))
+            )
+            for i in urgent:
+                blended[i] = target[i]
+        else:
+            blended = []
+            for i in everyone:
+                w = prev_w[i]
+                if w is not None and i not in urgent:
+                    b = w / top
+                    blended.append(b + knobs.smoothing * (target[i] - b))
+                else:
+                    blended.append(target[i])
+        # Snap: if what smoothing leaves would itself be below min_change, go to the targets. A
+        # smoothed state that stops just under min_change from its target sits on a knife-edge,
+        # where probe jitter alone pushes again (seen at 5 m intervals on fake time).
+        if _moved(target, total_target, blended) <= knobs.min_change:
+            blended = target
+        weights = _quantize(blended, knobs)
+        if (
+            self._same_members
+            and published_hot == previous.hot
+            and health == self._prev_health
+            and weights == self._prev_weight  # ints against the same ints as floats
+        ):
+            return _unchanged(previous)
+        return self._build(weights, health, published_hot, previous)
+
+    def _build(
+        self,
+        weights: list[int],
+        health: list[Health],
+        hot: frozenset[EndpointAddress],
+        previous: WeighResult | None,
+    ) -> WeighResult:
+        """A changed result; endpoints whose weight and health held keep their value."""
+        old = previous.endpoints if previous is not None and self._same_members else None
+        endpoints: dict[EndpointAddress, WeightedEndpoint] = {}
+        for i, a in enumerate(self._addresses):
+            w, h = weights[i], health[i]
+            if old is not None and w == self._prev_weight[i] and h is self._prev_health[i]:
+                endpoints[a] = old[a]
+            else:
+                endpoints[a] = WeightedEndpoint(a, w, h)
+        return _result(MappingProxyType(endpoints), hot, True)
+
+
+def _scatter(into: list[float], at: Sequence[int], values: Iterable[float]) -> None:
+    """``into[at[k]] = values[k]`` for every k, without a Python frame per item."""
+    deque(map(into.__setitem__, at, values), maxlen=0)
+
+
+def _moved(target: list[float], total_target: float, current: Sequence[float | None]) -> float:
+    """Largest relative change of any endpoint's traffic share from ``current`` to ``target``
+    (over the endpoints ``current`` has a weight for; ``total_target`` is the targets' total).
+
+    The same operations as the rule: ``abs(t / T - c / C) / (c / C)``."""
+    if None in current:
+        pairs = [(t, c) for t, c in zip(target, current, strict=True) if c is not None]
+        target, present = [t for t, _ in pairs], [c for _, c in pairs]
+    else:
+        present = current  # type: ignore[assignment]
+    total = sum(present)
+    shares = list(map(truediv, present, repeat(total)))
+    moved = map(
+        truediv, map(abs, map(sub, map(truediv, target, repeat(total_target)), shares)), shares
+    )
+    return float(max(moved))
+
+
+def _quantize(relative: list[float], knobs: WeigherKnobs) -> list[int]:
+    """Scale so the largest is MAX_WEIGHT, round half up, clamp into [w_min, MAX_WEIGHT]."""
+    top = max(relative)
+    w_min = math.ceil(MAX_WEIGHT / knobs.max_weight_ratio)  # so MAX_WEIGHT / w_min <= ratio
+    scaled = map(
+        add, map(mul, map(truediv, relative, repeat(top)), repeat(MAX_WEIGHT)), repeat(0.5)
+    )
+    return list(map(min, repeat(MAX_WEIGHT), map(max, repeat(w_min), map(math.floor, scaled))))
 
 
 def _unchanged(previous: WeighResult) -> WeighResult:
     if not previous.changed:
         return previous
-    return WeighResult(previous.endpoints, hot=previous.hot, changed=False)
+    return _result(previous.endpoints, previous.hot, False)

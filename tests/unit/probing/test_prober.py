@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -16,7 +17,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from aviator.probing.estimator import Estimator
-from aviator.probing.prober import ProbeConnectError, Prober, ProbeResponse
+from aviator.probing.prober import ProbeConnectError, Prober, ProbeResponse, spread_probe_budget
 from aviator.probing.results import ProbeOutcome, ProbeResult, ProbeTarget
 
 Behaviour = Callable[[], Awaitable[ProbeResponse]]
@@ -380,3 +381,32 @@ async def test_prober_feeds_the_estimator_on_the_same_clock() -> None:
     assert slow.latency_s == pytest.approx(0.080)
     assert down.latency_s == pytest.approx(1.0)  # 2 x the 0.5 s timeout
     assert down.error_rate == 1.0
+
+
+# -- the probe budget (issue 9, item 6) ---------------------------------------------------------
+
+
+def test_the_probe_budget_leaves_a_fleet_within_it_alone() -> None:
+    targets = {i: ProbeTarget("10.0.0.1", 80, interval_s=1.0) for i in range(100)}
+    spread, stretch = spread_probe_budget(targets, 100.0)
+    assert stretch == 1.0
+    assert spread == targets
+
+
+def test_the_probe_budget_stretches_every_interval_by_one_factor() -> None:
+    # 1,000 every 10 s (100/s) and 100 every 0.5 s (200/s) ask for 300/s; at 150/s each is
+    # probed at half its rate, so the fast ones still get 5x the probes of the slow ones.
+    targets = {i: ProbeTarget("10.0.0.1", 80, interval_s=10.0) for i in range(1000)}
+    targets |= {1000 + i: ProbeTarget("10.0.0.2", 80, interval_s=0.5) for i in range(100)}
+    spread, stretch = spread_probe_budget(targets, 150.0)
+    assert stretch == pytest.approx(2.0)
+    assert all(spread[i].interval_s == pytest.approx(20.0) for i in range(1000))
+    assert all(spread[1000 + i].interval_s == pytest.approx(1.0) for i in range(100))
+    assert sum(1 / t.interval_s for t in spread.values()) == pytest.approx(150.0)
+    assert all(spread[k].timeout_s == targets[k].timeout_s for k in targets)
+
+
+@pytest.mark.parametrize("bad", [0.0, -5.0, math.inf, math.nan])
+def test_the_probe_budget_must_be_a_positive_rate(bad: float) -> None:
+    with pytest.raises(ValueError, match="max_rate"):
+        spread_probe_budget({}, bad)
