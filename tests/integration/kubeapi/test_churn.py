@@ -66,7 +66,7 @@ async def _load(server: str, token: str, ca: str, ns: str, action: str, policies
 
         async def send(method: str, path: str, body: Any = None, content_type: str = "") -> None:
             async with gate:
-                for attempt in range(5):
+                for attempt in range(20):
                     kwargs: dict[str, Any] = {}
                     if body is not None:
                         kwargs["data"] = json.dumps(body)
@@ -75,8 +75,10 @@ async def _load(server: str, token: str, ca: str, ns: str, action: str, policies
                         text = await resp.text()
                         if resp.status < 300:
                             return
-                        if resp.status in (409, 429, 500, 503) and attempt < 4:
-                            await asyncio.sleep(0.2 * (attempt + 1))
+                        # 504: a deletecollection of 10,000 pods outlasts the server's
+                        # request timeout on a busy machine; it goes on, and is idempotent.
+                        if resp.status in (409, 429, 500, 503, 504) and attempt < 19:
+                            await asyncio.sleep(min(2.0, 0.2 * (attempt + 1)))
                             continue
                         raise RuntimeError(f"{method} {path}: {resp.status} {text[:300]}")
 
