@@ -395,6 +395,14 @@ def _probe(
             f"{path!r} must start with '/' and hold only printable "
             "ASCII without spaces (percent-encode the rest)",
         )
+    elif "#" in path:
+        # A fragment is never sent in a request, and the prober refuses such a path: the
+        # policy would be Accepted and probe nothing (the CRD's pattern lets '#' through).
+        f.error(
+            "spec.probe.path",
+            f"{path[:64]!r} must not hold '#': a fragment is not sent to the pod "
+            "(percent-encode it as %23)",
+        )
     port = _port(f, raw, "port", "spec.probe.port")
     timeout = _duration(f, raw, "timeout", "spec.probe.timeout", None)
     if timeout is not None and (err := _timeout_error(timeout, interval)) is not None:

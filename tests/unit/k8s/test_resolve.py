@@ -395,3 +395,38 @@ def test_endpoints_only_for_serving_resolutions() -> None:
     (r,) = run([policy_doc()], [workload_doc()], [pod_doc("web-1", "10.0.0.1")])
     with pytest.raises(ValueError, match="only resolved for a serving policy"):
         PolicyResolution(r.ref, (r.conditions[0],), endpoints=r.endpoints)
+
+
+def test_a_selector_is_matched_only_against_pods_that_carry_its_labels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # issue 14's churn: 1,000 policies x 10,000 pods in one namespace took ~90 s to resolve
+    # when every policy scanned every pod (10 M matches); the label index makes it ~N.
+    calls = 0
+    selects = Workload.selects
+
+    def counting(self: Workload, pod: Pod) -> bool:
+        nonlocal calls
+        calls += 1
+        return selects(self, pod)
+
+    monkeypatch.setattr(Workload, "selects", counting)
+    n, pods_each = 100, 10
+    expressions = [{"key": "tier", "operator": "NotIn", "values": ["canary"]}]
+    policies = [policy_doc(f"w{i}", target=f"w{i}") for i in range(n)]
+    workloads = [workload_doc(f"w{i}", expressions=expressions if i % 2 else None)
+                 for i in range(n)]  # fmt: skip
+    pods = [
+        pod_doc(
+            f"w{i}-{j}",
+            f"10.0.{i}.{j}",
+            labels={"app": f"w{i}", "tier": "canary" if j == 0 else "main"},
+        )
+        for i in range(n)
+        for j in range(pods_each)
+    ]
+    result = {r.ref.name: addrs(r) for r in run(policies, workloads, pods)}
+    assert calls <= n * pods_each  # each pod is matched against its own workload only
+    for i in range(n):
+        first = 0 if i % 2 == 0 else 1  # the odd workloads exclude their canary (NotIn)
+        assert result[f"w{i}"] == sorted(f"10.0.{i}.{j}:8080" for j in range(first, pods_each)), i

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -231,3 +232,25 @@ async def test_failures_back_off_on_the_schedule_with_the_injected_jitter() -> N
     assert delays == [1.25, 2.5, 5.0, 10.0, 10.0, 10.0]
     assert not informer.synced
     assert informer.stats.failures == 6
+
+
+def test_a_cache_emptied_by_delete_events_gives_its_memory_back() -> None:
+    # issue 14's churn: a dict keeps its table when keys are popped, so 10,000 pods deleted
+    # one event at a time left ~300 KB (x the informers) behind in an empty cache.
+    cache: ObjectCache[str] = ObjectCache(lambda d: str(d["metadata"]["name"]))
+    objs = [
+        {"metadata": {"name": f"p{i}", "namespace": "n", "uid": str(i), "resourceVersion": "1"}}
+        for i in range(10_000)
+    ]
+    empty = sys.getsizeof(cache._entries)
+    for o in objs:
+        cache.upsert(o)
+    assert sys.getsizeof(cache._entries) > 100 * empty
+    for o in objs[:9_000]:
+        cache.delete(o)
+    assert len(cache) == 1_000
+    assert sorted(cache.keys()) == sorted(("n", f"p{i}") for i in range(9_000, 10_000))
+    for o in objs[9_000:]:
+        cache.delete(o)
+    assert len(cache) == 0
+    assert sys.getsizeof(cache._entries) <= 4 * empty
