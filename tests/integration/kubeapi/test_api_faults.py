@@ -45,9 +45,9 @@ from aviator.operator.election import ElectionTiming
 from aviator.operator.elector import LeaderElector
 from aviator.operator.status_writer import StatusWriter
 from aviator.source.kubernetes import Backoff, InformerOptions, KubernetesSource
+from aviator.testbed.kubeapi import KubeTestEnv
 from aviator.xds.resources import CLUSTER_TYPE
 from tests.kubeapi.fixtures import AviatorInstall
-from tests.kubeapi.server import KubeTestEnv
 
 from .operator_support import eventually, kube_api, read_state, resolutions
 from .test_source import RecordingStore, _endpoints, _names, _pods, policy_yaml

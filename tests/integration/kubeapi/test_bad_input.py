@@ -35,8 +35,8 @@ from aviator.k8s.resolve import PolicyResolution, resolve_state
 from aviator.k8s.state import ClusterState
 from aviator.operator.status_writer import StatusWriter
 from aviator.source.kubernetes import KubernetesSource
+from aviator.testbed.kubeapi import KubeTestEnv, KubeTestEnvError
 from tests.kubeapi.fixtures import AviatorInstall
-from tests.kubeapi.server import KubeTestEnv, KubeTestEnvError
 
 from .operator_support import kube_api
 from .test_source import FAST, RecordingStore

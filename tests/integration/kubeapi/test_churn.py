@@ -39,8 +39,8 @@ from aviator.k8s.resolve import resolve_state
 from aviator.k8s.state import ClusterState
 from aviator.source.kubernetes import InformerOptions, KubernetesSource
 from aviator.source.store import Store
+from aviator.testbed.kubeapi import ROOT, KubeTestEnv
 from tests.kubeapi.fixtures import AviatorInstall
-from tests.kubeapi.server import ROOT, KubeTestEnv
 
 FULL = os.environ.get("AVIATOR_CHURN") == "full"
 POLICIES, PODS, WAVES = (1000, 10_000, 3) if FULL else (100, 1000, 3)
