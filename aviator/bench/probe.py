@@ -25,11 +25,13 @@ import asyncio
 import json
 import math
 import multiprocessing
+import os
 import resource
 import statistics
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from typing import Any
 __all__ = ["configure", "run"]
 
 _SATURATING_INTERVAL_S = 1e-3  # far below the time a probe takes: always due
+OVERHEAD_GOAL = 1.5  # the prober's CPU per probe at most this times a bare aiohttp GET's
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -52,12 +55,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-in-flight", type=int, default=256, help="prober cap (256)")
     parser.add_argument("--ports", type=int, default=50, help="backend ports (50)")
     parser.add_argument("--timeout", type=float, default=2.0, help="probe timeout, s (2)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="rounds of prober + bare aiohttp loop, alternating (3)",
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write figures")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.endpoints < 1 or args.duration <= 0 or args.warmup < 0 or args.ports < 1:
-        print("aviator bench probe: need --endpoints, --ports >= 1, --duration > 0, --warmup >= 0")
+    if (
+        args.endpoints < 1
+        or args.duration <= 0
+        or args.warmup < 0
+        or args.ports < 1
+        or args.repeat < 1
+    ):
+        print(
+            "aviator bench probe: need --endpoints, --ports, --repeat >= 1, --duration > 0, "
+            "--warmup >= 0"
+        )
         return 2
     _raise_nofile_limit()
     ctx = multiprocessing.get_context("spawn")
@@ -153,76 +171,214 @@ def _serve_backends(n_ports: int, header: bytes, conn: Connection) -> None:
 # -- prober process ----------------------------------------------------------------------------
 
 
-async def _measure(args: argparse.Namespace, ports: list[int]) -> dict[str, Any]:
-    from aviator.probing.prober import Prober
-    from aviator.probing.results import ProbeResult, ProbeTarget
+@dataclass(slots=True)
+class _Window:
+    """What one measured window saw: probes by outcome, their RTTs, CPU and wall time."""
 
-    n = args.endpoints
-    saturating = args.offered_rate <= 0
-    interval = _SATURATING_INTERVAL_S if saturating else n / args.offered_rate
-    outcomes: Counter[str] = Counter()
-    rtts: list[float] = []
-    measuring = False
+    outcomes: Counter[str] = field(default_factory=Counter)
+    rtts: list[float] = field(default_factory=list)
+    cpu_s: float = 0.0
+    cpu_user_s: float = 0.0
+    cpu_system_s: float = 0.0
+    wall_s: float = 0.0
 
-    def sink(key: int, result: ProbeResult) -> None:
-        outcomes[result.outcome.value] += 1
-        if measuring and len(rtts) < 1_000_000:
-            rtts.append(result.rtt_s)
+    @property
+    def probes(self) -> int:
+        return sum(self.outcomes.values())
 
-    prober: Prober[int] = Prober(sink, max_in_flight=args.max_in_flight)
-    prober.set_targets(
-        {
-            i: ProbeTarget(
-                "127.0.0.1", ports[i % len(ports)], interval_s=interval, timeout_s=args.timeout
-            )
-            for i in range(n)
-        }
-    )
-    task = asyncio.create_task(prober.run())
+    def add(self, other: _Window) -> None:
+        self.outcomes.update(other.outcomes)
+        self.rtts.extend(other.rtts[: max(0, _MAX_RTTS - len(self.rtts))])
+        self.cpu_s += other.cpu_s
+        self.cpu_user_s += other.cpu_user_s
+        self.cpu_system_s += other.cpu_system_s
+        self.wall_s += other.wall_s
+
+
+_MAX_RTTS = 1_000_000
+
+
+async def _measured(
+    args: argparse.Namespace, outcomes: Counter[str], measuring: list[bool]
+) -> _Window:
+    """Wait out the warm-up, then measure one window of ``args.duration`` seconds of whatever
+    is filling ``outcomes``; ``measuring[0]`` tells the sink when to keep RTTs."""
     await asyncio.sleep(args.warmup)
     before = Counter(outcomes)
-    measuring = True
+    measuring[0] = True
     cpu0, wall0 = time.process_time(), time.perf_counter()
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
     await asyncio.sleep(args.duration)
     cpu1, wall1 = time.process_time(), time.perf_counter()
     usage1 = resource.getrusage(resource.RUSAGE_SELF)
-    measuring = False
-    after = Counter(outcomes)
+    measuring[0] = False
+    return _Window(
+        outcomes=Counter(outcomes) - before,
+        cpu_s=cpu1 - cpu0,
+        cpu_user_s=usage1.ru_utime - usage0.ru_utime,
+        cpu_system_s=usage1.ru_stime - usage0.ru_stime,
+        wall_s=wall1 - wall0,
+    )
+
+
+def _interval(args: argparse.Namespace) -> float:
+    return _SATURATING_INTERVAL_S if args.offered_rate <= 0 else args.endpoints / args.offered_rate
+
+
+async def _prober_window(args: argparse.Namespace, ports: list[int]) -> _Window:
+    """One window of the production prober over the backends."""
+    from aviator.probing.prober import Prober
+    from aviator.probing.results import ProbeResult, ProbeTarget
+
+    outcomes: Counter[str] = Counter()
+    rtts: list[float] = []
+    measuring = [False]
+
+    def sink(key: int, result: ProbeResult) -> None:
+        outcomes[result.outcome.value] += 1
+        if measuring[0] and len(rtts) < _MAX_RTTS:
+            rtts.append(result.rtt_s)
+
+    prober: Prober[int] = Prober(sink, max_in_flight=args.max_in_flight)
+    interval = _interval(args)
+    prober.set_targets(
+        {
+            i: ProbeTarget(
+                "127.0.0.1", ports[i % len(ports)], interval_s=interval, timeout_s=args.timeout
+            )
+            for i in range(args.endpoints)
+        }
+    )
+    task = asyncio.create_task(prober.run())
+    window = await _measured(args, outcomes, measuring)
     await prober.close()
     await task
+    window.rtts = rtts
+    return window
 
-    window = after - before
-    probes = sum(window.values())
-    wall, cpu = wall1 - wall0, cpu1 - cpu0
-    rtts.sort()
+
+async def _bare_window(args: argparse.Namespace, ports: list[int]) -> _Window:
+    """One window of the least a probe can cost with aiohttp: per target a keep-alive session
+    (as the prober's transport makes them) and a loop of ``GET`` + read the body, paced like
+    the prober and under the same cap in flight; no timeout, no ORCA parse, no result."""
+    import random
+
+    import aiohttp
+    import yarl
+
+    from aviator.probing.results import ProbeTarget
+
+    outcomes: Counter[str] = Counter()
+    rtts: list[float] = []
+    measuring = [False]
+    interval = _interval(args)
+    cap = asyncio.Semaphore(args.max_in_flight)
+    loop = asyncio.get_running_loop()
+
+    async def target(i: int) -> None:
+        url = yarl.URL(ProbeTarget("127.0.0.1", ports[i % len(ports)]).url)
+        connector = aiohttp.TCPConnector(limit=2, keepalive_timeout=60.0)
+        async with aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            headers={"User-Agent": "aviator-prober"},  # the same request on the wire
+        ) as session:
+            next_at = loop.time() + random.uniform(0.0, interval)
+            while True:
+                if (delay := next_at - loop.time()) > 0:
+                    await asyncio.sleep(delay)
+                woke = loop.time()
+                async with cap:
+                    started = time.perf_counter()
+                    try:
+                        async with session.get(url, allow_redirects=False) as response:
+                            await response.read()
+                    except aiohttp.ClientError:
+                        outcomes["error"] += 1
+                        next_at = woke + interval
+                        continue
+                    rtt = time.perf_counter() - started
+                outcomes["ok" if response.status == 200 else "http_error"] += 1
+                if measuring[0] and len(rtts) < _MAX_RTTS:
+                    rtts.append(rtt)
+                next_at = woke + interval
+
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(target(i)) for i in range(args.endpoints)]
+        window = await _measured(args, outcomes, measuring)
+        for task in tasks:
+            task.cancel()
+    window.rtts = rtts
+    return window
+
+
+def _figures(window: _Window) -> dict[str, Any]:
+    probes, wall, cpu = window.probes, window.wall_s, window.cpu_s
+    rtts = sorted(window.rtts)
 
     def pct(q: float) -> float | None:
         return rtts[min(len(rtts) - 1, math.floor(q * len(rtts)))] * 1000 if rtts else None
 
     return {
-        "endpoints": n,
-        "backend_ports": len(ports),
-        "mode": "saturating" if saturating else "paced",
-        "offered_rate": None if saturating else args.offered_rate,
-        "interval_s": interval,
-        "max_in_flight": args.max_in_flight,
         "duration_s": wall,
-        "warmup_s": args.warmup,
         "probes": probes,
         "probes_per_s": probes / wall,
         "cpu_s": cpu,
-        "cpu_user_s": usage1.ru_utime - usage0.ru_utime,
-        "cpu_system_s": usage1.ru_stime - usage0.ru_stime,
+        "cpu_user_s": window.cpu_user_s,
+        "cpu_system_s": window.cpu_system_s,
         "cpu_s_per_probe": cpu / probes if probes else None,
         # What one core would sustain if the prober had it to itself: on a shared machine the
         # achieved rate is lower whenever cpu_utilisation is below 1.
         "probes_per_cpu_s": probes / cpu if cpu > 0 else None,
         "cpu_utilisation": cpu / wall,
-        "outcomes": dict(window),
+        "outcomes": dict(window.outcomes),
         "rtt_ms_p50": pct(0.5),
         "rtt_ms_p99": pct(0.99),
         "rtt_ms_mean": statistics.fmean(rtts) * 1000 if rtts else None,
+    }
+
+
+def _overhead(prober: _Window, bare: _Window) -> float | None:
+    """CPU per probe of the prober over that of the bare loop (1.0: no overhead)."""
+    if not (prober.probes and bare.probes and bare.cpu_s > 0):
+        return None
+    return (prober.cpu_s / prober.probes) / (bare.cpu_s / bare.probes)
+
+
+async def _measure(args: argparse.Namespace, ports: list[int]) -> dict[str, Any]:
+    """``--repeat`` rounds of one prober window and one bare-loop window on the same backends,
+    the order alternating (so a change in the machine's load falls on both alike)."""
+    prober_total, bare_total = _Window(), _Window()
+    ratios: list[float] = []
+    for rep in range(args.repeat):
+        windows: dict[str, _Window] = {}
+        for kind in ("prober", "bare") if rep % 2 == 0 else ("bare", "prober"):
+            measure = _prober_window if kind == "prober" else _bare_window
+            windows[kind] = await measure(args, ports)
+        prober_total.add(windows["prober"])
+        bare_total.add(windows["bare"])
+        if (ratio := _overhead(windows["prober"], windows["bare"])) is not None:
+            ratios.append(ratio)
+    saturating = args.offered_rate <= 0
+    return {
+        "endpoints": args.endpoints,
+        "backend_ports": len(ports),
+        "mode": "saturating" if saturating else "paced",
+        "offered_rate": None if saturating else args.offered_rate,
+        "interval_s": _interval(args),
+        "max_in_flight": args.max_in_flight,
+        "warmup_s": args.warmup,
+        "repeat": args.repeat,
+        # The prober's figures over every repetition (top level, as before), then the bare
+        # aiohttp loop's over the same backends in the same run, and the ratio.
+        **_figures(prober_total),
+        "bare": _figures(bare_total),
+        "overhead": _overhead(prober_total, bare_total),
+        "overhead_per_repeat": ratios,
+        "overhead_goal": OVERHEAD_GOAL,
+        "load_average": list(os.getloadavg()),
         "python": sys.version.split()[0],
     }
 
@@ -231,20 +387,33 @@ def _print(f: dict[str, Any]) -> None:
     offered = (
         "saturating" if f["mode"] == "saturating" else f"{f['offered_rate']:,.0f} probes/s offered"
     )
-    per_probe = f["cpu_s_per_probe"]
+    load = ", ".join(f"{x:.1f}" for x in f["load_average"])
     print(
         f"aviator bench probe: {f['endpoints']} endpoints on {f['backend_ports']} backend ports, "
-        f"{offered}, max {f['max_in_flight']} in flight, {f['duration_s']:.1f} s measured "
-        f"after {f['warmup_s']:.1f} s warm-up"
+        f"{offered}, max {f['max_in_flight']} in flight, {f['repeat']} x (prober, bare aiohttp "
+        f"loop) of {f['duration_s'] / f['repeat']:.1f} s after {f['warmup_s']:.1f} s warm-up; "
+        f"load average {load}"
     )
-    print(f"  probes/s              {f['probes_per_s']:,.0f}")
-    if per_probe is not None:
-        print(f"  CPU s / probe         {per_probe:.6f}  ({per_probe * 1e6:.0f} µs)")
-    print(f"  CPU utilisation       {f['cpu_utilisation'] * 100:.1f} % of one core")
-    if f["probes_per_cpu_s"] is not None:
-        print(f"  probes per CPU second {f['probes_per_cpu_s']:,.0f}  (one whole core's worth)")
-    print(
-        "  outcomes              " + ", ".join(f"{k}={v}" for k, v in sorted(f["outcomes"].items()))
-    )
-    if f["rtt_ms_p50"] is not None:
-        print(f"  RTT p50 / p99         {f['rtt_ms_p50']:.2f} ms / {f['rtt_ms_p99']:.2f} ms")
+    bare = f["bare"]
+
+    def row(label: str, key: str, fmt: str, scale: float = 1.0) -> None:
+        cells = ["-" if (v := x[key]) is None else format(v * scale, fmt) for x in (f, bare)]
+        print(f"  {label:<22}{cells[0]:>14}{cells[1]:>14}")
+
+    print(f"  {'':<22}{'prober':>14}{'bare aiohttp':>14}")
+    row("probes/s", "probes_per_s", ",.0f")
+    row("CPU µs / probe", "cpu_s_per_probe", ",.0f", 1e6)
+    row("probes per CPU second", "probes_per_cpu_s", ",.0f")
+    row("CPU utilisation %", "cpu_utilisation", ".1f", 100)
+    row("RTT p50 ms", "rtt_ms_p50", ".2f")
+    row("RTT p99 ms", "rtt_ms_p99", ".2f")
+    for label, x in (("prober", f), ("bare", bare)):
+        outcomes = ", ".join(f"{k}={v}" for k, v in sorted(x["outcomes"].items()))
+        print(f"  outcomes ({label}){'':<{13 - len(label)}}{outcomes}")
+    if f["overhead"] is not None:
+        spread = ", ".join(f"{r:.2f}" for r in f["overhead_per_repeat"])
+        verdict = "met" if f["overhead"] <= f["overhead_goal"] else "NOT met"
+        print(
+            f"  prober CPU per probe / bare loop's: {f['overhead']:.2f}x (per round: {spread}); "
+            f"goal <= {f['overhead_goal']:.1f}x: {verdict}"
+        )

@@ -287,7 +287,7 @@ async def bench(
             progress(f"[xds] {spec.label} ...")
             started = time.perf_counter()
             try:
-                result = await _run(spec, settings, Path(tmp))
+                result = await _run(spec, settings, Path(tmp), progress)
             except (ChildError, OSError, RuntimeError, TimeoutError, aiohttp.ClientError) as exc:
                 doc["errors"].append({"run": spec.label, "error": str(exc)})
                 progress(f"[xds] {spec.label}: FAILED: {exc}")
@@ -326,7 +326,9 @@ def _asdict(goal: Any) -> dict[str, Any]:
     return {"text": goal.text, "met": goal.met, "detail": goal.detail}
 
 
-async def _run(spec: RunSpec, settings: Settings, tmp: Path) -> dict[str, Any]:
+async def _run(
+    spec: RunSpec, settings: Settings, tmp: Path, progress: Any = print
+) -> dict[str, Any]:
     shape = FleetShape.for_endpoints(spec.endpoints, settings.per_workload)
     fleet = Fleet(shape)
     tag = f"{spec.kind}-{spec.streams}-{spec.endpoints}-{len(spec.envoys)}"
@@ -390,6 +392,14 @@ async def _run(spec: RunSpec, settings: Settings, tmp: Path) -> dict[str, Any]:
                     seq, which, fleet, server, clients, envoys, session, settings
                 )
                 records.append(record)
+                if which == "all" or record.missed:
+                    held = "-" if record.held_s is None else f"{record.held_s * 1000:,.0f} ms"
+                    lag = max(record.loop_lag_s, default=0.0) * 1000
+                    progress(
+                        f"[xds]   change {seq} ({which}): held {held}, "
+                        f"{record.responses} responses, {record.missed} streams missed it, "
+                        f"server loop lag max {lag:,.1f} ms"
+                    )
                 verified += checks[0]
                 mismatches += checks[1]
                 await asyncio.sleep(settings.gap_s)
@@ -451,6 +461,7 @@ def _record_json(r: ChangeRecord) -> dict[str, Any]:
         "responses": r.responses,
         "bytes": r.bytes,
         "envoy_ms": [None if e is None else e * 1000 for e in r.envoy_s],
+        "loop_lag_ms_max": max(r.loop_lag_s, default=0.0) * 1000,
     }
 
 
@@ -514,6 +525,7 @@ async def _change(
             responses=sum(int(h["responses"]) for h in held),
             bytes=sum(int(h["bytes"]) for h in held),
             envoy_s=tuple(None if t is None else t - t_change for t in reached),
+            loop_lag_s=tuple(float(x) for x in quiet.get("loop_lag_s", ())),
         ),
         checks,
     )

@@ -47,6 +47,9 @@ class ChangeRecord:
     responses: int
     bytes: int
     envoy_s: tuple[float | None, ...] = ()  # per real Envoy: seconds to holding it
+    # How late the server's event loop ran a 1 ms timer while it served the change (every
+    # sample, seconds): what a probe's round trip on that loop would include.
+    loop_lag_s: tuple[float, ...] = ()
 
     @property
     def held_s(self) -> float | None:
@@ -84,6 +87,7 @@ def summarize_changes(records: Sequence[ChangeRecord]) -> dict[str, Any]:
         "publish_ms": _ms(spread([r.publish_s for r in records])),
         "responses_per_change": _mean([r.responses for r in records]),
         "bytes_per_change": _mean([r.bytes for r in records]),
+        "loop_lag_ms": _ms(spread([x for r in records for x in r.loop_lag_s])),
     }
     envoys = max((len(r.envoy_s) for r in records), default=0)
     if envoys:

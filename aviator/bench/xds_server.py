@@ -12,8 +12,16 @@ stdin (see :mod:`aviator.bench.xds_child`):
   the command was read: the start of the measured interval), build and publish seconds, and the
   CPU time at ``t_change``.
 - ``{"op": "quiet", "timeout": s}``: wait until every push sent has been ACKed or NACKed;
-  reply with the CPU time then (so a change's CPU cost includes the ACKs it caused).
+  reply with the CPU time then (so a change's CPU cost includes the ACKs it caused), the
+  event loop's lag since the change (every sample of a 1 ms timer's lateness) and the
+  server's budget of response bytes in flight.
 - ``{"op": "usage"}``: CPU seconds, resident and peak resident MB, open streams.
+
+With ``AVIATOR_BENCH_TRACEMALLOC=FILE`` in its environment the server traces its Python
+allocations (``tracemalloc``; several times slower) and appends the 25 largest live
+allocation sites, and the traced peak, to ``FILE`` at every ``usage`` command: where the memory
+goes. What C code allocates (gRPC's buffers, upb's arenas) is not traced; RSS minus the
+traced total is that.
 
 The server is the production one (``aviator.xds``), with the production log setup at
 ``info`` (the bench's own log file), fed directly: no debounce, so the figures are the fan-out
@@ -141,7 +149,21 @@ def _counter_total(counter: Any) -> float:
     )
 
 
+def _trace_report(path: str, label: str) -> None:
+    """Append the largest live Python allocation sites to ``path`` (see the module doc)."""
+    import tracemalloc
+
+    current, peak = tracemalloc.get_traced_memory()
+    top = tracemalloc.take_snapshot().statistics("lineno")[:25]
+    with open(path, "a") as f:
+        f.write(f"== {label}: traced {current / 2**20:.1f} MB, peak {peak / 2**20:.1f} MB\n")
+        for stat in top:
+            f.write(f"{stat.size / 2**20:8.1f} MB {stat.count:9d} {stat.traceback}\n")
+
+
 async def _serve() -> None:
+    import os
+
     from aviator.bench.xds_child import ParentLink, proc_usage, raise_nofile_limit
     from aviator.log import configure
     from aviator.xds.cache import Cache
@@ -149,8 +171,15 @@ async def _serve() -> None:
     from aviator.xds.snapshot import SnapshotBuilder
 
     link = await ParentLink.open()
+    trace = os.environ.get("AVIATOR_BENCH_TRACEMALLOC")
+    if trace:
+        import tracemalloc
+
+        tracemalloc.start()
     configure("info")
     raise_nofile_limit()
+    lag = _LoopLag()
+    lag_task = asyncio.create_task(lag.run())
     cache = Cache()
     builder = SnapshotBuilder()  # as the control plane builds them
     server: AdsServer | None = None
@@ -166,6 +195,8 @@ async def _serve() -> None:
                 link.send({"port": port, **proc_usage()})
             elif op == "change":
                 t_change, cpu = time.time(), time.process_time()
+                lag.take()
+                lag.on = True
                 assert fleet is not None, "setup first"
                 fleet.change(int(command["seq"]), str(command["which"]))
                 t0 = time.perf_counter()
@@ -186,15 +217,56 @@ async def _serve() -> None:
             elif op == "quiet":
                 assert server is not None, "setup first"
                 quiet = await _wait_quiet(server, float(command.get("timeout", 10.0)))
-                link.send({"quiet": quiet, **proc_usage()})
+                lag.on = False
+                link.send(
+                    {"quiet": quiet, "loop_lag_s": lag.take(), **proc_usage(), **_budget(server)}
+                )
             elif op == "usage":
                 streams = len(server.servicer.streams()) if server is not None else 0
+                if trace:
+                    _trace_report(trace, f"usage, {streams} streams")
                 link.send({"streams": streams, **proc_usage()})
             else:
                 link.send({"error": f"unknown command {op!r}"})
     finally:
+        lag_task.cancel()
         if server is not None:
             await server.stop(0)
+
+
+class _LoopLag:
+    """How late this process's event loop runs a 1 ms timer, sampled while ``on``: a probe
+    whose response arrives on this loop waits as long before it is read (issue 13, item 6:
+    probes share the loop of ``aviator run`` with the xDS fan-out)."""
+
+    PERIOD_S = 0.001
+
+    def __init__(self) -> None:
+        self.on = False
+        self.samples: list[float] = []
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await asyncio.sleep(self.PERIOD_S)
+            if self.on:
+                self.samples.append(max(0.0, loop.time() - started - self.PERIOD_S))
+
+    def take(self) -> list[float]:
+        samples, self.samples = self.samples, []
+        return samples
+
+
+def _budget(server: Any) -> dict[str, float]:
+    """The server's budget of response bytes in flight: its limit, the most used at once,
+    and how many responses waited for their turn (since the start)."""
+    budget = server.servicer.budget
+    return {
+        "budget_mb": budget.limit / 2**20,
+        "budget_peak_mb": budget.peak / 2**20,
+        "budget_waited": budget.waited,
+    }
 
 
 async def _wait_quiet(server: Any, within: float) -> bool:

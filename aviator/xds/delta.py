@@ -9,6 +9,7 @@ import sys
 import structlog
 from envoy.service.discovery.v3 import discovery_pb2
 
+from aviator.xds.bodies import Outgoing
 from aviator.xds.protocol import (
     DEPENDENTS,
     WILDCARD,
@@ -39,7 +40,7 @@ class DeltaStream(
 
     def _handle(
         self, type_url: str, st: TypeState, request: discovery_pb2.DeltaDiscoveryRequest
-    ) -> list[discovery_pb2.DeltaDiscoveryResponse]:
+    ) -> list[Outgoing[discovery_pb2.DeltaDiscoveryResponse]]:
         nonce = request.response_nonce
         stale = self._is_stale(st, nonce)
         first = not st.requested
@@ -163,7 +164,7 @@ class DeltaStream(
 
     def _evaluate(
         self, type_url: str, st: TypeState, force: bool, scoped: bool
-    ) -> discovery_pb2.DeltaDiscoveryResponse | None:
+    ) -> Outgoing[discovery_pb2.DeltaDiscoveryResponse] | None:
         if not st.requested:
             return None
         if st.outstanding is not None:
@@ -225,9 +226,7 @@ class DeltaStream(
             return resp
 
         nonce = self._next_nonce()
-        resp = discovery_pb2.DeltaDiscoveryResponse()
-        resp.CopyFrom(self._bodies.get((self.kind, type_url, version), body))
-        resp.nonce = nonce
+        resp = Outgoing(self._bodies.get((self.kind, type_url, version), body), nonce)
         st.force_names -= upserts.keys()
         self._after_send(
             type_url, st, Sent(nonce, version, upserts, frozenset(removed), frozenset(absent))

@@ -65,7 +65,7 @@ import structlog
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
-from aviator.xds.bodies import ResponseBodies
+from aviator.xds.bodies import Outgoing, ResponseBodies
 from aviator.xds.cache import Cache
 from aviator.xds.limits import DEFAULT_LIMITS, StreamLimits, StreamRefusedError, shown
 from aviator.xds.metrics import XdsMetrics
@@ -299,12 +299,24 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
             self._wake()
 
     def flush(self) -> list[Resp]:
-        """Responses owed because of cache changes since the last call."""
+        """Responses owed because of cache changes since the last call (as messages:
+        :meth:`flush_outgoing` is what the server sends)."""
+        return [o.message() for o in self.flush_outgoing()]
+
+    def handle(self, request: Req) -> list[Resp]:
+        """Process one request; return the responses to send now, in order (as messages:
+        :meth:`handle_outgoing` is what the server sends)."""
+        return [o.message() for o in self.handle_outgoing(request)]
+
+    def flush_outgoing(self) -> list[Outgoing[Resp]]:
+        """Responses owed because of cache changes since the last call, each a shared body
+        and this stream's nonce."""
         dirty, self._dirty = self._dirty, set()
         return self._evaluate_all(dict.fromkeys(dirty, False), scoped=dirty)
 
-    def handle(self, request: Req) -> list[Resp]:
-        """Process one request; return the responses to send now, in order."""
+    def handle_outgoing(self, request: Req) -> list[Outgoing[Resp]]:
+        """Process one request; return the responses to send now, in order, each a shared
+        body and this stream's nonce."""
         self.requests_handled += 1
         if request.HasField("node") and request.node.id and not self.node_id:
             size = len(request.node.id.encode("utf-8", "replace"))
@@ -483,10 +495,12 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
     # -- subclass hooks ---------------------------------------------------------------------
 
     @abstractmethod
-    def _handle(self, type_url: str, st: TypeState, request: Req) -> list[Resp]: ...
+    def _handle(self, type_url: str, st: TypeState, request: Req) -> list[Outgoing[Resp]]: ...
 
     @abstractmethod
-    def _evaluate(self, type_url: str, st: TypeState, force: bool, scoped: bool) -> Resp | None:
+    def _evaluate(
+        self, type_url: str, st: TypeState, force: bool, scoped: bool
+    ) -> Outgoing[Resp] | None:
         """The response owed for ``type_url`` now, if any. ``force``: answer even if nothing
         changed. ``scoped``: only the names the cache changed since the last evaluation can
         need an answer (the subscription and what the proxy holds did not change)."""
@@ -501,7 +515,9 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
 
     # -- shared helpers ---------------------------------------------------------------------
 
-    def _evaluate_all(self, todo: Mapping[str, bool], scoped: Collection[str] = ()) -> list[Resp]:
+    def _evaluate_all(
+        self, todo: Mapping[str, bool], scoped: Collection[str] = ()
+    ) -> list[Outgoing[Resp]]:
         if not self._cache.ready:
             # Nothing published yet (a restarted control plane still reading its source): an
             # answer now would tell the proxy that no cluster or listener exists, and Envoy
@@ -512,7 +528,7 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
                     st.force = st.force or force
             return []
         pending = dict(todo)
-        out: list[Resp] = []
+        out: list[Outgoing[Resp]] = []
         for type_url in TYPE_ORDER:  # clusters first, then endpoints, listeners, routes
             # A response may call for a later type in the same pass (delta: a cluster change
             # needs its endpoints resent, right after the clusters).

@@ -9,6 +9,7 @@ import sys
 import structlog
 from envoy.service.discovery.v3 import discovery_pb2
 
+from aviator.xds.bodies import Outgoing
 from aviator.xds.limits import shown
 from aviator.xds.protocol import (
     DEPENDENTS,
@@ -37,7 +38,7 @@ class SotwStream(ProtocolStream[discovery_pb2.DiscoveryRequest, discovery_pb2.Di
 
     def _handle(
         self, type_url: str, st: TypeState, request: discovery_pb2.DiscoveryRequest
-    ) -> list[discovery_pb2.DiscoveryResponse]:
+    ) -> list[Outgoing[discovery_pb2.DiscoveryResponse]]:
         nonce = request.response_nonce
         if self._is_stale(st, nonce):
             # Superseded by a later response of the same type: its answer is already on the way.
@@ -107,7 +108,7 @@ class SotwStream(ProtocolStream[discovery_pb2.DiscoveryRequest, discovery_pb2.Di
 
     def _evaluate(
         self, type_url: str, st: TypeState, force: bool, scoped: bool
-    ) -> discovery_pb2.DiscoveryResponse | None:
+    ) -> Outgoing[discovery_pb2.DiscoveryResponse] | None:
         if not st.requested:
             return None
         if st.outstanding is not None:
@@ -167,9 +168,7 @@ class SotwStream(ProtocolStream[discovery_pb2.DiscoveryRequest, discovery_pb2.Di
             return resp
 
         nonce = self._next_nonce()
-        resp = discovery_pb2.DiscoveryResponse()
-        resp.CopyFrom(self._bodies.get((self.kind, type_url, version), body))
-        resp.nonce = nonce
+        resp = Outgoing(self._bodies.get((self.kind, type_url, version), body), nonce)
         self._after_send(type_url, st, Sent(nonce, version, out))
         if type_url == ENDPOINT_TYPE:
             if force:

@@ -108,6 +108,9 @@ def test_summaries_and_goals() -> None:
     assert s["stream_ms"]["max"] == pytest.approx(50.0)
     assert s["cpu_ms_per_update"]["mean"] == pytest.approx(10.0)
     assert s["envoy_ms"][0]["p50"] == pytest.approx(30.0)
+    assert s["loop_lag_ms"]["max"] is None  # no samples
+    lagged = ChangeRecord(3, "all", 0.0, 0.0, 0.0, 0.01, (0.1,), 1, 1, loop_lag_s=(0.002, 0.009))
+    assert summarize_changes([lagged])["loop_lag_ms"]["max"] == pytest.approx(9.0)
 
     def run(streams: int, endpoints: int, p99: float, peak: float) -> dict[str, Any]:
         one = {"held_ms": {"p99": p99}, "complete": 3, "changes": 3}
@@ -188,6 +191,9 @@ def test_short_run_writes_consistent_figures(
             for rec in s["records"]:
                 assert rec["missed"] == 0
                 assert rec["held_ms"] > 0
+                assert rec["loop_lag_ms_max"] >= 0
+            # The server's loop was sampled while it served the changes.
+            assert 0 <= s["loop_lag_ms"]["p50"] <= s["loop_lag_ms"]["max"]
         one = run["scenarios"]["one"]
         if "all" in run["scenarios"]:
             # Every workload changes at once: four CLAs per response instead of one.

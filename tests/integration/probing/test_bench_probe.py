@@ -25,12 +25,12 @@ def test_short_run_prints_and_writes_sane_figures(
     out = tmp_path / "probe.json"
     args = _args(
         "--endpoints", "20", "--ports", "4", "--duration", "1", "--warmup", "0.3",
-        "--offered-rate", rate, "--json", str(out),
+        "--offered-rate", rate, "--repeat", "2", "--json", str(out),
     )  # fmt: skip
     assert probe.run(args) == 0
     printed = capsys.readouterr().out
     assert "probes/s" in printed
-    assert "CPU s / probe" in printed
+    assert "CPU µs / probe" in printed
     figures = json.loads(out.read_text())
     assert figures["endpoints"] == 20
     assert figures["mode"] == ("saturating" if rate == "0" else "paced")
@@ -41,8 +41,22 @@ def test_short_run_prints_and_writes_sane_figures(
     assert figures["cpu_s"] == pytest.approx(figures["cpu_s_per_probe"] * figures["probes"])
     assert figures["probes_per_cpu_s"] == pytest.approx(1 / figures["cpu_s_per_probe"])
     assert 0 < figures["rtt_ms_p50"] <= figures["rtt_ms_p99"]
+    # The bare aiohttp loop on the same backends, in the same run, and the ratio.
+    assert "bare aiohttp" in printed
+    assert "prober CPU per probe / bare loop's" in printed
+    bare = figures["bare"]
+    assert bare["probes"] > 0
+    assert bare["outcomes"] == {"ok": bare["probes"]}
+    assert 0 < bare["cpu_s_per_probe"] < 1
+    assert figures["overhead"] == pytest.approx(
+        figures["cpu_s_per_probe"] / bare["cpu_s_per_probe"]
+    )
+    assert len(figures["overhead_per_repeat"]) == 2
+    assert figures["repeat"] == 2
 
 
 def test_rejects_nonsense_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert probe.run(_args("--endpoints", "0")) == 2
     assert "--endpoints" in capsys.readouterr().out
+    assert probe.run(_args("--repeat", "0")) == 2
+    assert "--repeat" in capsys.readouterr().out

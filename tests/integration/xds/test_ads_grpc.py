@@ -494,3 +494,62 @@ async def test_a_nacked_version_is_not_resent_to_the_node_after_it_reconnects(
     finally:
         again.close()
         other.close()
+
+
+async def test_many_streams_share_a_small_budget_of_bytes_in_flight() -> None:
+    """Every workload changes at once for 20 streams, with room for two responses in flight:
+    every stream still gets every CLA, and no more than the budget is ever being written."""
+    from aviator.xds.server import ServerLimits
+
+    fleet = [workload(f"w{i:02d}", *range(1, 11)) for i in range(30)]
+    snapshot = build_snapshot(fleet)
+    cache = Cache()
+    cache.publish(snapshot)
+    # Room for two responses of every CLA (~6 KB each) at once.
+    limit = 2 * sum(e.any.ByteSize() for e in snapshot.resources[r.ENDPOINT_TYPE].values())
+    ads = AdsServer(
+        cache,
+        identifier=IDENTIFIER,
+        metrics_registry=CollectorRegistry(),
+        limits=ServerLimits(max_bytes_in_flight=limit),
+    )
+    await ads.start("127.0.0.1:0")
+    names = sorted(f"default/w{i:02d}" for i in range(30))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ads.port}") as ch:
+            clients = [AdsClient(ch, StreamKind.SOTW) for _ in range(20)]
+            firsts = []
+            for c in clients:
+                c.send(
+                    discovery_pb2.DiscoveryRequest(type_url=r.ENDPOINT_TYPE, resource_names=names)
+                )
+            for c in clients:
+                first = await c.receive()
+                assert _names(first) == names
+                firsts.append(first)
+            for c, first in zip(clients, firsts, strict=True):
+                c.send(
+                    discovery_pb2.DiscoveryRequest(
+                        type_url=r.ENDPOINT_TYPE,
+                        resource_names=names,
+                        version_info=first.version_info,
+                        response_nonce=first.nonce,
+                    )
+                )
+            ads.servicer.budget.peak = 0
+            waited = ads.servicer.budget.waited
+            cache.publish(build_snapshot([workload(f"w{i:02d}", *range(2, 12)) for i in range(30)]))
+            for c in clients:
+                pushed = await c.receive()
+                assert _names(pushed) == names
+            assert ads.servicer.budget.peak <= limit
+            assert ads.servicer.budget.waited > waited  # some had to wait their turn
+            # Every share is given back (the server sees its writes complete a little after
+            # the clients read them).
+            async with asyncio.timeout(TIMEOUT):
+                while ads.servicer.budget.in_flight:  # noqa: ASYNC110 (no event for it)
+                    await asyncio.sleep(0.01)
+            for c in clients:
+                c.close()
+    finally:
+        await ads.stop(0)

@@ -40,7 +40,7 @@ async def test_the_request_queue_of_a_stream_is_bounded() -> None:
     responses = run_stream(stream, flood(), max_queued=8)
     async with asyncio.timeout(5):
         first = await anext(responses)  # then nobody takes the next one
-    assert first.type_url == r.ENDPOINT_TYPE
+    assert first.message().type_url == r.ENDPOINT_TYPE
     for _ in range(200):
         await asyncio.sleep(0)
     read = next(pulled)
