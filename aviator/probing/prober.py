@@ -319,12 +319,6 @@ class AiohttpProbeTransport:
         await self._session.close()
 
 
-def _header_limits() -> dict[str, Any]:
-    """aiohttp's response header limits, spelled out (``max_headers``: aiohttp 3.13.4, the
-    floor in pyproject.toml)."""
-    return {"max_line_size": 8190, "max_field_size": 8190, "max_headers": MAX_RESPONSE_HEADERS}
-
-
 def aiohttp_transport_factory(
     *,
     keepalive_timeout_s: float = 60.0,
@@ -343,16 +337,12 @@ def aiohttp_transport_factory(
     """
     if max_body < 0:
         raise ValueError(f"max_body must be >= 0, got {max_body}")
-    header_limits: dict[str, Any] | None = None
 
     def factory(target: ProbeTarget) -> ProbeTransport:
         import aiohttp
 
-        nonlocal header_limits
         if session_factory is not None:
             return AiohttpProbeTransport(session_factory(target), max_body=max_body)
-        if header_limits is None:
-            header_limits = _header_limits()
 
         connector = aiohttp.TCPConnector(
             limit=2,  # one probe at a time per target; 2 so a closing socket never blocks
@@ -364,7 +354,11 @@ def aiohttp_transport_factory(
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
             headers={"User-Agent": user_agent},
-            **header_limits,
+            # aiohttp's response header limits, spelled out (max_headers: aiohttp 3.13.4,
+            # the floor in pyproject.toml).
+            max_line_size=8190,
+            max_field_size=8190,
+            max_headers=MAX_RESPONSE_HEADERS,
         )
         return AiohttpProbeTransport(session, max_body=max_body)
 

@@ -881,6 +881,9 @@ async def k8s_stack(
 SHARE_PING_INTERVAL = "500ms"
 WARMUP_S = 3.0
 SHARE_WINDOW_S = 4.0
+# What the tests allow a change to take to reach Envoy. The goal is 2 s (issue 11); the
+# figures printed are what to compare with it.
+FOLLOW_BOUND_S = 6.0
 _THREE_INTERVALS_S = 1.5
 
 
