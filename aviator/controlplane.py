@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import random
 import socket
 import time
 import uuid
@@ -257,7 +258,10 @@ class ControlPlane:
         source: StateSource | None = None,
         transport_factory: TransportFactory | None = None,
         registry: prometheus_client.CollectorRegistry | None = None,
+        rng: random.Random | None = None,
     ) -> None:
+        """``rng``: the prober's source of jitter (a seeded one makes a run on fake time
+        reproducible); ``transport_factory``: how probes reach pods (default aiohttp)."""
         self.settings = settings
         self.registry = registry or prometheus_client.CollectorRegistry()
         self.source = source or make_source(
@@ -293,6 +297,7 @@ class ControlPlane:
             self._on_probe,
             max_in_flight=settings.max_probes_in_flight,
             transport_factory=transport_factory,
+            rng=rng,
             addresses=AddressPolicy(
                 allow_loopback=settings.allow_probe_loopback,
                 allow_link_local=settings.allow_probe_link_local,

@@ -35,10 +35,16 @@ The rule (Prequal's hot-cold lexicographic selection, NSDI 2024 §4, turned into
    endpoint at least as slow, drops to the floor at once, as long as they are few (within the
    hot cap of rule 3): failures are a signal of their own, many at once are overload.
 5. Endpoints without data (new or stale) get a neutral weight: the median of the others.
-6. Against the previous result: if no endpoint's share of traffic would move by more than
+6. Against the previous result: if it is *settled* (its weights are its targets, not a step
+   of smoothing towards them), no endpoint's share of traffic would move by more than
    ``min_change`` (relative) and health and membership are the same, nothing changes
    (``changed=False``, previous weights returned). Otherwise non-hot weights move
-   ``smoothing`` of the way to their targets; hot ones drop to the floor at once.
+   ``smoothing`` of the way to their targets; hot ones drop to the floor at once; and where
+   what smoothing leaves is itself within ``min_change`` of the targets, the weights go to
+   the targets (settled). A result still on its way keeps moving until it arrives: held by
+   the dead band halfway, it sat on a knife-edge where probe noise alone pushed again much
+   later (seen on fake time at a 31 s interval: an endpoint's first sample landed within
+   ``min_change`` of a half-smoothed weight, which then held for minutes).
 
 Published weights are integers in ``[ceil(MAX_WEIGHT / max_weight_ratio), MAX_WEIGHT]``,
 so every weight is ≥ 1 and max/min ≤ ``max_weight_ratio``.
@@ -100,7 +106,10 @@ class WeighResult:
     """One policy's published weights, the hot set behind them, and whether they changed.
 
     ``endpoints`` is read-only and has exactly the addresses that were weighed. Pass the
-    result back as ``previous`` on the next call: it carries the hysteresis state.
+    result back as ``previous`` on the next call: it carries the hysteresis state (the hot
+    set, and ``settled``: whether the weights are the rule's targets rather than a step of
+    smoothing towards them; only a settled result holds against a change below
+    ``min_change``).
     """
 
     endpoints: Mapping[EndpointAddress, WeightedEndpoint] = field(
@@ -108,6 +117,7 @@ class WeighResult:
     )
     hot: frozenset[EndpointAddress] = frozenset()
     changed: bool = True
+    settled: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "endpoints", MappingProxyType(dict(self.endpoints)))
@@ -124,6 +134,7 @@ def _result(
     endpoints: Mapping[EndpointAddress, WeightedEndpoint],
     hot: frozenset[EndpointAddress],
     changed: bool,
+    settled: bool = True,
 ) -> WeighResult:
     """A :class:`WeighResult` over ``endpoints`` as given: a read-only view this module made
     and nobody else holds (``__post_init__`` would copy it, hashing every address again)."""
@@ -131,6 +142,7 @@ def _result(
     object.__setattr__(result, "endpoints", endpoints)
     object.__setattr__(result, "hot", hot)
     object.__setattr__(result, "changed", changed)
+    object.__setattr__(result, "settled", settled)
     return result
 
 
@@ -458,7 +470,11 @@ class WorkloadWeigher:
             structural = True
         # The total in the order the rule sums the targets.
         total_target = sum(target) if order is everyone else sum(map(target.__getitem__, order))
-        if not structural and _moved(target, total_target, prev_w) <= knobs.min_change:
+        if (
+            previous.settled
+            and not structural
+            and _moved(target, total_target, prev_w) <= knobs.min_change
+        ):
             return _unchanged(previous)
         blended: list[float]
         if self._same_members:
@@ -480,7 +496,8 @@ class WorkloadWeigher:
         # Snap: if what smoothing leaves would itself be below min_change, go to the targets. A
         # smoothed state that stops just under min_change from its target sits on a knife-edge,
         # where probe jitter alone pushes again (seen at 5 m intervals on fake time).
-        if _moved(target, total_target, blended) <= knobs.min_change:
+        settled = _moved(target, total_target, blended) <= knobs.min_change
+        if settled:
             blended = target
         weights = _quantize(blended, knobs)
         if (
@@ -489,8 +506,8 @@ class WorkloadWeigher:
             and health == self._prev_health
             and weights == self._prev_weight  # ints against the same ints as floats
         ):
-            return _unchanged(previous)
-        return self._build(weights, health, published_hot, previous)
+            return _unchanged(previous, settled)
+        return self._build(weights, health, published_hot, previous, settled)
 
     def _build(
         self,
@@ -498,6 +515,7 @@ class WorkloadWeigher:
         health: list[Health],
         hot: frozenset[EndpointAddress],
         previous: WeighResult | None,
+        settled: bool = True,
     ) -> WeighResult:
         """A changed result; endpoints whose weight and health held keep their value."""
         old = previous.endpoints if previous is not None and self._same_members else None
@@ -508,7 +526,7 @@ class WorkloadWeigher:
                 endpoints[a] = old[a]
             else:
                 endpoints[a] = WeightedEndpoint(a, w, h)
-        return _result(MappingProxyType(endpoints), hot, True)
+        return _result(MappingProxyType(endpoints), hot, True, settled)
 
 
 def _scatter(into: list[float], at: Sequence[int], values: Iterable[float]) -> None:
@@ -544,7 +562,9 @@ def _quantize(relative: list[float], knobs: WeigherKnobs) -> list[int]:
     return list(map(min, repeat(MAX_WEIGHT), map(max, repeat(w_min), map(math.floor, scaled))))
 
 
-def _unchanged(previous: WeighResult) -> WeighResult:
-    if not previous.changed:
+def _unchanged(previous: WeighResult, settled: bool | None = None) -> WeighResult:
+    """``previous``'s weights as an unchanged result (settled as given, or as it was)."""
+    settled = previous.settled if settled is None else settled
+    if not previous.changed and previous.settled is settled:
         return previous
-    return _result(previous.endpoints, previous.hot, False)
+    return _result(previous.endpoints, previous.hot, False, settled)

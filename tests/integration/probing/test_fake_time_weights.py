@@ -108,11 +108,15 @@ class NoSource:
 
 
 @asynccontextmanager
-async def control_plane(network: FakeNetwork, ping_interval: str) -> AsyncIterator[ControlPlane]:
+async def control_plane(
+    network: FakeNetwork, ping_interval: str, seed: int = 0
+) -> AsyncIterator[ControlPlane]:
+    """``seed``: the prober's jitter (when each pod's first probe lands, and each later one)."""
     cp = ControlPlane(
         Settings(source="none", reweigh_interval=REWEIGH_S),
         source=NoSource(),
         transport_factory=network.factory,
+        rng=random.Random(seed),
     )
     cp.apply_state(state(ping_interval))
     prober = asyncio.create_task(cp.prober.run())
@@ -153,9 +157,18 @@ INTERVALS = [
 ]
 
 
+# Jitter seeds: where each pod's first probe lands decides the order in which the weights
+# settle. Before the weigher's "settled" rule, each of these (found among 120) left a
+# half-smoothed weight held by the dead band, until probe noise alone pushed it on much later
+# (at 1 s and 10 s: seeds 53, 60, 84; at 60 s: seed 6; a CI run failed so at 31 s while the
+# jitter was unseeded). All 120 pass now.
+SEEDS = [0, 6, 53, 60, 84]
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=lambda s: f"seed{s}")
 @pytest.mark.parametrize("interval", INTERVALS, ids=_interval_text)
 async def test_steady_measurements_give_steady_weights_and_no_push_at_every_interval(
-    interval: float,
+    interval: float, seed: int
 ) -> None:
     network = FakeNetwork(lambda ip, t: PODS[ip])
     record = Record()
@@ -163,7 +176,7 @@ async def test_steady_measurements_give_steady_weights_and_no_push_at_every_inte
     # go stale between two probes, seldom enough to keep 5 m intervals quick), for at least
     # 10 probe rounds (3 s at the smallest intervals).
     step = min(max(interval / 10, 0.001), 1.0)
-    async with control_plane(network, _interval_text(interval)) as cp:
+    async with control_plane(network, _interval_text(interval), seed) as cp:
         loop = asyncio.get_running_loop()
         start = loop.time()
         # Warm-up: every pod probed once (first probes spread over the first interval), then

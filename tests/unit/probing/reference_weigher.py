@@ -1,6 +1,7 @@
-"""The weigher as it was before the incremental engine (commit f4d4a8b), kept verbatim as the
-reference the tests compare :func:`aviator.probing.weigher.weigh` and
-:class:`aviator.probing.weigher.WorkloadWeigher` with, result for result."""
+"""The weigher as it was before the incremental engine (commit f4d4a8b), kept as the reference
+the tests compare :func:`aviator.probing.weigher.weigh` and
+:class:`aviator.probing.weigher.WorkloadWeigher` with, result for result. Changed since only
+where the rule changed (in both): rule 6 holds only a settled result."""
 
 # ruff: noqa
 
@@ -209,11 +210,12 @@ def weigh(
     }
     published_hot = frozenset() if all_hot else hot
 
-    def build(weights: Mapping[EndpointAddress, int]) -> WeighResult:
+    def build(weights: Mapping[EndpointAddress, int], settled: bool = True) -> WeighResult:
         return WeighResult(
             {a: WeightedEndpoint(a, weights[a], health[a]) for a in addresses},
             hot=published_hot,
             changed=True,
+            settled=settled,
         )
 
     if previous is None:
@@ -226,7 +228,8 @@ def weigh(
         or any(prev[a].health is not health[a] for a in addresses)
         or max(prev_weights.values()) > knobs.max_weight_ratio * min(prev_weights.values())
     )
-    if not structural and _moved(targets, prev_weights) <= knobs.min_change:
+    # Only a settled result holds against a small move: one still on its way keeps moving.
+    if previous.settled and not structural and _moved(targets, prev_weights) <= knobs.min_change:
         return _unchanged(previous)
     prev_top = max(prev_weights.values()) if prev_weights else 1.0
     blended = {}
@@ -239,15 +242,17 @@ def weigh(
     # Snap: if what smoothing leaves would itself be below min_change, go to the targets. A
     # smoothed state that stops just under min_change from its target sits on a knife-edge,
     # where probe jitter alone pushes again (seen at 5 m intervals on fake time).
-    if _moved(targets, blended) <= knobs.min_change:
+    settled = _moved(targets, blended) <= knobs.min_change
+    if settled:
         blended = dict(targets)
-    result = build(_quantize(blended, knobs))
+    result = build(_quantize(blended, knobs), settled)
     if result.endpoints == prev and result.hot == previous.hot:
-        return _unchanged(previous)
+        return _unchanged(previous, settled)
     return result
 
 
-def _unchanged(previous: WeighResult) -> WeighResult:
-    if not previous.changed:
+def _unchanged(previous: WeighResult, settled: bool | None = None) -> WeighResult:
+    settled = previous.settled if settled is None else settled
+    if not previous.changed and previous.settled is settled:
         return previous
-    return WeighResult(previous.endpoints, hot=previous.hot, changed=False)
+    return WeighResult(previous.endpoints, hot=previous.hot, changed=False, settled=settled)

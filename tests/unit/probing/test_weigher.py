@@ -187,6 +187,34 @@ def test_material_change_moves_smoothing_of_the_way() -> None:
     assert _weights(fourth, 2) == [1000, 500]
 
 
+def test_a_result_on_its_way_keeps_moving_until_it_reaches_its_targets() -> None:
+    # The case a CI run met on fake time (probe round trips alone, threshold 20 ms): the first
+    # probe of each pod lands at a random point of its first interval. Pod 1 has no data yet
+    # (neutral: the median of the targets) while pod 2's weight smooths down towards its target.
+    def weigh_ms(latencies: list[float | None], previous: WeighResult) -> WeighResult:
+        data = {addr(i): None if ms is None else stats(ms) for i, ms in enumerate(latencies)}
+        return weigh(data, previous=previous, latency_threshold_s=0.020)
+
+    first = weigh({addr(i): None for i in range(3)}, latency_threshold_s=0.020)
+    second = weigh_ms([0.5, None, 8.0], first)
+    third = weigh_ms([0.5, None, 8.0], second)
+    assert not second.settled
+    assert not third.settled
+    assert _weights(third, 3) == [1000, 789, 578]
+    # Pod 1's first sample: the targets (1000/625/438) are within minChange of the half-smoothed
+    # state as shares, so a dead band against that state held 789/578 (for minutes, until
+    # probe noise alone pushed again). A result still on its way is not held: it arrives.
+    fourth = weigh_ms([0.5, 3.0, 8.0], third)
+    assert fourth.changed
+    assert fourth.settled
+    assert _weights(fourth, 3) == [1000, 625, 438]
+    # Arrived: now the dead band holds against noise.
+    fifth = weigh_ms([0.5, 3.1, 8.0], fourth)
+    assert not fifth.changed
+    assert fifth.settled
+    assert _weights(fifth, 3) == [1000, 625, 438]
+
+
 def test_newly_hot_endpoint_drops_to_the_floor_at_once() -> None:
     first = _weigh([(10, 2), (10, 2), (10, 2)])
     second = _weigh([(10, 2), (10, 2), (10, 20)], previous=first)

@@ -1,8 +1,9 @@
 """The incremental weigher gives exactly what the rule as written gives (issue 9, item 6).
 
-The reference is the weigher as it was before (``reference_weigher``, verbatim): every result
-of :func:`weigh` and of a :class:`WorkloadWeigher` kept across passes is compared with it,
-endpoint for endpoint, hot set and ``changed`` flag, on random fleets and random sequences
+The reference is the weigher as it was before (``reference_weigher``, verbatim but for rule
+changes made since, in both): every result of :func:`weigh` and of a :class:`WorkloadWeigher`
+kept across passes is compared with it, endpoint for endpoint, hot set, ``changed`` and
+``settled`` flags, on random fleets and random sequences
 of changes. Values are drawn from a small palette as well as from wide ranges so that ties
 (equal latencies, RIFs at the quantile, weights at the snap edge) come up often.
 """
@@ -58,6 +59,7 @@ def _same(got: WeighResult, want: WeighResult) -> None:
     assert list(got.endpoints) == sorted(got.endpoints)  # address order, as the rule builds it
     assert got.hot == want.hot
     assert got.changed == want.changed
+    assert got.settled == want.settled
 
 
 @settings(max_examples=300, deadline=None)
