@@ -368,7 +368,11 @@ async def _measure(args: argparse.Namespace, root: Path, *, rest: float) -> dict
     with log.open("wb") as out:
         t0 = time.perf_counter()
         proc = await asyncio.create_subprocess_exec(
-            *_command(root, admin, xds), stdout=out, stderr=subprocess.STDOUT, env=_env()
+            *_command(root, admin, xds),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+            cwd=root.parent,  # not the caller's: `-m` puts the cwd first on sys.path (--code)
         )
     figures: dict[str, Any] = {}
     try:
@@ -449,7 +453,11 @@ async def _stop_while_reading(root: Path) -> dict[str, Any]:
     log = root.parent / f"{root.name}-stop.log"
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
-            *_command(root, admin, xds), stdout=out, stderr=subprocess.STDOUT, env=_env()
+            *_command(root, admin, xds),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+            cwd=root.parent,  # not the caller's: `-m` puts the cwd first on sys.path (--code)
         )
     try:
         deadline = time.perf_counter() + 60

@@ -1,8 +1,8 @@
 """The prober: probe every target every ``interval_s`` (with jitter), off the request path.
 
 One asyncio task per target, all inside one :class:`asyncio.TaskGroup` owned by
-:meth:`Prober.run`. Each task owns its transport (by default an aiohttp ``ClientSession``
-with a keep-alive ``TCPConnector``) and closes it in ``finally``, so removing a target, or
+:meth:`Prober.run`. Each task owns its transport (by default one keep-alive HTTP/1.1
+connection, :mod:`aviator.probing.transport`) and closes it in ``finally``, so removing a target, or
 stopping the prober, leaves no task and no connection behind.
 
 Guarantees:
@@ -40,29 +40,27 @@ import random
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Generic, TypeVar
 
 import structlog
 from aviator_agent.orca import OrcaParseError, report_from_headers
 
 from aviator.probing.results import ProbeOutcome, ProbeResult, ProbeTarget
+from aviator.probing.transport import (
+    ProbeConnectError,
+    ProbeResponseError,
+    ProbeTransport,
+    TransportFactory,
+    http_transport_factory,
+)
 
 __all__ = [
     "BACKOFF_MAX_INTERVALS",
     "DEFAULT_MAX_PROBE_RATE",
     "MAX_DETAIL",
-    "MAX_RESPONSE_BODY",
-    "MAX_RESPONSE_HEADERS",
     "AddressPolicy",
-    "AiohttpProbeTransport",
-    "ProbeConnectError",
-    "ProbeResponse",
-    "ProbeResponseError",
     "ProbeSink",
-    "ProbeTransport",
     "Prober",
-    "TransportFactory",
-    "aiohttp_transport_factory",
     "backoff_period",
     "bounded_detail",
     "spread_probe_budget",
@@ -75,11 +73,6 @@ ProbeSink = Callable[[K, ProbeResult], None]
 
 BACKOFF_MAX_INTERVALS = 3.0  # a failing endpoint is probed at least every 3 of its intervals
 
-#: A probe answer's body is read (and discarded) up to this many bytes; a longer one fails the
-#: probe. The agent answers ``ok``; 64 KiB leaves room for a health page (kubelet reads 10 KB).
-MAX_RESPONSE_BODY = 64 * 1024
-#: Headers of a probe answer (aiohttp's limit since 3.13.4; before it, 32,768 of 8 KB each).
-MAX_RESPONSE_HEADERS = 128
 #: Characters of a failed probe's detail (it goes into log lines and views).
 MAX_DETAIL = 240
 #: Probes per second for every target together (``aviator run --max-probe-rate``). One core
@@ -215,15 +208,6 @@ def _url_refusal(target: ProbeTarget) -> str | None:
     return None
 
 
-class ProbeConnectError(Exception):
-    """The transport could not reach the endpoint (refused, reset, unreachable)."""
-
-
-class ProbeResponseError(Exception):
-    """The endpoint answered, but not with a small HTTP response (bytes that are not HTTP,
-    headers over the limits, a body over :data:`MAX_RESPONSE_BODY`)."""
-
-
 def bounded_detail(text: str, limit: int = MAX_DETAIL) -> str:
     """``text`` as at most ``limit`` printable ASCII characters: anything else escaped
     (``\\x1b``), a longer text cut, ending with its full length. Error messages of HTTP
@@ -236,133 +220,6 @@ def bounded_detail(text: str, limit: int = MAX_DETAIL) -> str:
         return escaped
     note = f"... ({len(text)} characters)"
     return escaped[: max(0, limit - len(note))] + note
-
-
-@dataclass(frozen=True, slots=True)
-class ProbeResponse:
-    """What a transport returns: the status and the response headers (looked up
-    case-insensitively by the ORCA parser, so transports should pass lowercase names or a
-    case-insensitive mapping)."""
-
-    status: int
-    headers: Mapping[str, str]
-
-
-class ProbeTransport(Protocol):
-    """How one target is reached. One transport per target, used by one task at a time.
-
-    ``get`` raises :class:`ProbeConnectError` when the endpoint cannot be reached and any
-    other exception for anything else; the prober enforces the timeout around it.
-    """
-
-    async def get(self, target: ProbeTarget) -> ProbeResponse: ...
-
-    async def aclose(self) -> None: ...
-
-
-TransportFactory = Callable[[ProbeTarget], ProbeTransport]
-
-
-class AiohttpProbeTransport:
-    """``GET`` over one keep-alive aiohttp session (its connector closes with it).
-
-    The body is read chunk by chunk and discarded (the connection goes back to the pool for
-    reuse); past ``max_body`` bytes, declared or read, the connection is closed and
-    :class:`ProbeResponseError` raised. A response aiohttp cannot parse (not HTTP, a line over
-    8,190 bytes, too many headers, a broken chunked body) is a :class:`ProbeResponseError` too.
-    """
-
-    def __init__(self, session: Any, *, max_body: int = MAX_RESPONSE_BODY) -> None:
-        if max_body < 0:
-            raise ValueError(f"max_body must be >= 0, got {max_body}")
-        self._session = session
-        self._max_body = max_body
-        self._url_text = ""
-        self._url: Any = None
-
-    async def get(self, target: ProbeTarget) -> ProbeResponse:
-        import aiohttp
-        import yarl
-
-        if target.url != self._url_text:  # parse the URL once, not per probe
-            self._url_text, self._url = target.url, yarl.URL(target.url)
-        try:
-            async with self._session.get(self._url, allow_redirects=False) as response:
-                declared = response.content_length
-                if declared is not None and declared > self._max_body:
-                    response.close()
-                    raise ProbeResponseError(
-                        f"the response declares a body of {declared} bytes; a probe reads "
-                        f"at most {self._max_body}"
-                    )
-                # Drain the body, keeping none of it, so the connection can be reused.
-                read = 0
-                while chunk := await response.content.readany():
-                    read += len(chunk)
-                    if read > self._max_body:
-                        response.close()  # not drained: the connection cannot be reused
-                        raise ProbeResponseError(
-                            f"the response body is longer than {self._max_body} bytes; "
-                            "a probe answer must be small"
-                        )
-                return ProbeResponse(response.status, response.headers)
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
-            raise ProbeConnectError(str(exc) or type(exc).__name__) from exc
-        except aiohttp.ClientOSError as exc:  # reset by peer and friends
-            raise ProbeConnectError(str(exc) or type(exc).__name__) from exc
-        except aiohttp.ClientResponseError as exc:  # the parser refused what the pod sent
-            raise ProbeResponseError(f"not a valid HTTP response: {exc.message}") from exc
-        except aiohttp.ClientPayloadError as exc:  # a broken body (bad chunking, cut short)
-            raise ProbeResponseError(f"a broken response body: {exc}") from exc
-
-    async def aclose(self) -> None:
-        await self._session.close()
-
-
-def aiohttp_transport_factory(
-    *,
-    keepalive_timeout_s: float = 60.0,
-    user_agent: str = "aviator-prober",
-    session_factory: Callable[[ProbeTarget], Any] | None = None,
-    max_body: int = MAX_RESPONSE_BODY,
-) -> TransportFactory:
-    """Transports over aiohttp: one ``ClientSession`` + ``TCPConnector`` per target.
-
-    A session per target makes "target removed" mean "its connections closed" (aiohttp has
-    no per-host close); keep-alive outlives the probe interval so every probe reuses the
-    connection. No cookies, no decompression: a probe is as cheap as HTTP/1.1 gets.
-    ``session_factory(target)`` replaces the default session (it is called inside the running
-    loop and the session is closed with its target); the prober still enforces the timeout.
-    ``max_body``: the longest response body a probe accepts (:class:`AiohttpProbeTransport`).
-    """
-    if max_body < 0:
-        raise ValueError(f"max_body must be >= 0, got {max_body}")
-
-    def factory(target: ProbeTarget) -> ProbeTransport:
-        import aiohttp
-
-        if session_factory is not None:
-            return AiohttpProbeTransport(session_factory(target), max_body=max_body)
-
-        connector = aiohttp.TCPConnector(
-            limit=2,  # one probe at a time per target; 2 so a closing socket never blocks
-            keepalive_timeout=max(keepalive_timeout_s, 4 * target.interval_s),
-        )
-        session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None),  # the prober enforces the timeout
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            headers={"User-Agent": user_agent},
-            # aiohttp's response header limits, spelled out (max_headers: aiohttp 3.13.4,
-            # the floor in pyproject.toml).
-            max_line_size=8190,
-            max_field_size=8190,
-            max_headers=MAX_RESPONSE_HEADERS,
-        )
-        return AiohttpProbeTransport(session, max_body=max_body)
-
-    return factory
 
 
 class _Slot:
@@ -417,7 +274,7 @@ class Prober(Generic[K]):
         self._sink = sink
         self._max_in_flight = max_in_flight
         self._clock = clock
-        self._transport_factory = transport_factory or aiohttp_transport_factory()
+        self._transport_factory = transport_factory or http_transport_factory()
         self._jitter = jitter
         self._backoff_after = backoff_after
         self._backoff_max_s = backoff_max_s

@@ -31,8 +31,8 @@ from aviator.controlplane import ControlPlane, Settings
 from aviator.k8s.objects import parse_pod, parse_workload
 from aviator.k8s.policy import PING_INTERVAL_RANGE, parse_policy
 from aviator.k8s.state import ClusterState
-from aviator.probing.prober import ProbeConnectError, ProbeResponse
 from aviator.probing.results import ProbeTarget
+from aviator.probing.transport import ProbeConnectError, ProbeResponse
 from aviator.source.store import Store
 from tests.unit.k8s.builders import pod_doc, policy_doc, workload_doc
 

@@ -39,8 +39,9 @@ from aviator_agent import setup_aiohttp
 
 from aviator.model import MAX_WEIGHT, EndpointAddress, WeigherKnobs
 from aviator.probing.estimator import Estimator
-from aviator.probing.prober import MAX_DETAIL, MAX_RESPONSE_BODY, Prober, bounded_detail
+from aviator.probing.prober import MAX_DETAIL, Prober, bounded_detail
 from aviator.probing.results import ProbeOutcome, ProbeResult, ProbeTarget
+from aviator.probing.transport import MAX_RESPONSE_BODY
 from aviator.probing.weigher import weigh
 from tests.integration.probing.servers import aiohttp_server
 

@@ -1,4 +1,4 @@
-"""The prober with its default aiohttp transport against real servers on 127.0.0.x.
+"""The prober with its default HTTP transport against real (aiohttp) servers on 127.0.0.x.
 
 Real time here (sockets cannot run on fake loop time without racing the fake clock against
 real I/O): short intervals, waits on conditions with an upper bound, no timing assertions.
@@ -17,7 +17,7 @@ from aviator_agent import LoadTracker, setup_aiohttp
 
 from aviator.model import EndpointAddress
 from aviator.probing.estimator import Estimator
-from aviator.probing.prober import Prober, aiohttp_transport_factory
+from aviator.probing.prober import Prober
 from aviator.probing.results import ProbeOutcome, ProbeResult, ProbeTarget
 from aviator.probing.weigher import weigh
 from tests.integration.probing.servers import aiohttp_server, free_socket
@@ -205,30 +205,31 @@ async def test_prober_estimator_weigher_rank_a_slow_backend_below_a_fast_one() -
     assert weights["127.0.0.9"] > weights["127.0.0.10"]
 
 
-async def test_a_custom_session_factory_is_used_and_closed() -> None:
-    seen_headers: list[str] = []
-    sessions: list[aiohttp.ClientSession] = []
+async def test_a_probe_is_a_plain_get_and_a_closed_connection_is_opened_again() -> None:
+    """What the default transport sends (path, Host, User-Agent), and that a pod closing the
+    connection (``Connection: close`` or going away between probes) costs the next probe only
+    a new connection, not a failure."""
+    seen: list[tuple[str, str, str]] = []
+    peers: list[asyncio.BaseTransport] = []
 
     async def probe(request: web.Request) -> web.Response:
-        seen_headers.append(request.headers.get("X-Probe-Tenant", ""))
-        return web.Response(text="ok")
+        seen.append((request.path_qs, request.host, request.headers.get("User-Agent", "")))
+        if request.transport is not None:
+            peers.append(request.transport)
+        closing = len(seen) % 2 == 0  # every second answer closes its connection
+        return web.Response(text="ok", headers={"Connection": "close"} if closing else {})
 
     app = web.Application()
-    app.router.add_get("/aviator/probe", probe)
-
-    def session_factory(target: ProbeTarget) -> aiohttp.ClientSession:
-        session = aiohttp.ClientSession(headers={"X-Probe-Tenant": f"t-{target.port}"})
-        sessions.append(session)
-        return session
-
+    app.router.add_get("/healthz", probe)
     sink = Sink()
-    prober: Prober[str] = Prober(
-        sink, transport_factory=aiohttp_transport_factory(session_factory=session_factory)
-    )
+    prober: Prober[str] = Prober(sink)
     async with aiohttp_server(app, host="127.0.0.11") as port:
-        prober.set_targets({"a": ProbeTarget("127.0.0.11", port, interval_s=0.02)})
+        prober.set_targets(
+            {"a": ProbeTarget("127.0.0.11", port, path="/healthz?from=aviator", interval_s=0.02)}
+        )
         async with probing(prober):
-            await sink.until(lambda: len(sink.results["a"]) >= 3)
-    assert set(seen_headers) == {f"t-{port}"}
-    assert len(sessions) == 1
-    assert sessions[0].closed
+            await sink.until(lambda: len(sink.results["a"]) >= 6)
+    assert {r.outcome for r in sink.results["a"]} == {ProbeOutcome.OK}
+    assert set(seen) == {("/healthz?from=aviator", f"127.0.0.11:{port}", "aviator-prober")}
+    # Two probes per connection: the second answer of each closed it, the next probe opened one.
+    assert len(set(map(id, peers))) == (len(peers) + 1) // 2

@@ -17,8 +17,9 @@ from contextlib import asynccontextmanager
 import pytest
 
 from aviator.probing.estimator import Estimator
-from aviator.probing.prober import ProbeConnectError, Prober, ProbeResponse, spread_probe_budget
+from aviator.probing.prober import Prober, spread_probe_budget
 from aviator.probing.results import ProbeOutcome, ProbeResult, ProbeTarget
+from aviator.probing.transport import ProbeConnectError, ProbeResponse
 
 Behaviour = Callable[[], Awaitable[ProbeResponse]]
 
