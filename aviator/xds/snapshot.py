@@ -255,6 +255,7 @@ class SnapshotBuilder:
     def __init__(self) -> None:
         self._clusters: dict[WorkloadKey, ResourceEntry] = {}
         self._clas: dict[WorkloadKey, tuple[WeightedWorkload, ResourceEntry]] = {}
+        self._cla_builders: dict[WorkloadKey, r.LoadAssignmentBuilder] = {}
         # Listeners and routes, by everything they are built from.
         self._others: dict[tuple[object, ...], ResourceEntry] = {}
 
@@ -283,7 +284,9 @@ class SnapshotBuilder:
             if previous is not None and (previous[0] is w or previous[0] == w):
                 clas[w.key] = previous
             else:
-                cla = ResourceEntry.from_message(r.ENDPOINT_TYPE, r.build_load_assignment(w))
+                builder = self._cla_builders.get(w.key) or r.LoadAssignmentBuilder()
+                cla = ResourceEntry.from_message(r.ENDPOINT_TYPE, builder.build(w))
+                self._cla_builders[w.key] = builder
                 clas[w.key] = (w, cla)
         # A list, not a dict: a name built twice must still fail as a duplicate.
         others: list[tuple[tuple[object, ...], ResourceEntry]] = []
@@ -337,4 +340,6 @@ class SnapshotBuilder:
             ]
         )
         self._clusters, self._clas, self._others = clusters, clas, dict(others)
+        if len(self._cla_builders) > len(clas):  # a builder's cache is only a cache
+            self._cla_builders = {k: b for k, b in self._cla_builders.items() if k in clas}
         return snapshot

@@ -88,6 +88,64 @@ def test_load_assignment_carries_weights_and_health() -> None:
     ]
 
 
+def _by_fields(workload: WeightedWorkload) -> bytes:
+    """The ClusterLoadAssignment built field by field (what LoadAssignmentBuilder replaced)."""
+    from envoy.config.core.v3 import address_pb2, base_pb2
+    from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+    from google.protobuf import wrappers_pb2
+
+    ordered = sorted(workload.endpoints, key=lambda e: (e.address.ip, e.address.port))
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=workload.key.cluster_name)
+    if ordered:
+        cla.endpoints.append(
+            endpoint_components_pb2.LocalityLbEndpoints(
+                lb_endpoints=[
+                    endpoint_components_pb2.LbEndpoint(
+                        endpoint=endpoint_components_pb2.Endpoint(
+                            address=address_pb2.Address(
+                                socket_address=address_pb2.SocketAddress(
+                                    address=e.address.ip, port_value=e.address.port
+                                )
+                            )
+                        ),
+                        health_status=r._HEALTH[e.health],
+                        load_balancing_weight=wrappers_pb2.UInt32Value(value=e.weight),
+                    )
+                    for e in ordered
+                ],
+                locality=base_pb2.Locality(),
+                load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
+            )
+        )
+    data: bytes = cla.SerializeToString(deterministic=True)
+    return data
+
+
+_endpoints = st.lists(
+    st.tuples(
+        st.integers(1, 40),  # the address's last octet: few, so builds share endpoints
+        st.integers(1, MAX_WEIGHT),
+        st.sampled_from(list(Health)),
+    ),
+    max_size=30,
+    unique_by=lambda t: t[0],
+)
+
+
+@given(st.lists(_endpoints, min_size=1, max_size=6))
+def test_a_builder_kept_across_changes_builds_what_one_built_fresh_builds(
+    builds: list[list[tuple[int, int, Health]]],
+) -> None:
+    """Each endpoint's encoding is reused from the last build: the bytes never differ from a
+    build from scratch, nor from the message built field by field."""
+    builder = r.LoadAssignmentBuilder()
+    for endpoints in builds:
+        workload = _workload(*(_ep(f"10.0.0.{i}", w, h) for i, w, h in endpoints))
+        kept = builder.build(workload).SerializeToString(deterministic=True)
+        assert kept == r.build_load_assignment(workload).SerializeToString(deterministic=True)
+        assert kept == _by_fields(workload)
+
+
 def test_load_assignment_without_endpoints_is_empty_not_missing() -> None:
     cla = r.build_load_assignment(_workload())
     assert cla.cluster_name == "shop/api"
