@@ -24,6 +24,7 @@ are logged, it is restarted with back-off, and xDS keeps serving (issue 12).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import math
@@ -41,21 +42,22 @@ import structlog
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from aviator.admin import AdminServer, ScrapeCollector, add_process_metrics
+from aviator.heap import HeapKeeper
 from aviator.k8s.fields import dns_label_error
 from aviator.k8s.lastvalid import LastValid
 from aviator.k8s.resolve import ACCEPTED, PolicyResolution, resolve_state, serving
 from aviator.k8s.state import ClusterState
 from aviator.model import EndpointAddress, WeightedWorkload, WorkloadKey, parse_host_port
 from aviator.operator.xds_acks import XdsAcks
-from aviator.probing.estimator import Estimator
+from aviator.probing.estimator import EndpointStats, Estimator
 from aviator.probing.prober import (
     DEFAULT_MAX_PROBE_RATE,
     AddressPolicy,
     Prober,
-    TransportFactory,
     spread_probe_budget,
 )
 from aviator.probing.results import ProbeKey, ProbeOutcome, ProbeResult, ProbeTarget
+from aviator.probing.transport import TransportFactory
 from aviator.probing.weigher import WeighResult, WorkloadWeigher
 from aviator.source.directory import DirectorySource
 from aviator.source.store import StateSource, Store
@@ -64,7 +66,7 @@ from aviator.xds.cache import Cache
 from aviator.xds.publisher import Publisher
 from aviator.xds.resources import ENDPOINT_TYPE, GatewayConfig, ListenSpec
 from aviator.xds.server import AdsServer, ServerLimits, ServerTls, StreamLimits
-from aviator.xds.snapshot import SnapshotBuilder, SnapshotError
+from aviator.xds.snapshot import Snapshot, SnapshotBuilder, SnapshotError
 
 if TYPE_CHECKING:  # the operator loads the Kubernetes client: only with --source kubernetes
     from aviator.operator.runtime import Operator, OperatorSettings
@@ -177,6 +179,9 @@ class Settings:
     allow_probe_loopback: bool = False
     allow_probe_link_local: bool = False
     debug_views: bool = True  # /debug/* on the admin server (aviator run --no-debug-views)
+    # Freeze the long-lived heap out of the collector's full passes (aviator.heap); process-wide,
+    # so off unless asked: `aviator run` asks (--no-freeze-heap), an embedding program may not.
+    freeze_heap: bool = False
     # xDS over TLS (all three: mutual TLS), and the node ids allowed to connect (empty: any).
     xds_tls_cert: str | None = None
     xds_tls_key: str | None = None
@@ -248,6 +253,36 @@ class _Served:
         return self
 
 
+#: The interpreter's thread switch interval ``aviator run`` sets (Python's default: 5 ms). While
+#: the worker thread weighs, the loop waits up to one interval each time it takes the
+#: interpreter back (after every socket call): with 10,000 pods answering, ``/healthz`` at
+#: rest took up to 201 ms (p99 135) at 5 ms and 53 ms (p99 30) at 1 ms.
+SWITCH_INTERVAL_S = 0.001
+
+
+@dataclass(frozen=True, slots=True)
+class _WeighJob:
+    """One workload's part of a weighing pass: its weigher and what moved (``fresh``: the
+    weigher is new, ``stats`` holds every endpoint)."""
+
+    key: WorkloadKey
+    served: _Served
+    weigher: WorkloadWeigher
+    stats: dict[EndpointAddress, EndpointStats | None]
+    fresh: bool
+
+
+def _weigh(jobs: list[_WeighJob]) -> list[tuple[_WeighJob, WeighResult]]:
+    """The rule over each job: touches only the jobs' weighers (the worker thread's while a
+    pass is off the loop)."""
+    out = []
+    for job in jobs:
+        if job.stats or job.fresh:
+            job.weigher.update(job.stats)
+        out.append((job, job.weigher.weigh()))
+    return out
+
+
 class ControlPlane:
     """Owns every component; ``await run()`` until :meth:`stop` or a failure."""
 
@@ -281,6 +316,15 @@ class ControlPlane:
         # --listen-address); built into every snapshot next to the default one.
         self._listeners: frozenset[ListenSpec] = frozenset()
         self._built = False  # a snapshot was built from the state: listener changes rebuild
+        # The periodic weighing pass's rule and snapshot build run in this thread
+        # (reweigh_off_loop); while one is in flight (_off_loop), states wait (_idle) and a
+        # forced pass (_again) or a rebuild (_submit_wanted) is done when it ends.
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weigh")
+        self._off_loop = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._again = False
+        self._submit_wanted = False
         self.ads = AdsServer(
             self.cache,
             identifier=settings.identifier,
@@ -478,6 +522,8 @@ class ControlPlane:
                 ]
                 if self.operates:
                     works += [("operator", self._run_operator()), ("acks", self._ack_loop())]
+                if self.settings.freeze_heap:
+                    works.append(("heap", HeapKeeper().run()))
                 tasks = [tg.create_task(_supervised(name, work), name=name) for name, work in works]
                 # A task that ends raises TaskEndedError, which makes the group cancel this
                 # wait and every other task; the group then raises it (in an ExceptionGroup).
@@ -491,6 +537,7 @@ class ControlPlane:
             log.error("control plane stopping", task=ended.task, reason=str(ended))
             raise ended from ended.error
         finally:
+            self._worker.shutdown(wait=False, cancel_futures=True)
             await self.prober.close()
             self.publisher.publish_now()
             await self.admin.stop()
@@ -513,6 +560,7 @@ class ControlPlane:
 
     async def _follow_state(self) -> None:
         async for state in self.store.updates():
+            await self._idle.wait()  # not while a pass weighs the previous state off the loop
             self.apply_state(state)
 
     def apply_state(self, state: ClusterState) -> None:
@@ -605,49 +653,98 @@ class ControlPlane:
         while True:
             await asyncio.sleep(delay)
             start = loop.time()
-            self.reweigh(start)
+            await self.reweigh_off_loop(start)
             took = loop.time() - start
             self._reweigh_seconds.observe(took)
             delay = reweigh_delay(self.settings.reweigh_interval, took)
 
     def reweigh(self, now: float, *, force: bool = False) -> bool:
-        """Weigh every served workload at ``now``; submit a snapshot if anything changed.
+        """Weigh every served workload at ``now``, on the event loop; submit a snapshot if
+        anything changed (or ``force``). What a new state does at once (``apply_state``);
+        the periodic passes run :meth:`reweigh_off_loop`. While one of those is in flight,
+        its weighers and snapshot builder are the worker thread's: this only asks it to
+        weigh again (forced) when it is done, and returns False."""
+        if self._off_loop:
+            self._again = self._again or force
+            return False
+        changed = self._apply_weights(_weigh(self._weigh_jobs(now)), now) or force
+        if changed:
+            self._submit()
+        self._weights_to_operator(now, changed)
+        return changed
 
-        Each workload's :class:`WorkloadWeigher` is given the statistics of the endpoints the
-        estimator says moved since the last pass (``take_changes``), not every endpoint's:
-        with 10,000 endpoints a pass read and weighed all of them, 0.3-0.8 s each, most of a
-        core at rest (issue 9, item 6). A workload with nothing new is not weighed at all."""
-        changed = force
+    async def reweigh_off_loop(self, now: float) -> bool:
+        """:meth:`reweigh`, with the rule and the snapshot build in the control plane's worker
+        thread: with 10,000 endpoints a pass took 100-250 ms of CPU (the rule over every
+        endpoint of a workload whose signals moved, then its ClusterLoadAssignment), and on
+        the loop that was how long xDS, admin and the prober's sockets waited (issue 9, item
+        6). In the thread the loop gets the interpreter back every switch interval (5 ms).
+        The loop only gathers what moved before and applies the results after; states wait
+        for the pass to end (``_follow_state``)."""
+        loop = asyncio.get_running_loop()
+        self._off_loop = True
+        self._idle.clear()
+        try:
+            jobs = self._weigh_jobs(now)
+            results = await loop.run_in_executor(self._worker, _weigh, jobs)
+            changed = self._apply_weights(results, now) or self._again
+            if changed:
+                self._submit_wanted = False
+                workloads, listeners = self.workloads(), self._listeners
+                built = await loop.run_in_executor(
+                    self._worker, self._build_snapshot, workloads, listeners
+                )
+                if not self._submit_wanted:  # else the listeners moved meanwhile: build again
+                    self._publish(built)
+        finally:
+            self._off_loop = False
+            self._idle.set()
+        again, submit, self._again = self._again, self._submit_wanted, False
+        if again:
+            return self.reweigh(now, force=True)
+        if submit:
+            self._submit()
+        self._weights_to_operator(now, changed)
+        return changed
+
+    def _weigh_jobs(self, now: float) -> list[_WeighJob]:
+        """What a pass weighs (on the loop): each served workload's weigher and the statistics
+        of its endpoints that moved since the last pass (``take_changes``), not of every
+        endpoint (10,000 endpoints took 0.3-0.8 s a pass read in full, issue 9, item 6). A
+        workload with nothing new is weighed only to see that nothing changed."""
         moved: dict[WorkloadKey, list[ProbeKey]] = {}
         for probe_key in self.estimator.take_changes(now):
             moved.setdefault(probe_key.workload, []).append(probe_key)
+        jobs = []
         for key, s in self._served.items():
             policy = s.resolution.policy
             assert policy is not None
-            weigher = s.weigher
-            if weigher is None:
-                weigher = s.weigher = WorkloadWeigher(
+            fresh = s.weigher is None
+            if s.weigher is None:
+                s.weigher = WorkloadWeigher(
                     (e.address for e in s.resolution.endpoints),
                     knobs=policy.weigher,
                     latency_threshold_s=policy.latency_threshold.seconds,
                     previous=s.weights,
                 )
-                weigher.update(
-                    {
-                        e.address: self.estimator.stats(ProbeKey(key, e.address), now)
-                        for e in s.resolution.endpoints
-                    }
-                )
-            elif keys := moved.get(key):
-                weigher.update({k.address: self.estimator.stats(k, now) for k in keys})
-            result = weigher.weigh()
+                stats = {
+                    e.address: self.estimator.stats(ProbeKey(key, e.address), now)
+                    for e in s.resolution.endpoints
+                }
+            else:
+                stats = {k.address: self.estimator.stats(k, now) for k in moved.get(key, ())}
+            jobs.append(_WeighJob(key, s, s.weigher, stats, fresh))
+        return jobs
+
+    def _apply_weights(self, results: list[tuple[_WeighJob, WeighResult]], now: float) -> bool:
+        changed = False
+        for job, result in results:
+            if self._served.get(job.key) is not job.served:
+                continue  # a state replaced it meanwhile
             if result.changed:
                 self._weight_changes.inc()
                 changed = True
-            s.weights = result
-        if changed:
-            self._submit()
-        self._weights_to_operator(now, changed)
+            job.served.weights = result
         return changed
 
     def workloads(self) -> list[WeightedWorkload]:
@@ -665,18 +762,31 @@ class ControlPlane:
             self._submit()
 
     def _submit(self) -> None:
-        self._built = True
+        if self._off_loop:  # the worker thread holds the builder: it builds again after
+            self._submit_wanted = True
+            return
+        self._publish(self._build_snapshot(self.workloads(), self._listeners))
+
+    def _build_snapshot(
+        self, workloads: list[WeightedWorkload], listeners: frozenset[ListenSpec]
+    ) -> Snapshot | None:
+        """A snapshot of ``workloads`` (on the loop, or in the worker thread: it touches only
+        the builder). None if it cannot be built (logged; the last one stays)."""
         started = time.perf_counter()
         try:
-            snapshot = self._builder.build(
-                self.workloads(), gateway=self.settings.gateway, listeners=self._listeners
+            return self._builder.build(
+                workloads, gateway=self.settings.gateway, listeners=listeners
             )
         except SnapshotError as exc:
             log.error("cannot build a snapshot, keeping the last one", problems=exc.problems)
-            return
+            return None
         finally:
             self._build_seconds.observe(time.perf_counter() - started)
-        self.publisher.submit(snapshot)
+
+    def _publish(self, snapshot: Snapshot | None) -> None:
+        self._built = True
+        if snapshot is not None:
+            self.publisher.submit(snapshot)
 
     def _report(self) -> None:
         """Log each policy's conditions once, when they change (the source logs its own

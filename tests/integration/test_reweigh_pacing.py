@@ -19,6 +19,7 @@ from aviator.k8s.state import ClusterState
 from aviator.probing.estimator import EndpointStats
 from aviator.probing.results import ProbeKey, ProbeOutcome, ProbeResult
 from aviator.source.store import Store
+from aviator.xds.snapshot import Snapshot
 from tests.unit.k8s.builders import pod_doc, policy_doc, workload_doc
 
 
@@ -35,14 +36,14 @@ async def test_a_slow_pass_takes_at_most_a_fifth_of_the_loop(tmp_path: Path) -> 
     starts: list[float] = []
     five = asyncio.Event()
 
-    def slow_reweigh(now: float, *, force: bool = False) -> bool:
+    async def slow_reweigh(now: float) -> bool:
         starts.append(time.monotonic())
-        time.sleep(0.03)  # the pass itself: CPU the loop cannot use meanwhile
+        await asyncio.sleep(0.03)  # the pass itself (in the product, the worker thread's CPU)
         if len(starts) == 5:
             five.set()
         return False
 
-    cp.reweigh = slow_reweigh  # type: ignore[method-assign]
+    cp.reweigh_off_loop = slow_reweigh  # type: ignore[method-assign]
     task = asyncio.create_task(cp._reweigh_loop())
     try:
         await asyncio.wait_for(five.wait(), 30)
@@ -185,3 +186,62 @@ def test_the_probe_budget_must_be_positive() -> None:
     for bad in (0.0, -1.0, math.inf, math.nan):
         with pytest.raises(ValueError, match="max-probe-rate"):
             Settings(source="none", max_probe_rate=bad)
+
+
+# -- the periodic pass, off the event loop (issue 9, item 6) -----------------------------------
+
+
+def _probed_fleet(pods: int) -> tuple[ControlPlane, float]:
+    cp = ControlPlane(Settings(source="none"), source=_NoSource())
+    cp.apply_state(_fleet(pods))
+    now = 100.0
+    for i, key in enumerate(sorted(cp.prober.targets)):
+        cp._on_probe(key, _answer(now, 0.002 + (i % 7) / 1000))
+    return cp, now
+
+
+async def test_a_pass_off_the_loop_weighs_what_a_pass_on_it_weighs() -> None:
+    on, now = _probed_fleet(300)
+    off, _ = _probed_fleet(300)
+    built: list[Snapshot] = []
+    submit = off.publisher.submit
+
+    def recorded(snapshot: Snapshot) -> None:
+        built.append(snapshot)
+        submit(snapshot)
+
+    off.publisher.submit = recorded  # type: ignore[method-assign]
+    for _ in range(50):
+        a = on.reweigh(now)
+        b = await off.reweigh_off_loop(now)
+        assert a == b
+        if not a:
+            break
+        now += 0.1
+    assert off.workloads() == on.workloads()
+    assert built  # the changed weights were built and submitted, from the worker thread
+
+
+async def test_the_loop_runs_while_a_pass_is_off_it_and_what_comes_meanwhile_waits() -> None:
+    cp, now = _probed_fleet(300)
+    seen: list[tuple[bool, bool, bool]] = []
+
+    def meanwhile() -> None:
+        # A state now would wait for the pass; a forced pass is asked for, not run.
+        seen.append((cp._off_loop, cp._idle.is_set(), cp.reweigh(now, force=True)))
+
+    asyncio.get_running_loop().call_soon(meanwhile)
+    forced = 0
+    reweigh = cp.reweigh
+
+    def counted(at: float, *, force: bool = False) -> bool:
+        nonlocal forced
+        forced += force
+        return reweigh(at, force=force)
+
+    cp.reweigh = counted  # type: ignore[method-assign, assignment]
+    await cp.reweigh_off_loop(now)
+    assert seen == [(True, False, False)]
+    assert forced == 2  # the one asked for meanwhile ran once the pass ended
+    assert cp._idle.is_set()
+    assert not cp._off_loop
