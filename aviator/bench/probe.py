@@ -1,12 +1,12 @@
 """``aviator bench probe``: how many probes per second one core sustains, and CPU per probe.
 
 The prober under test runs in this process, on one event loop (so on at most one core), with
-its default aiohttp transport: one keep-alive connection per target, exactly as in
-production. The backends run in a separate process (so their CPU is not counted): a minimal
-asyncio HTTP/1.1 responder on ``--ports`` loopback ports, answering every request with a
-200, a small JSON body and an ORCA header in the format Aviator's agent writes (so the
-prober pays for parsing it). Endpoints are spread over the ports; each is a separate target
-with its own connection.
+its default transport (aviator.probing.transport): one keep-alive connection per target,
+exactly as in production. The backends run in a separate process (so their CPU is not
+counted): a minimal asyncio HTTP/1.1 responder on ``--ports`` loopback ports, answering
+every request with a 200, a small JSON body and an ORCA header in the format Aviator's agent
+writes (so the prober pays for parsing it). Endpoints are spread over the ports; each is a
+separate target with its own connection.
 
 Two modes:
 - saturating (default, ``--offered-rate 0``): every target re-probes as soon as it can; the
@@ -258,9 +258,10 @@ async def _prober_window(args: argparse.Namespace, ports: list[int]) -> _Window:
 
 
 async def _bare_window(args: argparse.Namespace, ports: list[int]) -> _Window:
-    """One window of the least a probe can cost with aiohttp: per target a keep-alive session
-    (as the prober's transport makes them) and a loop of ``GET`` + read the body, paced like
-    the prober and under the same cap in flight; no timeout, no ORCA parse, no result."""
+    """One window of the least a probe can cost with aiohttp's client (the baseline: a
+    well-known client, and the prober's transport until issue 9's item 6): per target a
+    keep-alive session and a loop of ``GET`` + read the body, paced like the prober and under
+    the same cap in flight; no timeout, no ORCA parse, no result."""
     import random
 
     import aiohttp
