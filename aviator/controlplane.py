@@ -667,7 +667,7 @@ class ControlPlane:
         if self._off_loop:
             self._again = self._again or force
             return False
-        changed = self._apply_weights(_weigh(self._weigh_jobs(now)), now) or force
+        changed = self._apply_weights(_weigh(self._weigh_jobs(now))) or force
         if changed:
             self._submit()
         self._weights_to_operator(now, changed)
@@ -678,17 +678,19 @@ class ControlPlane:
         thread: with 10,000 endpoints a pass took 100-250 ms of CPU (the rule over every
         endpoint of a workload whose signals moved, then its ClusterLoadAssignment), and on
         the loop that was how long xDS, admin and the prober's sockets waited (issue 9, item
-        6). In the thread the loop gets the interpreter back every switch interval (5 ms).
-        The loop only gathers what moved before and applies the results after; states wait
-        for the pass to end (``_follow_state``)."""
+        6). In the thread the loop gets the interpreter back every switch interval
+        (:data:`SWITCH_INTERVAL_S` under ``aviator run``). The loop only gathers what moved
+        before and applies the results after; states wait for the pass to end
+        (``_follow_state``), and a forced pass asked for meanwhile runs on the loop after it
+        (that one builds the snapshot)."""
         loop = asyncio.get_running_loop()
         self._off_loop = True
         self._idle.clear()
         try:
             jobs = self._weigh_jobs(now)
             results = await loop.run_in_executor(self._worker, _weigh, jobs)
-            changed = self._apply_weights(results, now) or self._again
-            if changed:
+            changed = self._apply_weights(results)
+            if changed and not self._again:  # else the forced pass after this one builds
                 self._submit_wanted = False
                 workloads, listeners = self.workloads(), self._listeners
                 built = await loop.run_in_executor(
@@ -736,7 +738,7 @@ class ControlPlane:
             jobs.append(_WeighJob(key, s, s.weigher, stats, fresh))
         return jobs
 
-    def _apply_weights(self, results: list[tuple[_WeighJob, WeighResult]], now: float) -> bool:
+    def _apply_weights(self, results: list[tuple[_WeighJob, WeighResult]]) -> bool:
         changed = False
         for job, result in results:
             if self._served.get(job.key) is not job.served:
