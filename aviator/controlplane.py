@@ -317,10 +317,9 @@ class ControlPlane:
         self._listeners: frozenset[ListenSpec] = frozenset()
         self._built = False  # a snapshot was built from the state: listener changes rebuild
         # The periodic weighing pass's rule and snapshot build run in this thread
-        # (reweigh_off_loop); while one is in flight (_off_loop), states wait (_idle) and a
-        # forced pass (_again) or a rebuild (_submit_wanted) is done when it ends.
+        # (reweigh_off_loop); while one is in flight (_idle clear), states wait and a forced
+        # pass (_again) or a rebuild (_submit_wanted) is done when it ends.
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weigh")
-        self._off_loop = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._again = False
@@ -658,6 +657,12 @@ class ControlPlane:
             self._reweigh_seconds.observe(took)
             delay = reweigh_delay(self.settings.reweigh_interval, took)
 
+    @property
+    def _off_loop(self) -> bool:
+        """A pass is in flight in the worker thread (its weighers and builder are the
+        thread's)."""
+        return not self._idle.is_set()
+
     def reweigh(self, now: float, *, force: bool = False) -> bool:
         """Weigh every served workload at ``now``, on the event loop; submit a snapshot if
         anything changed (or ``force``). What a new state does at once (``apply_state``);
@@ -684,7 +689,6 @@ class ControlPlane:
         (``_follow_state``), and a forced pass asked for meanwhile runs on the loop after it
         (that one builds the snapshot)."""
         loop = asyncio.get_running_loop()
-        self._off_loop = True
         self._idle.clear()
         try:
             jobs = self._weigh_jobs(now)
@@ -699,7 +703,6 @@ class ControlPlane:
                 if not self._submit_wanted:  # else the listeners moved meanwhile: build again
                     self._publish(built)
         finally:
-            self._off_loop = False
             self._idle.set()
         again, submit, self._again = self._again, self._submit_wanted, False
         if again:

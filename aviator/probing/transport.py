@@ -50,6 +50,7 @@ MAX_RESPONSE_HEADERS = 128
 #: The longest status or header line of a probe answer, in bytes (aiohttp's limit).
 MAX_LINE = 8190
 _INVALID = "not a valid HTTP response"
+_LONG_LINE = f"{_INVALID}: a line longer than {MAX_LINE} bytes"
 
 
 class ProbeConnectError(Exception):
@@ -200,7 +201,7 @@ class _Connection(asyncio.Protocol):
             end = data.rfind(b"\n")
             self._line = self._line + len(data) if end < 0 else len(data) - end - 1
             if self._line > MAX_LINE + 2:
-                self._error = ProbeResponseError(f"{_INVALID}: a line longer than {MAX_LINE} bytes")
+                self._error = ProbeResponseError(_LONG_LINE)
         if self._error is not None:
             self._finish(self._error)
         elif self._done:
@@ -214,15 +215,13 @@ class _Connection(asyncio.Protocol):
 
     def on_status(self, status: bytes) -> None:
         if len(status) > MAX_LINE:
-            self._error = self._error or ProbeResponseError(
-                f"{_INVALID}: a line longer than {MAX_LINE} bytes"
-            )
+            self._error = self._error or ProbeResponseError(_LONG_LINE)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._error is not None:
             return
         if len(name) + len(value) + 2 > MAX_LINE:
-            self._error = ProbeResponseError(f"{_INVALID}: a line longer than {MAX_LINE} bytes")
+            self._error = ProbeResponseError(_LONG_LINE)
         elif self._count >= MAX_RESPONSE_HEADERS:
             self._error = ProbeResponseError(
                 f"{_INVALID}: more than {MAX_RESPONSE_HEADERS} headers"
