@@ -231,6 +231,15 @@ async def test_restarted_control_plane_process_converges_without_failed_requests
                 await poll_until(lambda: served(1, "b3", since=served_before))
                 settled = len(traffic.ok)
                 await poll_until(lambda: served(50, since=settled))
+
+                async def sampled(*backends: Backend) -> bool:
+                    # The sampler keeps only reads no update raced; under load the pushes of a
+                    # new process can outpace it, so wait for one read of the new content.
+                    await asyncio.sleep(0)
+                    last = versions.eds_timeline[-1][2] if versions.eds_timeline else ()
+                    return {host for host, _, _ in last} == {address(b) for b in backends}
+
+                await poll_until(lambda: sampled(b1, b2, b3), within=RECONNECT_S)
                 stats = await admin.stats()
                 cluster_after = await cluster_version(admin, WEB)
         finally:
