@@ -117,6 +117,10 @@ async def test_killed_watch_connections_lose_no_event(k8s_stack: Stack) -> None:
     s = k8s_stack
     web = await _serving(s, 2)
     before = web.endpoints()
+    # A relist at start-up is the API server's: a custom resource's watch cache created a moment
+    # before may start above the list's resourceVersion (seen in CI: "too old resource version:
+    # 244 (245)" on the first watch of aviatorpolicies). The cut must add none.
+    relists_before = s.aviator.log_events("k8s.informer.relist")
     async with s.traffic(web, rate=30) as traffic:
         killed = s.proxy.cut()
         assert killed >= 4, f"{killed} connections reset: a watch per collection at least"
@@ -133,7 +137,7 @@ async def test_killed_watch_connections_lose_no_event(k8s_stack: Stack) -> None:
     assert traffic.failed() == [], traffic.failures()
     assert s.aviator.log_events("k8s.informer.retry"), "the informers never saw the reset"
     # Resumed from their resourceVersions (the watch cache still holds them): no relist.
-    assert s.aviator.log_events("k8s.informer.relist") == []
+    assert s.aviator.log_events("k8s.informer.relist") == relists_before
 
 
 async def test_a_forced_410_relists_and_loses_no_event(
