@@ -20,26 +20,29 @@ The rule (Prequal's hot-cold lexicographic selection, NSDI 2024 §4, turned into
    every endpoint with data is hot, the fleet is overloaded as a whole: all stay HEALTHY (the
    weigher never takes a policy's last endpoints away), no floors, and weights are the latency
    weight times (lowest RIF + 1)/(RIF + 1): Prequal's "all hot → lowest RIF", smoothly.
-4. Do no harm (issue 13): the targets are blended towards equal weights by the *confidence*
-   of the signal, ``target = 1 - c * (1 - target)``, so that where the data cannot tell the
-   endpoints apart Envoy's least request (the inner loop) does the balancing. ``c = 1`` when
-   most endpoints with data report their load (RIF: the agent's fresh signal). Without it,
-   probe round trips are the only signal, and they queue behind the requests: ``c =
-   NO_AGENT_CONFIDENCE`` (a mistaken weight costs at most ~3.5x, not 20x); and when the fleet
-   is overloaded (more hot than the cap, e.g. every endpoint above the threshold) ``c = 0``:
-   equal weights. Measured in the latency benchmark with plain HTTP apps, few slots and a
-   moving antagonist, the lowest weight went to the backend that had been slow one move
-   earlier and was now the fastest (its probe latency still carried its old queue): the
-   weights followed the past. With ``c < 1`` nothing is floored at once or DEGRADED, except
-   that an endpoint whose probes fail (2 failures in a row, now), and any
-   endpoint at least as slow, drops to the floor at once, as long as they are few (within the
-   hot cap of rule 3): failures are a signal of their own, many at once are overload.
+4. Do no harm (issue 13): where the data cannot tell the endpoints apart, Envoy's least
+   request (the inner loop) does the balancing. The *confidence* of the signal is 1 when most
+   endpoints with data report their load (RIF: the agent's fresh signal), and 0 without it:
+   probe round trips are then the only signal, and they queue behind the requests (measured
+   in the latency benchmark with plain HTTP apps, few slots and a moving antagonist: the
+   lowest weight went to the backend that had been slow one move earlier and was now the
+   fastest; its probe latency still carried its old queue). Without confidence every weight
+   is equal, because *any* unequal weight takes Envoy's least request off its power of two
+   choices: with unequal weights it picks by an EDF schedule of weight / (active + 1), a
+   weighted round robin whose load term is read only when a host is scheduled (Envoy's
+   ``least_request_lb.h``). Blending 0.75 of the way to the latency weights cost a p50 of
+   1.22x least request's, with the targets right. Only an endpoint whose probes fail (2 in a
+   row), and any endpoint at least as slow, is taken out at once, as long as they are few
+   (within the hot cap of rule 3; many failing at once is overload): floor weight and
+   DEGRADED health, so that the healthy endpoints keep equal weights and Envoy sends them
+   everything while they are enough (overprovisioning factor 1.4) with its two choices intact.
 5. Endpoints without data (new or stale) get a neutral weight: the median of the others.
 6. Against the previous result: if it is *settled* (its weights are its targets, not a step
    of smoothing towards them), no endpoint's share of traffic would move by more than
    ``min_change`` (relative) and health and membership are the same, nothing changes
    (``changed=False``, previous weights returned). Otherwise non-hot weights move
-   ``smoothing`` of the way to their targets; hot ones drop to the floor at once; and where
+   ``smoothing`` of the way to their targets (without confidence, rule 4, all the way); hot
+   ones drop to the floor at once; and where
    what smoothing leaves is itself within ``min_change`` of the targets, the weights go to
    the targets (settled). A result still on its way keeps moving until it arrives: held by
    the dead band halfway, it sat on a knife-edge where probe noise alone pushed again much
@@ -89,7 +92,6 @@ from aviator.probing.estimator import EndpointStats
 __all__ = [
     "DEFAULT_HOT_QUANTILE",
     "FAILING_CONSECUTIVE",
-    "NO_AGENT_CONFIDENCE",
     "KnobError",
     "WeighResult",
     "WeigherKnobs",
@@ -160,8 +162,6 @@ def _hot_cap(knobs: WeigherKnobs, n: int) -> int:
 
 
 LATENCY_TOLERANCE = 0.1  # τ as a fraction of latencyThreshold
-#: Confidence of probe round trips alone (no load reports) when the fleet is not overloaded.
-NO_AGENT_CONFIDENCE = 0.75
 
 
 #: An endpoint failing this many probes in a row is weighed as failing even when the signal is
@@ -170,21 +170,15 @@ NO_AGENT_CONFIDENCE = 0.75
 FAILING_CONSECUTIVE = 2
 
 
-def confidence(data: Mapping[EndpointAddress, EndpointStats], overloaded: bool) -> float:
-    """How far the weights may move from equal, in [0, 1] (rule 4 of the module docstring).
-
-    1 when at least half of the endpoints with data report their RIF; otherwise 0 when the
-    fleet is overloaded and ``NO_AGENT_CONFIDENCE`` when not."""
+def confidence(data: Mapping[EndpointAddress, EndpointStats]) -> float:
+    """How far the weights may move from equal, 1 or 0 (rule 4 of the module docstring): 1
+    when at least half of the endpoints with data report their RIF."""
     reporting = sum(1 for s in data.values() if s.rif is not None)
-    return _confidence(len(data), reporting, overloaded)
+    return _confidence(len(data), reporting)
 
 
-def _confidence(with_data: int, reporting: int, overloaded: bool) -> float:
-    if not with_data:
-        return 0.0
-    if 2 * reporting >= with_data:
-        return 1.0
-    return 0.0 if overloaded else NO_AGENT_CONFIDENCE
+def _confidence(with_data: int, reporting: int) -> float:
+    return 1.0 if with_data and 2 * reporting >= with_data else 0.0
 
 
 DEFAULT_TOLERANCE_S = 0.0  # τ without a threshold: plain inverse latency
@@ -422,8 +416,9 @@ class WorkloadWeigher:
                 all_hot = True
         urgent: set[int] = set() if all_hot else hot_set
 
-        # Rule 4: blend towards equal by the signal's confidence; failures stay urgent.
-        sure = _confidence(n_data, len(known), overloaded)
+        # Rule 4: without confidence, equal weights; failures alone are urgent (and DEGRADED).
+        sure = _confidence(n_data, len(known))
+        degrade = knobs.degrade_hot
         if sure < 1.0:
             fail_at = min(compress(latency, failing), default=math.inf)
             failing_now = (
@@ -432,13 +427,12 @@ class WorkloadWeigher:
                 else []
             )
             urgent = set(failing_now) if len(failing_now) <= cap < n_data else set()
-            target = list(
-                map(sub, repeat(1.0), map(mul, repeat(sure), map(sub, repeat(1.0), target)))
-            )
+            target = [1.0] * n_all
             for i in urgent:
                 target[i] = floor
             hot_set = urgent
             all_hot = not urgent
+            degrade = True
 
         # Rule 5: no data → the median of the others.
         if n_data < n_all:
@@ -448,7 +442,7 @@ class WorkloadWeigher:
                 target[i] = neutral
             order = [*order, *missing]
         health = [Health.HEALTHY] * n_all
-        if knobs.degrade_hot:
+        if degrade:
             for i in urgent:
                 health[i] = Health.DEGRADED
         published_hot = frozenset() if all_hot else frozenset(addresses[i] for i in hot_set)
@@ -477,7 +471,12 @@ class WorkloadWeigher:
         ):
             return _unchanged(previous)
         blended: list[float]
-        if self._same_members:
+        if sure < 1.0:
+            # Equal weights and floors: nothing to smooth. A recovering endpoint smoothed back
+            # up from the floor would keep the weights unequal, and Envoy off its two choices,
+            # for several passes.
+            blended = target
+        elif self._same_members:
             before = list(map(truediv, prev_w, repeat(top)))
             blended = list(
                 map(add, before, map(mul, repeat(knobs.smoothing), map(sub, target, before)))

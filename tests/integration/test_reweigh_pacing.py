@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from aviator_agent.orca import OrcaLoadReport
 
 from aviator.controlplane import ControlPlane, Settings, reweigh_delay
 from aviator.k8s.objects import parse_pod, parse_workload
@@ -79,8 +80,11 @@ def _fleet(pods: int, ping_interval: str = "10s") -> ClusterState:
     return ClusterState.build([policy, parse_workload(workload_doc()), *map(parse_pod, docs)])
 
 
+_IDLE = OrcaLoadReport(named_metrics={"rif": 0.0})  # the agent's report: weights follow latency
+
+
 def _answer(at: float, rtt: float) -> ProbeResult:
-    return ProbeResult(ProbeOutcome.OK, at - rtt, at, timeout_s=1.0, status=200)
+    return ProbeResult(ProbeOutcome.OK, at - rtt, at, timeout_s=1.0, status=200, load=_IDLE)
 
 
 def _refused(at: float) -> ProbeResult:

@@ -3,7 +3,9 @@
 A real :class:`ControlPlane` (its prober, estimator, weigher and snapshot builder) is given a
 :class:`ClusterState` by ``apply_state`` and probes three pods through an in-memory transport
 whose answers are a function of the pod and the loop time; the test calls ``reweigh`` as
-the control plane's own loop does and records what it decides.
+the control plane's own loop does and records what it decides. Every answer carries the
+agent's load report (RIF 0): probe round trips alone give equal weights (issue 13, do no
+harm), and these tests are about the weights the measurements give.
 
 - Issue 9, item 3: at every allowed ``pingInterval`` (10 ms to 5 m), steady measurements give
   steady weights and no push (``reweigh`` returns ``changed=False``) once they have settled;
@@ -26,6 +28,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import pytest
+from aviator_agent.orca import ORCA_HEADER
 
 from aviator.controlplane import ControlPlane, Settings
 from aviator.k8s.objects import parse_pod, parse_workload
@@ -72,7 +75,7 @@ class FakeTransport:
         if latency is None:
             raise ProbeConnectError("connection refused")
         await asyncio.sleep(latency * (1 + net.rng.uniform(-0.03, 0.03)))
-        return ProbeResponse(200, {})
+        return ProbeResponse(200, {ORCA_HEADER: "TEXT named_metrics.rif=0"})
 
     async def aclose(self) -> None:
         pass

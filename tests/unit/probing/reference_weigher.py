@@ -58,10 +58,6 @@ def _hot_cap(knobs: WeigherKnobs, n: int) -> int:
 
 
 LATENCY_TOLERANCE = 0.1  # τ as a fraction of latencyThreshold
-#: Confidence of probe round trips alone (no load reports) when the fleet is not overloaded.
-NO_AGENT_CONFIDENCE = 0.75
-
-
 #: An endpoint failing this many probes in a row is weighed as failing even when the signal is
 #: weak. Not the error-rate average: it decays over 10 s, so it would follow the past too
 #: (a backend whose queue made probes time out, drained since).
@@ -72,17 +68,11 @@ def _failing(s: EndpointStats) -> bool:
     return s.consecutive_failures >= FAILING_CONSECUTIVE
 
 
-def confidence(data: Mapping[EndpointAddress, EndpointStats], overloaded: bool) -> float:
-    """How far the weights may move from equal, in [0, 1] (rule 4 of the module docstring).
-
-    1 when at least half of the endpoints with data report their RIF; otherwise 0 when the
-    fleet is overloaded and ``NO_AGENT_CONFIDENCE`` when not."""
-    if not data:
-        return 0.0
+def confidence(data: Mapping[EndpointAddress, EndpointStats]) -> float:
+    """How far the weights may move from equal, 1 or 0 (rule 4 of the module docstring): 1
+    when at least half of the endpoints with data report their RIF."""
     reporting = sum(1 for s in data.values() if s.rif is not None)
-    if 2 * reporting >= len(data):
-        return 1.0
-    return 0.0 if overloaded else NO_AGENT_CONFIDENCE
+    return 1.0 if data and 2 * reporting >= len(data) else 0.0
 
 
 DEFAULT_TOLERANCE_S = 0.0  # τ without a threshold: plain inverse latency
@@ -184,11 +174,13 @@ def weigh(
     targets, all_hot = _targets(data, hot, overloaded, knobs, latency_threshold_s)
     # Urgent: endpoints that must drop to the floor now, not through smoothing.
     urgent = frozenset() if all_hot else hot
-    sure = confidence(data, overloaded)
+    sure = confidence(data)
+    degrade = knobs.degrade_hot
     if sure < 1.0:
         # Failures are a signal of their own, whatever the latencies: a failing endpoint keeps
         # its full target (the floor) at once, or a down pod without an agent keeps traffic.
-        # Everything else moves only part of the way from equal: nothing else is urgent.
+        # Everything else gets an equal weight (unequal weights take Envoy's least request off
+        # its two choices), and the failing ones are DEGRADED too, so the healthy keep equal.
         # Anything at least as slow as a failing endpoint goes with it (weights stay monotone
         # in latency); never every endpoint: with all of them failing nothing is taken away.
         fail_at = min((s.latency_s for s in data.values() if _failing(s)), default=math.inf)
@@ -198,14 +190,15 @@ def weigh(
         # traffic onto the rest.
         urgent = failing if len(failing) <= _hot_cap(knobs, len(data)) < len(data) else frozenset()
         floor = 1.0 / knobs.max_weight_ratio
-        targets = {a: floor if a in urgent else 1.0 - sure * (1.0 - t) for a, t in targets.items()}
+        targets = {a: floor if a in urgent else 1.0 for a in targets}
+        degrade = True
         hot = urgent
         all_hot = not urgent
     neutral = statistics.median(targets.values()) if targets else 1.0
     for a in addresses:
         targets.setdefault(a, neutral)
     health = {
-        a: Health.DEGRADED if knobs.degrade_hot and a in urgent else Health.HEALTHY
+        a: Health.DEGRADED if degrade and a in urgent else Health.HEALTHY
         for a in addresses
     }
     published_hot = frozenset() if all_hot else hot
@@ -234,7 +227,7 @@ def weigh(
     prev_top = max(prev_weights.values()) if prev_weights else 1.0
     blended = {}
     for a in addresses:
-        if a in prev and a not in urgent:
+        if a in prev and a not in urgent and sure == 1.0:  # without confidence: no smoothing
             before = prev_weights[a] / prev_top
             blended[a] = before + knobs.smoothing * (targets[a] - before)
         else:
