@@ -54,9 +54,11 @@ from aviator.probing.prober import (
     DEFAULT_MAX_PROBE_RATE,
     AddressPolicy,
     Prober,
+    ProbeSink,
     spread_probe_budget,
 )
 from aviator.probing.results import ProbeKey, ProbeOutcome, ProbeResult, ProbeTarget
+from aviator.probing.thread import ProberThread
 from aviator.probing.transport import TransportFactory
 from aviator.probing.weigher import WeighResult, WorkloadWeigher
 from aviator.source.directory import DirectorySource
@@ -182,6 +184,9 @@ class Settings:
     # Freeze the long-lived heap out of the collector's full passes (aviator.heap); process-wide,
     # so off unless asked: `aviator run` asks (--no-freeze-heap), an embedding program may not.
     freeze_heap: bool = False
+    # Probe on a thread and event loop of its own (aviator.probing.thread; `aviator run` asks,
+    # --probe-on-loop); off by default so that tests on fake loop time drive the prober.
+    probe_thread: bool = False
     # xDS over TLS (all three: mutual TLS), and the node ids allowed to connect (empty: any).
     xds_tls_cert: str | None = None
     xds_tls_key: str | None = None
@@ -336,16 +341,27 @@ class ControlPlane:
             tls=settings.xds_tls(),
         )
         self.estimator: Estimator[ProbeKey] = Estimator()
-        self.prober: Prober[ProbeKey] = Prober(
-            self._on_probe,
-            max_in_flight=settings.max_probes_in_flight,
-            transport_factory=transport_factory,
-            rng=rng,
-            addresses=AddressPolicy(
-                allow_loopback=settings.allow_probe_loopback,
-                allow_link_local=settings.allow_probe_link_local,
-            ),
-            log_fields=self._probe_log_fields,
+
+        def make_prober(sink: ProbeSink[ProbeKey]) -> Prober[ProbeKey]:
+            return Prober(
+                sink,
+                max_in_flight=settings.max_probes_in_flight,
+                transport_factory=transport_factory,
+                rng=rng,
+                addresses=AddressPolicy(
+                    allow_loopback=settings.allow_probe_loopback,
+                    allow_link_local=settings.allow_probe_link_local,
+                ),
+                log_fields=self._probe_log_fields,
+            )
+
+        # On a thread and loop of its own under `aviator run` (ProberThread: a probe's round
+        # trip then carries no lag of the loop that serves xDS); on this loop by default, so
+        # that tests on fake loop time drive it.
+        self.prober: Prober[ProbeKey] | ProberThread[ProbeKey] = (
+            ProberThread(self._on_probe, make_prober)
+            if settings.probe_thread
+            else make_prober(self._on_probe)
         )
         self._pods: dict[ProbeKey, str] = {}  # the pod of each probe target, for problems
         # The operator (--source kubernetes): built by its task once it has an ApiClient.

@@ -121,6 +121,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "few seconds (pauses of 0.3 s)",
     )
     parser.add_argument(
+        "--probe-on-loop",
+        dest="probe_thread",
+        action="store_false",
+        help="probe on the event loop that serves xDS; by default probes run on a thread and "
+        "loop of their own, so that a probe's round trip carries no lag of the xDS fan-out",
+    )
+    parser.add_argument(
         "--allow-probe-loopback",
         action="store_true",
         help="probe pods whose address is loopback (127.0.0.0/8, ::1, 0.0.0.0): pods on this "
@@ -222,6 +229,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             max_probe_rate=args.max_probe_rate,
             debug_views=args.debug_views,
             freeze_heap=args.freeze_heap,
+            probe_thread=args.probe_thread,
             xds_tls_cert=args.xds_tls_cert,
             xds_tls_key=args.xds_tls_key,
             xds_tls_client_ca=args.xds_tls_client_ca,

@@ -320,6 +320,12 @@ class Prober(Generic[K]):
 
         A target the address policy refuses is not probed (:attr:`refused` says why; logged
         once, when it is first refused)."""
+        self.apply_targets(self.screen_targets(targets))
+
+    def screen_targets(self, targets: Mapping[K, ProbeTarget]) -> Mapping[K, ProbeTarget]:
+        """``targets`` without those the address policy refuses, which become :attr:`refused`
+        (a refusal logged once, when it is first made). Touches no task: any thread may call
+        it (:class:`~aviator.probing.thread.ProberThread` does, on the control plane's)."""
         if self._closed:
             raise RuntimeError("prober is closed")
         refused: dict[K, str] = {}
@@ -333,6 +339,12 @@ class Prober(Generic[K]):
         self._refused = refused
         if refused:
             targets = {k: t for k, t in targets.items() if k not in refused}
+        return targets
+
+    def apply_targets(self, targets: Mapping[K, ProbeTarget]) -> None:
+        """Make ``targets`` (screened) the set probed; on the prober's own loop."""
+        if self._closed:
+            return
         for key in [k for k in self._slots if k not in targets]:
             self._stop_slot(self._slots.pop(key))
         for key, target in targets.items():

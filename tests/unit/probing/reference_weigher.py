@@ -197,10 +197,7 @@ def weigh(
     neutral = statistics.median(targets.values()) if targets else 1.0
     for a in addresses:
         targets.setdefault(a, neutral)
-    health = {
-        a: Health.DEGRADED if degrade and a in urgent else Health.HEALTHY
-        for a in addresses
-    }
+    health = {a: Health.DEGRADED if degrade and a in urgent else Health.HEALTHY for a in addresses}
     published_hot = frozenset() if all_hot else hot
 
     def build(weights: Mapping[EndpointAddress, int], settled: bool = True) -> WeighResult:
