@@ -52,6 +52,8 @@ from aviator.bench.xds_report import (
     evaluate_goals,
     goal_lines,
     markdown,
+    percentile,
+    spread,
     summarize_changes,
     text_table,
 )
@@ -80,6 +82,7 @@ class Settings:
     client_procs: int = 1
     per_channel: int = 1
     grid: bool = True  # False: only the Envoy runs
+    probe_timing: bool = False  # real probes from the server process (issue 13, item 6)
 
     def __post_init__(self) -> None:
         if not self.streams or min(self.streams) < 1:
@@ -165,6 +168,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-grid", action="store_true", help="skip the grid: only the runs with real Envoys"
     )
+    parser.add_argument(
+        "--probe-timing",
+        action="store_true",
+        help="probe a backend from the server process, on a thread of its own and on the "
+        "serving loop, and print the probes' round trips during each change (issue 13, item 6)",
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write figures")
     parser.add_argument(
         "--markdown", type=Path, default=None, metavar="FILE", help="write the figures as Markdown"
@@ -191,6 +200,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "client_procs": args.client_procs,
         "per_channel": args.per_channel,
         "grid": False if args.no_grid else None,
+        "probe_timing": True if args.probe_timing else None,
     }
     return replace(base, **{k: v for k, v in given.items() if v is not None})
 
@@ -343,7 +353,13 @@ async def _run(
     try:
         await server.start()
         setup = await server.call(
-            {"op": "setup", "workloads": shape.workloads, "per_workload": shape.per_workload}, 60
+            {
+                "op": "setup",
+                "workloads": shape.workloads,
+                "per_workload": shape.per_workload,
+                "probe_timing": settings.probe_timing,
+            },
+            60,
         )
         port = int(setup["port"])
         # Generous: 1,000 streams each fetching 1,000 CLAs take a while on 2 cores.
@@ -398,7 +414,7 @@ async def _run(
                     progress(
                         f"[xds]   change {seq} ({which}): held {held}, "
                         f"{record.responses} responses, {record.missed} streams missed it, "
-                        f"server loop lag max {lag:,.1f} ms"
+                        f"server loop lag max {lag:,.1f} ms{_probe_line(record)}"
                     )
                 verified += checks[0]
                 mismatches += checks[1]
@@ -424,6 +440,11 @@ async def _run(
             "per_workload": shape.per_workload,
             "envoys": list(spec.envoys),
             "sync_s": sync_s,
+            **(
+                {"probe_quiet_rtt_ms": _probe_quiet(setup["probe_quiet_s"])}
+                if "probe_quiet_s" in setup
+                else {}
+            ),
             "server": {
                 "rss_mb_before_streams": setup["rss_mb"],
                 "rss_mb": synced["rss_mb"],
@@ -463,6 +484,25 @@ def _record_json(r: ChangeRecord) -> dict[str, Any]:
         "envoy_ms": [None if e is None else e * 1000 for e in r.envoy_s],
         "loop_lag_ms_max": max(r.loop_lag_s, default=0.0) * 1000,
     }
+
+
+def _probe_quiet(samples: dict[str, list[float]]) -> dict[str, Any]:
+    """The probes' round trips at rest (--probe-timing), per prober kind, in ms."""
+    return {
+        k: {q: None if v is None else v * 1000 for q, v in spread(rtts).items()}
+        for k, rtts in samples.items()
+    }
+
+
+def _probe_line(record: ChangeRecord) -> str:
+    """``, probe RTT p99 thread 1.2 ms / loop 250.0 ms`` (--probe-timing), else empty."""
+    if not record.probe_s:
+        return ""
+    parts = []
+    for kind, rtts in sorted(record.probe_s.items()):
+        p99 = percentile(rtts, 0.99)
+        parts.append(f"{kind} " + ("-" if p99 is None else f"{p99 * 1000:,.1f} ms"))
+    return ", probe RTT p99 " + " / ".join(parts)
 
 
 async def _change(
@@ -526,6 +566,7 @@ async def _change(
             bytes=sum(int(h["bytes"]) for h in held),
             envoy_s=tuple(None if t is None else t - t_change for t in reached),
             loop_lag_s=tuple(float(x) for x in quiet.get("loop_lag_s", ())),
+            probe_s={k: tuple(map(float, v)) for k, v in quiet.get("probe_s", {}).items()},
         ),
         checks,
     )

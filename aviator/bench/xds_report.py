@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -50,6 +50,9 @@ class ChangeRecord:
     # How late the server's event loop ran a 1 ms timer while it served the change (every
     # sample, seconds): what a probe's round trip on that loop would include.
     loop_lag_s: tuple[float, ...] = ()
+    # --probe-timing: round trips of the probes started during the change, per prober kind
+    # ("thread": ProberThread, aviator run's default; "loop": on the serving loop).
+    probe_s: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
     @property
     def held_s(self) -> float | None:
@@ -89,6 +92,11 @@ def summarize_changes(records: Sequence[ChangeRecord]) -> dict[str, Any]:
         "bytes_per_change": _mean([r.bytes for r in records]),
         "loop_lag_ms": _ms(spread([x for r in records for x in r.loop_lag_s])),
     }
+    kinds = sorted({k for r in records for k in r.probe_s})
+    if kinds:
+        out["probe_rtt_ms"] = {
+            k: _ms(spread([x for r in records for x in r.probe_s.get(k, ())])) for k in kinds
+        }
     envoys = max((len(r.envoy_s) for r in records), default=0)
     if envoys:
         per_envoy = [

@@ -17,6 +17,15 @@ stdin (see :mod:`aviator.bench.xds_child`):
   server's budget of response bytes in flight.
 - ``{"op": "usage"}``: CPU seconds, resident and peak resident MB, open streams.
 
+With ``"probe_timing": true`` in ``setup`` (``aviator bench xds --probe-timing``; issue 13,
+item 6) the server also probes a backend in a process of its own, as ``aviator run`` probes
+pods: :data:`PROBE_TARGETS` targets every :data:`PROBE_INTERVAL_S` with the prober on its own
+thread (``ProberThread``, the default of ``aviator run``) and as many with the prober on the
+serving loop (``--probe-on-loop``), at ``aviator run``'s switch interval. ``setup`` then replies
+with each one's round trips at rest (``probe_quiet_s``), and ``quiet`` with the round trips of
+the probes started since the change (``probe_s``): a probe's inflation during the fan-out is
+the difference.
+
 With ``AVIATOR_BENCH_TRACEMALLOC=FILE`` in its environment the server traces its Python
 allocations (``tracemalloc``; several times slower) and appends the 25 largest live
 allocation sites, and the traced peak, to ``FILE`` at every ``usage`` command: where the memory
@@ -41,6 +50,9 @@ NAMESPACE = "bench"
 PORT = 8080
 IDENTIFIER = "aviator-bench"
 MAX_SEQ = 999  # weights of change k and k + 1000 coincide: a run stays below that
+PROBE_TARGETS = 4  # per prober (--probe-timing)
+PROBE_INTERVAL_S = 0.02
+PROBE_QUIET_S = 2.0  # round trips at rest, sampled after setup
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +173,84 @@ def _trace_report(path: str, label: str) -> None:
             f.write(f"{stat.size / 2**20:8.1f} MB {stat.count:9d} {stat.traceback}\n")
 
 
+# A backend that answers every GET at once, HTTP/1.1 keep-alive, in a process of its own (so
+# the server's loop and interpreter lock are not its own).
+_PROBE_BACKEND = """
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, *args):
+        pass
+server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+server.daemon_threads = True
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+class _ProbeTiming:
+    """Real probes to a real backend from this process, on their own thread and on the
+    serving loop (see the module doc); round trips kept with their start (loop time)."""
+
+    KINDS = ("thread", "loop")
+
+    def __init__(self) -> None:
+        self.samples: dict[str, list[tuple[float, float]]] = {k: [] for k in self.KINDS}
+        self._backend: asyncio.subprocess.Process | None = None
+        self._probers: list[Any] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        import sys
+
+        from aviator.controlplane import SWITCH_INTERVAL_S
+        from aviator.probing.prober import Prober
+        from aviator.probing.results import ProbeTarget
+        from aviator.probing.thread import ProberThread
+
+        sys.setswitchinterval(SWITCH_INTERVAL_S)  # as aviator run sets it
+        self._backend = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _PROBE_BACKEND, stdout=asyncio.subprocess.PIPE
+        )
+        assert self._backend.stdout is not None
+        port = int((await self._backend.stdout.readline()).decode())
+        targets = {
+            i: ProbeTarget("127.0.0.1", port, interval_s=PROBE_INTERVAL_S, timeout_s=5.0)
+            for i in range(PROBE_TARGETS)
+        }
+        for kind in self.KINDS:
+
+            def sink(key: int, result: Any, kind: str = kind) -> None:
+                if result.ok:
+                    self.samples[kind].append((result.started_at, result.rtt_s))
+
+            prober: Any = (
+                ProberThread(sink, lambda s: Prober(s)) if kind == "thread" else Prober(sink)
+            )
+            prober.set_targets(targets)
+            self._probers.append(prober)
+            self._tasks.append(asyncio.create_task(prober.run()))
+
+    def since(self, at: float) -> dict[str, list[float]]:
+        """Round trips of the probes started at or after loop time ``at``, per kind."""
+        return {k: [rtt for t, rtt in v if t >= at] for k, v in self.samples.items()}
+
+    async def stop(self) -> None:
+        for prober in self._probers:
+            await prober.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._backend is not None:
+            self._backend.kill()
+            await self._backend.wait()
+
+
 async def _serve() -> None:
     import os
 
@@ -184,6 +274,9 @@ async def _serve() -> None:
     builder = SnapshotBuilder()  # as the control plane builds them
     server: AdsServer | None = None
     fleet: Fleet | None = None
+    probes: _ProbeTiming | None = None
+    loop = asyncio.get_running_loop()
+    changed_at = loop.time()
     try:
         async for command in link.commands():
             op = command["op"]
@@ -192,11 +285,19 @@ async def _serve() -> None:
                 cache.publish(builder.build(fleet.workloads()))
                 server = AdsServer(cache, identifier=IDENTIFIER)
                 port = await server.start("127.0.0.1:0")
-                link.send({"port": port, **proc_usage()})
+                extra: dict[str, Any] = {}
+                if command.get("probe_timing"):
+                    probes = _ProbeTiming()
+                    await probes.start()
+                    at = loop.time()
+                    await asyncio.sleep(PROBE_QUIET_S)
+                    extra["probe_quiet_s"] = probes.since(at)
+                link.send({"port": port, **proc_usage(), **extra})
             elif op == "change":
                 t_change, cpu = time.time(), time.process_time()
                 lag.take()
                 lag.on = True
+                changed_at = loop.time()
                 assert fleet is not None, "setup first"
                 fleet.change(int(command["seq"]), str(command["which"]))
                 t0 = time.perf_counter()
@@ -218,8 +319,26 @@ async def _serve() -> None:
                 assert server is not None, "setup first"
                 quiet = await _wait_quiet(server, float(command.get("timeout", 10.0)))
                 lag.on = False
+                extra = {}
+                if probes is not None:
+                    quiet_at = loop.time()
+                    # Results made on the probe thread reach this loop in batches: let the
+                    # last ones in, then keep the probes started between change and quiet.
+                    await asyncio.sleep(5 * PROBE_INTERVAL_S)
+                    extra["probe_s"] = {
+                        k: [rtt for t, rtt in v if changed_at <= t <= quiet_at]
+                        for k, v in probes.samples.items()
+                    }
+                    for samples in probes.samples.values():
+                        samples.clear()  # the bench's memory figures must not grow with them
                 link.send(
-                    {"quiet": quiet, "loop_lag_s": lag.take(), **proc_usage(), **_budget(server)}
+                    {
+                        "quiet": quiet,
+                        "loop_lag_s": lag.take(),
+                        **proc_usage(),
+                        **_budget(server),
+                        **extra,
+                    }
                 )
             elif op == "usage":
                 streams = len(server.servicer.streams()) if server is not None else 0
@@ -230,6 +349,8 @@ async def _serve() -> None:
                 link.send({"error": f"unknown command {op!r}"})
     finally:
         lag_task.cancel()
+        if probes is not None:
+            await probes.stop()
         if server is not None:
             await server.stop(0)
 
