@@ -40,6 +40,7 @@ alone (``aviator run`` adds its publish debounce, ``publish_quiet`` .. ``publish
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -238,9 +239,9 @@ class _ProbeTiming:
             self._probers.append(prober)
             self._tasks.append(asyncio.create_task(prober.run()))
 
-    def since(self, at: float) -> dict[str, list[float]]:
-        """Round trips of the probes started at or after loop time ``at``, per kind."""
-        return {k: [rtt for t, rtt in v if t >= at] for k, v in self.samples.items()}
+    def between(self, start: float, end: float = math.inf) -> dict[str, list[float]]:
+        """Round trips of the probes started from loop time ``start`` to ``end``, per kind."""
+        return {k: [rtt for t, rtt in v if start <= t <= end] for k, v in self.samples.items()}
 
     async def stop(self) -> None:
         for prober in self._probers:
@@ -291,7 +292,7 @@ async def _serve() -> None:
                     await probes.start()
                     at = loop.time()
                     await asyncio.sleep(PROBE_QUIET_S)
-                    extra["probe_quiet_s"] = probes.since(at)
+                    extra["probe_quiet_s"] = probes.between(at)
                 link.send({"port": port, **proc_usage(), **extra})
             elif op == "change":
                 t_change, cpu = time.time(), time.process_time()
@@ -325,10 +326,7 @@ async def _serve() -> None:
                     # Results made on the probe thread reach this loop in batches: let the
                     # last ones in, then keep the probes started between change and quiet.
                     await asyncio.sleep(5 * PROBE_INTERVAL_S)
-                    extra["probe_s"] = {
-                        k: [rtt for t, rtt in v if changed_at <= t <= quiet_at]
-                        for k, v in probes.samples.items()
-                    }
+                    extra["probe_s"] = probes.between(changed_at, quiet_at)
                     for samples in probes.samples.values():
                         samples.clear()  # the bench's memory figures must not grow with them
                 link.send(

@@ -302,6 +302,10 @@ class Prober(Generic[K]):
         """The targets of the last :meth:`set_targets` that are not probed, and why."""
         return MappingProxyType(self._refused)
 
+    def log_fields(self, key: K) -> Mapping[str, object]:
+        """The keys a log line about target ``key`` carries (``log_fields`` of the constructor)."""
+        return self._log_fields(key)
+
     @property
     def in_flight(self) -> int:
         """Probes holding a slot right now (at most ``max_in_flight``)."""

@@ -184,7 +184,7 @@ class ProberThread(Generic[K]):
             try:
                 self._sink(key, result)
             except Exception:  # as the prober does with its own sink: log, go on probing
-                log.exception("probe sink failed", key=str(key))
+                log.exception("probe sink failed", **self._prober.log_fields(key))
 
 
 def _spawn_close(prober: Prober[K]) -> None:
