@@ -12,6 +12,13 @@ backend served it. Load reporting (ORCA header, probe path) comes from middlewar
 (the probing agent): they wrap the handler, so the RIF they count runs from receipt to response
 and includes the requests queued at the gate.
 
+Without the agent, a backend may have a health path (``health_path``), as most apps do: a
+request to it queues at the gate like any other and is answered as soon as it gets a slot,
+with no service time. Its round trip is the queueing delay, the only signal a prober has from
+such an app, and it costs the backend no capacity. (Served as a full request, each probe took
+a slot for a whole service time: ~10 points of extra load at a one-second ping interval on a
+few slots, which only the runs that probe paid.)
+
 Many of them run in one process (:mod:`aviator.testbed.fleetserver`), which
 :mod:`aviator.testbed.fleet` starts and stops.
 """
@@ -77,6 +84,7 @@ class BackendStats:
     hidden_started: int
     hidden_served: int
     hidden_dropped: int
+    health_checks: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -92,6 +100,7 @@ class BackendStats:
             "hidden_started": self.hidden_started,
             "hidden_served": self.hidden_served,
             "hidden_dropped": self.hidden_dropped,
+            "health_checks": self.health_checks,
         }
 
 
@@ -145,6 +154,8 @@ class Backend:
     ``looptime`` fakes in tests). :meth:`serve_one` is the whole request logic without HTTP.
     ``on_phase`` is called with each phase as it is applied (e.g. to tell the load tracker the
     new capacity). :func:`agent_backend` builds one with the probing agent plugged in.
+    ``health_path`` (without the agent) is answered after queueing for a slot, with no service
+    time (see the module's docstring); it is not counted in ``received``/``served``.
     """
 
     def __init__(
@@ -155,8 +166,10 @@ class Backend:
         job_tracker: JobTracker | None = None,
         on_phase: Callable[[Phase], None] | None = None,
         clock: Callable[[], float] | None = None,
+        health_path: str | None = None,
     ) -> None:
         self.spec = spec
+        self._health_path = health_path
         self._middlewares = tuple(middlewares)
         self._job_tracker = job_tracker
         self._on_phase = on_phase
@@ -183,6 +196,7 @@ class Backend:
         self._hidden_started = 0
         self._hidden_served = 0
         self._hidden_dropped = 0
+        self._health_checks = 0
 
     # -- state --------------------------------------------------------------------------
 
@@ -219,6 +233,7 @@ class Backend:
             hidden_started=self._hidden_started,
             hidden_served=self._hidden_served,
             hidden_dropped=self._hidden_dropped,
+            health_checks=self._health_checks,
         )
 
     def _now(self) -> float:
@@ -254,10 +269,23 @@ class Backend:
         self._served += 1
         return True
 
+    async def check_health(self) -> None:
+        """Answer a health check: queue for a slot like a request, hold it for no time."""
+        await self._gate.acquire()
+        self._gate.release()
+        self._health_checks += 1
+
     async def _handle(self, request: web.Request) -> web.Response:
         task = asyncio.current_task()
         assert task is not None
         self._requests.add(task)
+        headers = {BACKEND_HEADER: self.name}
+        if request.path == self._health_path:
+            try:
+                await self.check_health()
+            finally:
+                self._requests.discard(task)
+            return web.Response(text="ok\n", headers=headers)
         self._received += 1
         self._in_app += 1
         try:
@@ -265,7 +293,6 @@ class Backend:
         finally:
             self._in_app -= 1
             self._requests.discard(task)
-        headers = {BACKEND_HEADER: self.name}
         if not ok:
             return web.Response(status=503, text="fast-fail\n", headers=headers)
         return web.Response(text=f"{self.name}\n", headers=headers)

@@ -128,17 +128,21 @@ async def serve_fleet(
 
     ``ready`` gets ``{"control": URL, "backends": {name: URL}}`` once all listen. Whatever
     happens, every backend that started is stopped before this returns. ``backend_factory``
-    defaults to :func:`agent_backend` (``spec.agent``) or a plain :class:`Backend`.
+    defaults to :func:`agent_backend` (``spec.agent``) or a plain :class:`Backend` whose
+    health path is the probe path.
     """
+    probe_path = spec.probe_path
     if backend_factory is not None:
         factory = backend_factory
     elif spec.agent:
-        probe_path = spec.probe_path
 
         def factory(b: BackendSpec) -> Backend:
             return agent_backend(b, probe_path=probe_path)
     else:
-        factory = Backend
+
+        def factory(b: BackendSpec) -> Backend:
+            return Backend(b, health_path=probe_path)
+
     loop = asyncio.get_running_loop()
     t0 = None if spec.t0_wall is None else loop.time() - (time.time() - spec.t0_wall)
     backends: dict[str, Backend] = {}

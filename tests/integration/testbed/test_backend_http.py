@@ -49,6 +49,42 @@ async def test_capacity_two_with_six_concurrent_http_requests(
 
 
 @pytest.mark.looptime
+async def test_a_health_check_queues_for_a_slot_and_holds_it_for_no_time(
+    session: aiohttp.ClientSession,
+) -> None:
+    backend = Backend(
+        BackendSpec("health", Profile.constant(2.0, 1), distribution=Distribution.CONSTANT),
+        health_path="/healthz",
+    )
+    await backend.start()
+    loop = asyncio.get_running_loop()
+    try:
+        # At rest the check is answered at once.
+        t0 = loop.time()
+        assert await _get(session, backend.url + "/healthz") == (200, "health", "ok\n")
+        assert loop.time() - t0 < 0.1
+        # Sent at 1 s behind a request holding the only slot until 2 s and one queued to hold it
+        # until 4 s, the check waits its turn (3 s: the queueing delay is its round trip)...
+        first = asyncio.create_task(_get(session, backend.url + "/a"))
+        await asyncio.sleep(0.5)
+        second = asyncio.create_task(_get(session, backend.url + "/b"))
+        await asyncio.sleep(0.5)
+        t0 = loop.time()
+        check = await _get(session, backend.url + "/healthz")
+        assert check[0] == 200
+        assert loop.time() - t0 == pytest.approx(3.0, abs=0.1)
+        # ...and a request after it is not delayed by it: no service time was spent on it.
+        t1 = loop.time()
+        assert (await _get(session, backend.url + "/c"))[0] == 200
+        assert loop.time() - t1 == pytest.approx(2.0, abs=0.1)
+        await asyncio.gather(first, second)
+        stats = backend.stats()
+        assert (stats.received, stats.served, stats.health_checks) == (3, 3, 2)
+    finally:
+        await backend.stop()
+
+
+@pytest.mark.looptime
 async def test_error_phase_returns_503_with_the_backend_header(
     session: aiohttp.ClientSession,
 ) -> None:
