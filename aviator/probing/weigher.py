@@ -16,10 +16,15 @@ The rule (Prequal's hot-cold lexicographic selection, NSDI 2024 §4, turned into
    without one): differences far below the threshold (0.5 ms against 1.5 ms on an idle
    fleet) are noise, not a reason to triple a weight. Hot ones get the floor (and DEGRADED
    health if ``degrade_hot``).
-3. At most ``max(1, ceil((1 - hot_quantile) · n))`` endpoints may be hot. If more qualify, or
-   every endpoint with data is hot, the fleet is overloaded as a whole: all stay HEALTHY (the
-   weigher never takes a policy's last endpoints away), no floors, and weights are the latency
-   weight times (lowest RIF + 1)/(RIF + 1): Prequal's "all hot → lowest RIF", smoothly.
+3. At most ``max(1, ceil((1 - hot_quantile) · n))`` endpoints may be hot (the cap). If more
+   enter (cross the thresholds themselves), or every endpoint with data is hot, the fleet is
+   overloaded as a whole: all stay HEALTHY (the weigher never takes a policy's last endpoints
+   away), no floors, and weights are the latency weight times (lowest RIF + 1)/(RIF + 1):
+   Prequal's "all hot → lowest RIF", smoothly. Endpoints held hot only by the hysteresis fill
+   what the cap leaves, the highest RIF first (then the highest latency): they never make an
+   overload. (They did: a moving antagonist's last victim, draining its queue and held hot,
+   plus its new victim made two hot of four, over the cap, and nothing was floored until the
+   old one left, 0.6-1.8 s after each move in the latency benchmark.)
 4. Do no harm (issue 13): where the data cannot tell the endpoints apart, Envoy's least
    request (the inner loop) does the balancing. The *confidence* of the signal is 1 when most
    endpoints with data report their load (RIF: the agent's fresh signal), and 0 without it:
@@ -363,15 +368,22 @@ class WorkloadWeigher:
         if threshold is not None:
             above = list(map(gt, latency, repeat(threshold * 1.0)))
             flags = above if flags is None else list(map(or_, flags, above))
-        if flags is not None:
+        entering = flags.count(True) if flags is not None else 0
+        if flags is not None and entering < cap:
+            held = []
             for i in was_hot:
-                if has[i]:
+                if has[i] and not flags[i]:
                     by_rif = known and self._rif_or_low[i] > rif_held
                     by_lat = threshold is not None and latency[i] > threshold * keep
-                    flags[i] = bool(by_rif or by_lat)
+                    if by_rif or by_lat:
+                        held.append(i)
+            rif_or_low = self._rif_or_low
+            held.sort(key=lambda i: (-rif_or_low[i], -latency[i], i))
+            for i in held[: cap - entering]:
+                flags[i] = True
         hot = list(compress(everyone, flags)) if flags is not None else []
         hot_set = set(hot)
-        overloaded = len(hot) > cap
+        overloaded = entering > cap
 
         # Rule 2 (and 3 when all are hot): relative targets in [floor, 1]; ``order`` is the
         # order the rule sums them in (cold, then hot, then those without data).

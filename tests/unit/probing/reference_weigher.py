@@ -39,17 +39,30 @@ def _classify_hot(
     """
     rifs = sorted(s.rif for s in data.values() if s.rif is not None)
     enter_rif = max(_quantile(rifs, knobs.hot_quantile), knobs.min_hot_rif) if rifs else math.inf
-    hot = set()
-    for address, s in data.items():
-        # Hysteresis: an endpoint that was hot leaves only once clearly below the thresholds.
-        keep = 1.0 - knobs.hysteresis if address in was_hot else 1.0
+
+    def qualifies(s: EndpointStats, keep: float) -> bool:
         # min_hot_rif holds with the hysteresis too: at or below it an endpoint is never hot by
         # RIF (else a recovered endpoint at the fleet's RIF of 1 stayed hot, and floored, for good).
         by_rif = s.rif is not None and s.rif > max(enter_rif * keep, knobs.min_hot_rif)
         by_latency = latency_threshold_s is not None and s.latency_s > latency_threshold_s * keep
-        if by_rif or by_latency:
-            hot.add(address)
-    return frozenset(hot), len(hot) > _hot_cap(knobs, len(data))
+        return by_rif or by_latency
+
+    entering = {a for a, s in data.items() if qualifies(s, 1.0)}
+    cap = _hot_cap(knobs, len(data))
+    # Hysteresis: an endpoint that was hot leaves only once clearly below the thresholds, while
+    # the cap has room for it (the hottest first); held ones never make an overload.
+    held = [
+        a
+        for a, s in data.items()
+        if a in was_hot and a not in entering and qualifies(s, 1.0 - knobs.hysteresis)
+    ]
+
+    def heat(a: EndpointAddress) -> tuple[float, float, EndpointAddress]:
+        rif = data[a].rif
+        return (-(rif if rif is not None else -math.inf), -data[a].latency_s, a)
+
+    hot = entering | set(sorted(held, key=heat)[: max(0, cap - len(entering))])
+    return frozenset(hot), len(entering) > cap
 
 
 def _hot_cap(knobs: WeigherKnobs, n: int) -> int:

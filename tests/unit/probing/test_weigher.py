@@ -245,6 +245,31 @@ def test_hysteresis_keeps_a_hot_endpoint_hot_just_below_the_threshold() -> None:
     assert _weights(cooled, 2) == [1000, 178]
 
 
+def test_an_endpoint_held_hot_gives_way_to_a_hotter_one_within_the_cap() -> None:
+    # A moving antagonist: b3 was hot and drains its queue (RIF 3, held by the hysteresis),
+    # b2 is its new victim (RIF 6, above the 0.84 quantile 4.56 by itself). Four endpoints
+    # allow one hot: b2 takes the place, b3 leaves; they do not add up to an overload, which
+    # floored nothing until b3 had cooled.
+    knobs = WeigherKnobs(hysteresis=0.5)
+    before = _weigh([(20, 1), (20, 1), (20, 1), (20, 6)], knobs=knobs)
+    assert before.hot == {addr(3)}
+    moved = _weigh([(20, 1), (20, 1), (20, 6), (20, 3)], previous=before, knobs=knobs)
+    assert moved.hot == {addr(2)}
+    assert moved.endpoints[addr(2)].weight == min(_weights(moved, 4))
+    assert moved.endpoints[addr(2)].weight < moved.endpoints[addr(3)].weight
+    # With room in the cap (eight endpoints allow two) one held stays hot beside it: b7, slow
+    # before (80 ms against 50), at 47 ms now, within the 10% hysteresis.
+    before8 = _weigh([(20, 1)] * 7 + [(80, 1)], latency_threshold_s=0.05)
+    assert before8.hot == {addr(7)}
+    moved8 = _weigh(
+        [(20, 1)] * 5 + [(20, 6), (20, 1), (47, 1)], previous=before8, latency_threshold_s=0.05
+    )
+    assert moved8.hot == {addr(5), addr(7)}
+    # Two entering by themselves over a cap of one is still an overload: nothing floored.
+    over = _weigh([(20, 1), (20, 1), (80, 6), (80, 6)], latency_threshold_s=0.05, knobs=knobs)
+    assert over.hot == frozenset()
+
+
 def test_membership_change_is_always_pushed() -> None:
     first = _weigh([(10, 2), (10, 2)])
     grown = _weigh([(10, 2), (10, 2), None], previous=first)
