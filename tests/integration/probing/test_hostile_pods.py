@@ -37,7 +37,7 @@ import structlog
 from aiohttp import web
 from aviator_agent import setup_aiohttp
 
-from aviator.model import MAX_WEIGHT, EndpointAddress, WeigherKnobs
+from aviator.model import MAX_WEIGHT, EndpointAddress, Health, WeigherKnobs
 from aviator.probing.estimator import Estimator
 from aviator.probing.prober import MAX_DETAIL, Prober, bounded_detail
 from aviator.probing.results import ProbeOutcome, ProbeResult, ProbeTarget
@@ -300,8 +300,10 @@ async def test_a_hostile_pod_is_bounded_floored_and_reported_the_others_unaffect
     weights = {a.ip: e.weight for a, e in result.endpoints.items()}
     floor = math.ceil(MAX_WEIGHT / knobs.max_weight_ratio)
     assert weights[HOSTILE] == floor, weights
-    # The healthy pods keep ordinary weights (loopback latency noise moves them a little).
-    assert all(weights[ip] >= 8 * floor for ip in HEALTHY), weights
+    # The healthy pods are not floored. How far above the floor depends on loopback latency,
+    # which a loaded machine moves (a CI run had one healthy pod at 86 of 1000): not asserted.
+    assert all(weights[ip] > floor for ip in HEALTHY), weights
+    assert all(e.health is Health.HEALTHY for a, e in result.endpoints.items() if a.ip != HOSTILE)
     assert result.hot == {EndpointAddress(HOSTILE, targets[HOSTILE].port)}
 
 
