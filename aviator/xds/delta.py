@@ -100,9 +100,8 @@ class DeltaStream(
             wildcard = False
         subscribe.discard(WILDCARD)
         unsubscribe.discard(WILDCARD)
-        before = set(st.names)
+        before = st.names
         for name in unsubscribe:
-            st.names.discard(name)
             st.force_names.discard(name)
             st.reported_absent.discard(name)
             if not wildcard:
@@ -123,7 +122,7 @@ class DeltaStream(
                 if name in st.held:
                     st.force_names.add(name)
                 st.reported_absent.discard(name)
-        st.names |= subscribe
+        st.names = (before - unsubscribe) | subscribe
         self._watch_diff(type_url, st, before, st.names)
         if wildcard and not st.wildcard:
             self._set_wildcard(type_url, st, True)

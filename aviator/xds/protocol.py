@@ -182,7 +182,8 @@ class TypeState:
     requested: bool = False
     wildcard: bool = False
     legacy_wildcard: bool = False
-    names: set[str] = field(default_factory=set)
+    # SotW: shared by the streams listing the same names (never changed in place).
+    names: Set[str] = field(default_factory=frozenset)
     held: dict[str, _Holding] = field(default_factory=dict)  # what the proxy has ACKed
     outstanding: Sent | None = None
     last_nonce: str = ""
@@ -202,7 +203,7 @@ class TypeState:
     # whether the next evaluation must look at every name instead (see ``_take_changes``).
     changed: list[frozenset[str]] = field(default_factory=list)
     recheck: bool = True
-    request_names: list[str] | None = None  # SotW: the name list of the last request
+    request_names: tuple[str, ...] | None = None  # SotW: the name list of the last request
     # Names whose latest response was NACKed: name -> (the version rejected, Envoy's message).
     # Cleared by an ACK of a response carrying the name, a new version of it sent, or its
     # removal (see ``ProtocolStream.rejection``).
@@ -213,7 +214,7 @@ class TypeState:
             return True
         return self.wildcard and (self.only is None or name in self.only)
 
-    def scope(self) -> set[str] | frozenset[str] | None:
+    def scope(self) -> Set[str] | None:
         """The names this subscription covers; None for everything of the type."""
         if not self.wildcard:
             return self.names
@@ -431,6 +432,7 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
         self._closed = True
         for type_url, st in self._types.items():
             self._cache.unwatch(self, type_url, st.names | (st.only or frozenset()))
+            self._cache.unwatch_set(self, type_url, st.names)
             self._cache.unwatch_all(self, type_url)
 
     def status(self) -> ProxyStatus:
@@ -655,7 +657,11 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
             while len(st.rejected) > self._limits.max_names:
                 del st.rejected[next(iter(st.rejected))]
 
-    def _watch_diff(self, type_url: str, st: TypeState, before: set[str], after: set[str]) -> None:
+    def _watched_by_name(self, st: TypeState) -> Set[str]:
+        """The subscribed names this stream watches one by one (:meth:`_watch_diff`)."""
+        return st.names
+
+    def _watch_diff(self, type_url: str, st: TypeState, before: Set[str], after: Set[str]) -> None:
         self._cache.watch(self, type_url, after - before)
         kept = st.only if st.wildcard and st.only is not None else frozenset()
         self._cache.unwatch(self, type_url, before - after - kept)
@@ -671,7 +677,7 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
             if wildcard:
                 self._cache.watch(self, type_url, st.only)
             else:
-                self._cache.unwatch(self, type_url, st.only - st.names)
+                self._cache.unwatch(self, type_url, st.only - self._watched_by_name(st))
         elif wildcard:
             self._cache.watch_all(self, type_url)
         else:

@@ -146,3 +146,28 @@ def test_removed_type_is_a_change() -> None:
     changes = cache.publish(build_snapshot([workload("a", 1)]))
     assert set(changes.changed) == {r.LISTENER_TYPE, r.ROUTE_TYPE}
     assert not cache.resources(r.LISTENER_TYPE)
+
+
+def test_a_watched_set_is_one_entry_for_every_watcher_of_equal_names() -> None:
+    cache = Cache()
+    cache.publish(build_snapshot([workload("a", 1), workload("b", 1), workload("c", 1)]))
+    first, second, other = Recorder(), Recorder(), Recorder()
+    names = frozenset({"default/a", "default/b"})
+    cache.watch_set(first, r.ENDPOINT_TYPE, names)
+    cache.watch_set(second, r.ENDPOINT_TYPE, frozenset(names))  # equal, not the same object
+    cache.watch_set(other, r.ENDPOINT_TYPE, frozenset({"default/c"}))
+    assert len(cache._by_set[r.ENDPOINT_TYPE]) == 2
+    assert cache.watcher_count(r.ENDPOINT_TYPE, "default/a") == 2
+    cache.publish(build_snapshot([workload("a", 2), workload("b", 1), workload("c", 1)]))
+    assert (first.calls, second.calls, other.calls) == ([r.ENDPOINT_TYPE], [r.ENDPOINT_TYPE], [])
+    cache.unwatch_set(first, r.ENDPOINT_TYPE, names)
+    cache.publish(build_snapshot([workload("a", 2), workload("b", 2), workload("c", 2)]))
+    assert (first.calls, second.calls, other.calls) == (
+        [r.ENDPOINT_TYPE],
+        [r.ENDPOINT_TYPE] * 2,
+        [r.ENDPOINT_TYPE],
+    )
+    cache.unwatch_set(second, r.ENDPOINT_TYPE, names)
+    cache.forget(other)
+    assert cache._by_set[r.ENDPOINT_TYPE] == {}
+    assert cache.watcher_count(r.ENDPOINT_TYPE, "default/c") == 0

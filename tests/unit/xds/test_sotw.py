@@ -283,6 +283,33 @@ def test_unsubscribed_names_stop_updates() -> None:
     assert cache.watcher_count(r.ENDPOINT_TYPE, "default/a") == 0
 
 
+def test_streams_listing_the_same_names_share_one_subscription_and_one_watch() -> None:
+    cache = _cache(workload("a", 1), workload("b", 1), workload("c", 1))
+    proxies = [SotwProxy(cache, f"p{i}") for i in range(3)]
+    for proxy in proxies:
+        proxy.ack(proxy.request(r.ENDPOINT_TYPE, ["default/a", "default/b"])[0])
+    held = [p.stream._types[r.ENDPOINT_TYPE].names for p in proxies]
+    assert held[0] == {"default/a", "default/b"}
+    assert held[0] is held[1] is held[2]
+    assert len(cache._by_set[r.ENDPOINT_TYPE]) == 1
+    cache.publish(build_snapshot([workload("a", 2), workload("b", 1), workload("c", 1)]))
+    for proxy in proxies:
+        (resp,) = proxy.flush()
+        assert proxy.names(resp) == ["default/a"]
+        proxy.ack(resp)
+    # One proxy moves to other names: only it is woken by them, and no longer by the others.
+    (resp,) = proxies[0].request(r.ENDPOINT_TYPE, ["default/c"])
+    assert proxies[0].names(resp) == ["default/c"]
+    proxies[0].ack(resp)
+    cache.publish(build_snapshot([workload("a", 3), workload("b", 1), workload("c", 1)]))
+    assert proxies[0].flush() == []
+    assert [p.names(p.flush()[0]) for p in proxies[1:]] == [["default/a"]] * 2
+    for proxy in proxies:
+        proxy.stream.close()
+    assert cache._by_set[r.ENDPOINT_TYPE] == {}
+    assert cache.watcher_count(r.ENDPOINT_TYPE, "default/a") == 0
+
+
 # -- warming ---------------------------------------------------------------------------------
 
 
