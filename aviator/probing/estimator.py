@@ -10,7 +10,8 @@ issue 9): staleness is ``max(stale_after_s, stale_after_intervals * interval)`` 
 intervals when that is longer), so a policy probing every minute never sees its endpoints go
 stale between two probes; the latency and error half-lives scale with the interval above
 ``reference_interval_s`` (1 s), so the averages span the same number of probes at any
-interval. The RIF half-life does not scale: load information is only worth its freshest value.
+interval. The RIF and reported-latency half-lives do not scale: load information is only worth
+its freshest value, and the server's latency report is already its own aggregate.
 
 Invariants:
 - No clock reads: every method that needs the time takes ``now``.
@@ -60,10 +61,16 @@ class EstimatorConfig:
     ``reference_interval_s`` or faster; :meth:`for_interval` gives an endpoint's own.
     """
 
-    #: Half-life of the probe-latency and reported-latency averages.
+    #: Half-life of the probe-latency average.
     latency_half_life_s: float = 2.0
     #: Half-life of the RIF average: short, because stale load information hurts (Prequal §5).
     rif_half_life_s: float = 0.5
+    #: Half-life of the reported-latency average: short too, because the server's report is
+    #: already an aggregate (the agent's median of its last 5 s of requests at the current
+    #: RIF). With the probe latency's 2 s on top, a backend that had drained the queue of an
+    #: antagonist's slowdown stayed above latencyThreshold for seconds, and its new victim
+    #: crossed it late (latency benchmark, antagonist at 90%: floored 1.2 s after each move).
+    reported_latency_half_life_s: float = 0.5
     #: Half-life of the error-rate average.
     error_half_life_s: float = 10.0
     #: An endpoint with no sample for this long has no statistics (``None``); a sample this old
@@ -91,6 +98,7 @@ class EstimatorConfig:
         for name in (
             "latency_half_life_s",
             "rif_half_life_s",
+            "reported_latency_half_life_s",
             "error_half_life_s",
             "stale_after_s",
             "stale_after_intervals",
@@ -113,7 +121,8 @@ class EstimatorConfig:
         """The settings of an endpoint probed every ``interval_s`` (``None``: this config).
 
         Staleness ``max(stale_after_s, stale_after_intervals * interval)``; latency and error
-        half-lives * ``max(1, interval / reference_interval_s)``; RIF half-life unchanged.
+        half-lives * ``max(1, interval / reference_interval_s)``; RIF and reported-latency
+        half-lives unchanged.
         Idempotent: ``c.for_interval(i).for_interval(i) == c.for_interval(i)``.
         """
         if interval_s is None:
@@ -261,7 +270,7 @@ def update_estimate(
                 estimate.reported_latency_s,
                 sample,
                 at - estimate.reported_latency_at,
-                config.latency_half_life_s,
+                config.reported_latency_half_life_s,
             )
         )
         rep_latency = _clamp(rep_latency, config.min_latency_s, config.max_latency_s)

@@ -142,6 +142,24 @@ def test_reported_rif_and_latency_are_used() -> None:
     assert s.rif == pytest.approx(6.0)
 
 
+def test_the_reported_latency_follows_the_server_within_its_own_half_life() -> None:
+    # The server's report is already its own aggregate: averaged at the RIF's pace, not at
+    # the probe latency's (2 s), or a backend that drained its queue looks slow for seconds.
+    est: Estimator[str] = Estimator(EstimatorConfig())
+    est.observe("a", ok(1.0, 0.001, rif=1, latency_ms=400), now=1.0)
+    est.observe("a", ok(1.5, 0.001, rif=1, latency_ms=20), now=1.5)  # one half-life later
+    s = est.stats("a", 1.5)
+    assert s is not None
+    assert s.reported_latency_s == pytest.approx(0.210)
+    assert s.latency_s == pytest.approx(0.210)
+    for i in range(1, 5):  # a second more of fast reports: 1/8 of the way left
+        est.observe("a", ok(1.5 + 0.25 * i, 0.001, rif=1, latency_ms=20), now=1.5 + 0.25 * i)
+    s = est.stats("a", 2.5)
+    assert s is not None
+    assert s.reported_latency_s == pytest.approx(0.020 + 0.190 / 4)
+    assert EstimatorConfig().for_interval(60.0).reported_latency_half_life_s == 0.5
+
+
 def test_a_failure_keeps_the_last_report_and_an_answer_without_one_forgets_it() -> None:
     est: Estimator[str] = Estimator(CONFIG)
     est.observe("a", ok(1.0, 0.001, rif=4, latency_ms=50), now=1.0)
