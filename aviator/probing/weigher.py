@@ -9,7 +9,12 @@ The rule (Prequal's hot-cold lexicographic selection, NSDI 2024 §4, turned into
 1. An endpoint with data is *hot* when its RIF is above the ``hot_quantile`` quantile of the
    policy's RIFs (and above ``min_hot_rif``), or its latency is above the policy's
    ``latencyThreshold``. A hot endpoint of the previous result stays hot until both fall
-   ``hysteresis`` below those thresholds.
+   ``hysteresis`` below those thresholds. When more endpoints are above ``latencyThreshold``
+   than the hot cap (rule 3) allows and RIFs are reported, the threshold tells none apart:
+   it sits below the fleet's latency under this load (at 90% load the queues put every
+   endpoint above 100 ms), and RIF alone decides, as in Prequal's hot-cold rule. (It made an
+   overload instead, which floored nothing: an antagonist's victim, its RIF climbing from 8
+   to 34 while the others stayed at 7-10, kept a third of their weight for 3.5 s.)
 2. If some endpoint with data is cold: cold weights fall smoothly with latency,
    ∝ (latency + τ)^-latency_exponent relative to the fastest cold one, never below the floor
    1/max_weight_ratio. τ, the latency tolerance, is a tenth of ``latencyThreshold`` (0
@@ -20,11 +25,14 @@ The rule (Prequal's hot-cold lexicographic selection, NSDI 2024 §4, turned into
    enter (cross the thresholds themselves), or every endpoint with data is hot, the fleet is
    overloaded as a whole: all stay HEALTHY (the weigher never takes a policy's last endpoints
    away), no floors, and weights are the latency weight times (lowest RIF + 1)/(RIF + 1):
-   Prequal's "all hot → lowest RIF", smoothly. Endpoints held hot only by the hysteresis fill
-   what the cap leaves, the highest RIF first (then the highest latency): they never make an
-   overload. (They did: a moving antagonist's last victim, draining its queue and held hot,
-   plus its new victim made two hot of four, over the cap, and nothing was floored until the
-   old one left, 0.6-1.8 s after each move in the latency benchmark.)
+   Prequal's "all hot → lowest RIF", smoothly. (With RIFs reported this no longer happens:
+   no more endpoints can be above the RIF quantile than the cap, and the latency threshold
+   stands aside above the cap, rule 1. Without them, rule 4 gives equal weights.) Endpoints
+   held hot only by the hysteresis fill what the cap leaves, the highest RIF first (then the
+   highest latency): they never make an overload. (They did: a moving antagonist's last
+   victim, draining its queue and held hot, plus its new victim made two hot of four, over
+   the cap, and nothing was floored until the old one left, 0.6-1.8 s after each move in the
+   latency benchmark.)
 4. Do no harm (issue 13): where the data cannot tell the endpoints apart, Envoy's least
    request (the inner loop) does the balancing. The *confidence* of the signal is 1 when most
    endpoints with data report their load (RIF: the agent's fresh signal), and 0 without it:
@@ -365,16 +373,20 @@ class WorkloadWeigher:
         flags: list[bool] | None = None
         if known:
             flags = list(map(gt, self._rif_or_low, repeat(rif_cold)))
+        by_latency = threshold
         if threshold is not None:
             above = list(map(gt, latency, repeat(threshold * 1.0)))
-            flags = above if flags is None else list(map(or_, flags, above))
+            if known and above.count(True) > cap:
+                by_latency = None  # the threshold tells no endpoint from another: RIF alone
+            else:
+                flags = above if flags is None else list(map(or_, flags, above))
         entering = flags.count(True) if flags is not None else 0
         if flags is not None and entering < cap:
             held = []
             for i in was_hot:
                 if has[i] and not flags[i]:
                     by_rif = known and self._rif_or_low[i] > rif_held
-                    by_lat = threshold is not None and latency[i] > threshold * keep
+                    by_lat = by_latency is not None and latency[i] > by_latency * keep
                     if by_rif or by_lat:
                         held.append(i)
             rif_or_low = self._rif_or_low

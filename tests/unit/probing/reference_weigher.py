@@ -36,19 +36,27 @@ def _classify_hot(
     the top of the RIF distribution, a minority. When more qualify (at 90% load most endpoints
     cross a latency threshold), flooring all but one or two herded every sidecar's traffic onto
     them and collapsed the tail in the latency benchmark; the fleet is then treated as all hot.
+    More above the latency threshold than the cap, with RIFs reported: the threshold is set
+    aside and RIF alone decides (which never puts more than the cap above its quantile).
     """
     rifs = sorted(s.rif for s in data.values() if s.rif is not None)
     enter_rif = max(_quantile(rifs, knobs.hot_quantile), knobs.min_hot_rif) if rifs else math.inf
+    cap = _hot_cap(knobs, len(data))
+    # More above latencyThreshold than the cap, with RIFs reported: the threshold sits below
+    # the fleet's latency under this load and tells no endpoint from another; RIF alone does.
+    threshold = latency_threshold_s
+    if rifs and threshold is not None:
+        if sum(1 for s in data.values() if s.latency_s > threshold) > cap:
+            threshold = None
 
     def qualifies(s: EndpointStats, keep: float) -> bool:
         # min_hot_rif holds with the hysteresis too: at or below it an endpoint is never hot by
         # RIF (else a recovered endpoint at the fleet's RIF of 1 stayed hot, and floored, for good).
         by_rif = s.rif is not None and s.rif > max(enter_rif * keep, knobs.min_hot_rif)
-        by_latency = latency_threshold_s is not None and s.latency_s > latency_threshold_s * keep
+        by_latency = threshold is not None and s.latency_s > threshold * keep
         return by_rif or by_latency
 
     entering = {a for a, s in data.items() if qualifies(s, 1.0)}
-    cap = _hot_cap(knobs, len(data))
     # Hysteresis: an endpoint that was hot leaves only once clearly below the thresholds, while
     # the cap has room for it (the hottest first); held ones never make an overload.
     held = [

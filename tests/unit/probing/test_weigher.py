@@ -7,12 +7,12 @@ import math
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from aviator.model import MAX_WEIGHT, EndpointAddress, Health
 from aviator.probing.estimator import EndpointStats
-from aviator.probing.weigher import WeigherKnobs, WeighResult, weigh
+from aviator.probing.weigher import WeigherKnobs, WeighResult, _hot_cap, weigh
 from tests.unit.probing.helpers import addr, stats
 
 H, D = Health.HEALTHY, Health.DEGRADED
@@ -59,9 +59,15 @@ SCENARIOS = {
         knobs={"degradeHot": True},
         threshold_ms=50,
     ),
-    "all hot: all HEALTHY, ranked by 1/(RIF+1)": Scenario(
+    # Every endpoint above latencyThreshold (at 90% load the queues put the whole fleet above
+    # it): the threshold tells none apart, and RIF alone decides, as in Prequal's hot-cold
+    # rule. It floored nothing before ("overloaded"), and the antagonist's victim, whose RIF
+    # had climbed from 8 to 34, kept a third of the others' weight for 3.5 s.
+    "all above latencyThreshold: RIF alone decides (the top one hot)": Scenario(
         [stats(10, 1), stats(10, 3), stats(10, 7)],
-        [1000, 500, 250],
+        [1000, 1000, 50],
+        health=[H, H, D],
+        hot=[2],
         knobs={"degradeHot": True},
         threshold_ms=5,
     ),
@@ -91,8 +97,9 @@ SCENARIOS = {
         hot=[2, 3],
         knobs={"hotQuantile": 0.5},
     ),
-    # 5 of 6 above the threshold: more than the hot cap (1 of 6 at Q=0.84), so the fleet is
-    # overloaded as a whole: no floors (flooring 5 herded traffic onto 1), latency weights.
+    # 5 of 6 above the threshold: more than the hot cap (1 of 6 at Q=0.84), so the threshold
+    # tells none apart (flooring those 5 herded traffic onto 1); with equal RIFs none is hot,
+    # and the weights follow latency.
     "overloaded fleet: no herding onto the one cold endpoint": Scenario(
         [stats(40, 3), stats(60, 3), stats(60, 3), stats(70, 3), stats(80, 3), stats(500, 3)],
         [1000, 692, 692, 600, 529, 89],
@@ -265,7 +272,8 @@ def test_an_endpoint_held_hot_gives_way_to_a_hotter_one_within_the_cap() -> None
         [(20, 1)] * 5 + [(20, 6), (20, 1), (47, 1)], previous=before8, latency_threshold_s=0.05
     )
     assert moved8.hot == {addr(5), addr(7)}
-    # Two entering by themselves over a cap of one is still an overload: nothing floored.
+    # Two above the threshold over a cap of one, with the same RIF: neither stands out by the
+    # threshold (more than the cap are above it) nor by RIF (none is above its quantile).
     over = _weigh([(20, 1), (20, 1), (80, 6), (80, 6)], latency_threshold_s=0.05, knobs=knobs)
     assert over.hot == frozenset()
 
@@ -459,13 +467,20 @@ def test_single_endpoint_gets_the_top_weight_and_is_healthy(
 
 @settings(max_examples=100, deadline=None)
 @given(st.integers(min_value=2, max_value=30), knob_sets, st.floats(min_value=1.0, max_value=1e4))
-def test_all_hot_is_ranked_by_rif(n: int, knobs: WeigherKnobs, base_rif: float) -> None:
-    # Every endpoint above a tiny latency threshold: all hot, so the RIF order decides.
+def test_a_threshold_the_whole_fleet_is_above_is_no_signal(
+    n: int, knobs: WeigherKnobs, base_rif: float
+) -> None:
+    # Every endpoint above a tiny latency threshold, more than the hot cap: the result is the
+    # one without a threshold (RIF alone decides; the latencies are equal, so τ changes
+    # nothing), in RIF order.
+    assume(_hot_cap(knobs, n) < n)
     data = {addr(i): stats(100, base_rif + i) for i in range(n)}
     result = weigh(data, knobs=knobs, latency_threshold_s=0.001)
+    alone = weigh(data, knobs=knobs, latency_threshold_s=None)
+    assert result.endpoints == alone.endpoints
+    assert result.hot == alone.hot
     weights = [result.endpoints[addr(i)].weight for i in range(n)]
     assert weights == sorted(weights, reverse=True)
-    assert {e.health for e in result.endpoints.values()} == {Health.HEALTHY}
     assert not math.isnan(sum(weights))
 
 
