@@ -382,14 +382,14 @@ class WorkloadWeigher:
                 flags = above if flags is None else list(map(or_, flags, above))
         entering = flags.count(True) if flags is not None else 0
         if flags is not None and entering < cap:
+            rif_or_low = self._rif_or_low
             held = []
             for i in was_hot:
                 if has[i] and not flags[i]:
-                    by_rif = known and self._rif_or_low[i] > rif_held
+                    by_rif = known and rif_or_low[i] > rif_held
                     by_lat = by_latency is not None and latency[i] > by_latency * keep
                     if by_rif or by_lat:
                         held.append(i)
-            rif_or_low = self._rif_or_low
             held.sort(key=lambda i: (-rif_or_low[i], -latency[i], i))
             for i in held[: cap - entering]:
                 flags[i] = True

@@ -16,8 +16,8 @@ Without the agent, a backend may have a health path (``health_path``), as most a
 request to it queues at the gate like any other and is answered as soon as it gets a slot,
 with no service time. Its round trip is the queueing delay, the only signal a prober has from
 such an app, and it costs the backend no capacity. (Served as a full request, each probe took
-a slot for a whole service time: ~10 points of extra load at a one-second ping interval on a
-few slots, which only the runs that probe paid.)
+a slot for a whole service time: ~10 points of extra load at the benchmark's 100 ms ping
+interval on a few slots, which only the runs that probe paid.)
 
 Many of them run in one process (:mod:`aviator.testbed.fleetserver`), which
 :mod:`aviator.testbed.fleet` starts and stops.
