@@ -431,7 +431,8 @@ class ProtocolStream(ABC, Generic[Req, Resp]):
             return
         self._closed = True
         for type_url, st in self._types.items():
-            self._cache.unwatch(self, type_url, st.names | (st.only or frozenset()))
+            watched = self._watched_by_name(st)
+            self._cache.unwatch(self, type_url, (watched | st.only) if st.only else watched)
             self._cache.unwatch_set(self, type_url, st.names)
             self._cache.unwatch_all(self, type_url)
 
