@@ -116,6 +116,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument(
+        "--traces",
+        action="store_true",
+        help="also write latency-traces.json: each Aviator run's 50 ms polls of the control "
+        "plane's /debug/endpoints and the first sidecar's weights",
+    )
+    parser.add_argument(
         "--thinning",
         type=int,
         default=1,
@@ -146,6 +152,7 @@ class Settings:
     plots: bool
     quick: bool
     thinning: int = 1
+    traces: bool = False
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -198,7 +205,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         plots=not args.no_plots,
         quick=quick,
         thinning=int(args.thinning),
+        traces=bool(args.traces),
     )
+
+
+def _ramps(settings: Settings) -> list[str]:
+    """The names of the ramp scenarios (their cases are keyed without a load)."""
+    return [c.plan.scenario.name for c in settings.cases if c.plan.scenario.ramp]
 
 
 def case_control_plane(settings: Settings, case: Case) -> ControlPlaneSettings:
@@ -252,7 +265,7 @@ def _document(
     plots: dict[str, list[str]],
     complete: bool,
 ) -> tuple[dict[str, Any], str]:
-    ramps = [c.plan.scenario.name for c in settings.cases if c.plan.scenario.ramp]
+    ramps = _ramps(settings)
     summary = summarize(records, ramps)
     goals = evaluate_goals(summary, settings.sidecars)
     shape = settings.shape
@@ -352,7 +365,7 @@ def _reaction_by_case(
     settings: Settings, records: Sequence[RunRecord]
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Per case: each reaction stage's delays over every slowdown of every Aviator run."""
-    ramps = [c.plan.scenario.name for c in settings.cases if c.plan.scenario.ramp]
+    ramps = _ramps(settings)
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for case in settings.cases:
         mine = [
@@ -427,17 +440,35 @@ def _side_by_side(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def _write(settings: Settings, doc: dict[str, Any], page: str | None) -> None:
+def _write(
+    settings: Settings, doc: dict[str, Any], page: str | None, records: Sequence[RunRecord]
+) -> None:
     settings.out.mkdir(parents=True, exist_ok=True)
-    tmp = settings.out / "latency.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(settings.out / "latency.json")
+    files = {"latency.json": doc}
+    if settings.traces:
+        ramps = _ramps(settings)
+        files["latency-traces.json"] = {
+            "runs": [
+                {
+                    "case": case_key(r.scenario, r.load_fraction, r.scenario in ramps),
+                    "policy": r.policy,
+                    "repeat": r.repeat,
+                    "traces": list(r.traces),
+                }
+                for r in records
+                if r.traces
+            ]
+        }
+    for name, content in files.items():
+        tmp = settings.out / (name + ".tmp")
+        tmp.write_text(json.dumps(content, indent=1) + "\n")
+        tmp.replace(settings.out / name)
     if page is not None:
         (settings.out / "latency.md").write_text(page)
 
 
 def _plot(settings: Settings, records: Sequence[RunRecord]) -> dict[str, list[str]]:
-    ramps = [c.plan.scenario.name for c in settings.cases if c.plan.scenario.ramp]
+    ramps = _ramps(settings)
     summary = summarize(records, ramps)
     written: dict[str, list[str]] = {}
     for case in settings.cases:
@@ -504,16 +535,17 @@ async def _run_all(settings: Settings) -> list[RunRecord]:
                         deadline_s=settings.deadline_s,
                         control_plane=case_control_plane(settings, case),
                         thinning=settings.thinning,
+                        keep_traces=settings.traces,
                     )
                     records.append(record)
                     print(_run_line(case.key, record), flush=True)
                     doc, _ = _document(settings, records, started, envoy_version, {}, False)
-                    _write(settings, doc, None)
+                    _write(settings, doc, None, records)
     finally:
         plots = _plot(settings, records) if settings.plots and records else {}
         complete = len(records) == total
         doc, page = _document(settings, records, started, envoy_version, plots, complete)
-        _write(settings, doc, page)
+        _write(settings, doc, page, records)
     print(_side_by_side(doc["summary"]))
     for case, stages in doc["reaction"].items():
         text = ", ".join(

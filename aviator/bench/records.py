@@ -52,6 +52,9 @@ class RunRecord:
     generator: Mapping[str, Any] | None = None
     #: Aviator runs: each slowdown's stages (:class:`aviator.bench.reaction.Reaction` JSON).
     reaction: tuple[Mapping[str, Any], ...] = ()
+    #: Aviator runs with ``--traces``: every 50 ms poll on load time
+    #: (:class:`aviator.bench.reaction.Trace` JSON); written beside the report, not in it.
+    traces: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def ok(self) -> bool:

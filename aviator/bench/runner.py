@@ -206,11 +206,13 @@ async def run_once(
     control_plane: ControlPlaneSettings | None = None,
     thinning: int = DEFAULT_THINNING,
     vus: int | None = None,
+    keep_traces: bool = False,
 ) -> RunRecord:
     """Run ``policy`` through ``run`` once, on a fresh fleet and fresh proxies.
 
     Failures of the machinery (a process that does not start, a control plane that is not
     there) end the run with ``error`` set; the processes are stopped either way.
+    ``keep_traces``: the record keeps the control plane's 50 ms polls (Aviator runs).
     """
     if sidecars < 1:
         raise ValueError(f"sidecars must be >= 1, got {sidecars}")
@@ -222,6 +224,7 @@ async def run_once(
     k6: K6RunInfo | None = None
     traces: list[Trace] = []
     reaction: list[dict[str, Any]] = []
+    kept: list[dict[str, Any]] = []
     error: str | None = None
     rate = run.mean_rate
     fleet_spec = FleetSpec(
@@ -283,6 +286,8 @@ async def run_once(
                     for tr in traces
                 ]
                 reaction = [r.to_json() for r in reactions(on_load, _slowdowns(run), threshold)]
+                if keep_traces:
+                    kept = [tr.to_json() for tr in on_load if 0.0 <= tr.t <= run.duration_s]
             backend_stats = {n: s.to_json() for n, s in (await fleet.stats()).items()}
             sidecar_stats = await _sidecar_stats([e for e, _ in envoys])
     except Exception as exc:  # reported in the record and the output, never hidden
@@ -306,4 +311,5 @@ async def run_once(
         error=error,
         generator=k6.to_json() if k6 is not None else None,
         reaction=tuple(reaction),
+        traces=tuple(kept),
     )

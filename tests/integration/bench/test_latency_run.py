@@ -78,6 +78,7 @@ def test_quick_run_writes_consistent_results(tmp_path: Path) -> None:
         "4",
         "--out",
         str(tmp_path),
+        "--traces",
     )
     assert latency.run(args) == 0
 
@@ -116,6 +117,18 @@ def test_quick_run_writes_consistent_results(tmp_path: Path) -> None:
     aviator = runs["aviator"]["weights"]
     assert {w for s in aviator for w in s["weight"].values()} - {1}
     assert all(set(s["weight"]) == {"b0", "b1", "b2", "b3"} for s in aviator)
+
+    # --traces: the Aviator run's polls of the control plane and the first sidecar, on load
+    # time; the other policies have no control plane to poll.
+    traced = json.loads((tmp_path / "latency-traces.json").read_text())["runs"]
+    assert [(t["case"], t["policy"]) for t in traced] == [("fastfail@50", "aviator")]
+    polls = traced[0]["traces"]
+    assert len(polls) > 10
+    assert all(0.0 <= p["t"] <= 4.0 for p in polls)
+    assert [p["t"] for p in polls] == sorted(p["t"] for p in polls)
+    assert set(polls[-1]["control"]) == set(polls[-1]["envoy"]) == {"b0", "b1", "b2", "b3"}
+    assert {"latency_ms", "rif", "weight", "hot"} <= set(polls[-1]["control"]["b0"])
+    assert "traces" not in runs["aviator"]
 
     assert set(doc["summary"]["fastfail@50"]) == {"rr", "cswrr", "aviator"}
     page = (tmp_path / "latency.md").read_text()
