@@ -139,7 +139,7 @@ class WeigherKnobs:
     Invariants (checked at construction, :class:`KnobError` otherwise):
     ``0 < hot_quantile <= 1``; ``1 <= max_weight_ratio <= MAX_WEIGHT``; ``0 <= min_change < 1``;
     ``0 <= hysteresis < 1``; ``0 < smoothing <= 1``; ``0 <= latency_exponent <= 4``;
-    ``min_hot_rif >= 0``; every float is finite.
+    ``min_hot_rif >= 0``; ``1 <= stand_out <= 100``; every float is finite.
     """
 
     #: An endpoint is hot when its RIF is above this quantile of the policy's fleet RIFs.
@@ -163,6 +163,12 @@ class WeigherKnobs:
     #: An endpoint with RIF at or below this is never hot by RIF: at a RIF of 0 or 1 the
     #: fleet quantile is noise, not load.
     min_hot_rif: float = 1.0
+    #: How far an endpoint must stand out from the fleet's median to be told apart from it:
+    #: hot by RIF only above stand_out * (median RIF + 1) - 1, hot by latency only above
+    #: stand_out * the median latency (and latencyThreshold), and a cold endpoint's weight
+    #: falls with latency only beyond stand_out * the cold median. Within it the endpoints
+    #: are the same to the weigher: equal weights, and Envoy's least request balances them.
+    stand_out: float = 1.5
 
     # camelCase name in spec.weigher → attribute name.
     SPEC_FIELDS: ClassVar[Mapping[str, str]] = {
@@ -174,6 +180,7 @@ class WeigherKnobs:
         "smoothing": "smoothing",
         "latencyExponent": "latency_exponent",
         "minHotRif": "min_hot_rif",
+        "standOut": "stand_out",
     }
 
     def __post_init__(self) -> None:
@@ -184,6 +191,7 @@ class WeigherKnobs:
         self._check("smoothing", self.smoothing, 0.0, 1.0, low_open=True)
         self._check("latencyExponent", self.latency_exponent, 0.0, 4.0)
         self._check("minHotRif", self.min_hot_rif, 0.0, math.inf)
+        self._check("standOut", self.stand_out, 1.0, 100.0)
         if not isinstance(self.degrade_hot, bool):
             raise KnobError("degradeHot", f"must be a boolean, got {self.degrade_hot!r}")
 

@@ -6,33 +6,35 @@ policy's ``spec.weigher`` and passed down.
 
 The rule (Prequal's hot-cold lexicographic selection, NSDI 2024 §4, turned into weights):
 
-1. An endpoint with data is *hot* when its RIF is above the ``hot_quantile`` quantile of the
-   policy's RIFs (and above ``min_hot_rif``), or its latency is above the policy's
-   ``latencyThreshold``. A hot endpoint of the previous result stays hot until both fall
-   ``hysteresis`` below those thresholds. When more endpoints are above ``latencyThreshold``
-   than the hot cap (rule 3) allows and RIFs are reported, the threshold tells none apart:
-   it sits below the fleet's latency under this load (at 90% load the queues put every
-   endpoint above 100 ms), and RIF alone decides, as in Prequal's hot-cold rule. (It made an
-   overload instead, which floored nothing: an antagonist's victim, its RIF climbing from 8
-   to 34 while the others stayed at 7-10, kept a third of their weight for 3.5 s.)
-2. If some endpoint with data is cold: cold weights fall smoothly with latency,
-   ∝ (latency + τ)^-latency_exponent relative to the fastest cold one, never below the floor
-   1/max_weight_ratio. τ, the latency tolerance, is a tenth of ``latencyThreshold`` (0
-   without one): differences far below the threshold (0.5 ms against 1.5 ms on an idle
-   fleet) are noise, not a reason to triple a weight. Hot ones get the floor (and DEGRADED
-   health if ``degrade_hot``).
+1. An endpoint with data is *hot* by RIF when its RIF is above the ``hot_quantile`` quantile
+   of the policy's RIFs, above ``min_hot_rif`` and above ``stand_out`` x (median RIF + 1) - 1
+   (the low median): it must stand out from the fleet, not merely top it. Prequal's
+   hot-cold rule picks among fresh probes per request, where the momentary top of four is a
+   fine thing to avoid; a weight holds for a whole pass, and on identical backends the top
+   RIF of four (1.8 against 1.2-1.5 in one pass of the load ramp) was floored every pass,
+   the floor hopping between them, a quarter of the capacity idle at 110% load (p99 1.69x
+   least request's on the latency page). Endpoints above the policy's ``latencyThreshold``
+   and ``stand_out`` times the median latency then fill what the RIF leaves of the hot cap
+   (rule 3), the slowest first: RIF is the fresh signal, the agent's latency a median over
+   seconds (a moving antagonist's last victim, drained, still carried its queue in its
+   latency, and it and the new victim made an overload that floored neither for 0.7 s). A
+   hot endpoint of the previous result stays hot, while the cap has room, until both
+   signals fall ``hysteresis`` below those thresholds.
+2. If some endpoint with data is cold: cold weights fall smoothly with latency beyond
+   ``stand_out`` times the cold endpoints' (low) median, ∝ (latency + τ)^-latency_exponent
+   relative to (stand_out x median + τ), never below the floor 1/max_weight_ratio; within
+   it they are 1. τ, the latency tolerance, is a tenth of ``latencyThreshold`` (0 without
+   one): differences far below the threshold are noise. Unequal weights cost Envoy's least
+   request its two choices (rule 4), so figures that do not stand out get equal weights.
+   Hot ones get the floor (and DEGRADED health if ``degrade_hot``).
 3. At most ``max(1, ceil((1 - hot_quantile) · n))`` endpoints may be hot (the cap). If more
-   enter (cross the thresholds themselves), or every endpoint with data is hot, the fleet is
+   enter by RIF (ties at the quantile), or every endpoint with data is hot, the fleet is
    overloaded as a whole: all stay HEALTHY (the weigher never takes a policy's last endpoints
    away), no floors, and weights are the latency weight times (lowest RIF + 1)/(RIF + 1):
-   Prequal's "all hot → lowest RIF", smoothly. (With RIFs reported this no longer happens:
-   no more endpoints can be above the RIF quantile than the cap, and the latency threshold
-   stands aside above the cap, rule 1. Without them, rule 4 gives equal weights.) Endpoints
-   held hot only by the hysteresis fill what the cap leaves, the highest RIF first (then the
-   highest latency): they never make an overload. (They did: a moving antagonist's last
-   victim, draining its queue and held hot, plus its new victim made two hot of four, over
-   the cap, and nothing was floored until the old one left, 0.6-1.8 s after each move in the
-   latency benchmark.)
+   Prequal's "all hot → lowest RIF", smoothly. Endpoints hot by latency or held hot by the
+   hysteresis only fill what the cap leaves: they never make an overload. (Held ones did: a
+   moving antagonist's last victim, draining its queue and held hot, plus its new victim
+   made two hot of four, over the cap, and nothing was floored until the old one left.)
 4. Do no harm (issue 13): where the data cannot tell the endpoints apart, Envoy's least
    request (the inner loop) does the balancing. The *confidence* of the signal is 1 when most
    endpoints with data report their load (RIF: the agent's fresh signal), and 0 without it:
@@ -52,15 +54,16 @@ The rule (Prequal's hot-cold lexicographic selection, NSDI 2024 §4, turned into
 5. Endpoints without data (new or stale) get a neutral weight: the median of the others.
 6. Against the previous result: if it is *settled* (its weights are its targets, not a step
    of smoothing towards them), no endpoint's share of traffic would move by more than
-   ``min_change`` (relative) and health and membership are the same, nothing changes
-   (``changed=False``, previous weights returned). Otherwise non-hot weights move
-   ``smoothing`` of the way to their targets (without confidence, rule 4, all the way); hot
-   ones drop to the floor at once; and where
-   what smoothing leaves is itself within ``min_change`` of the targets, the weights go to
-   the targets (settled). A result still on its way keeps moving until it arrives: held by
-   the dead band halfway, it sat on a knife-edge where probe noise alone pushed again much
-   later (seen on fake time at a 31 s interval: an endpoint's first sample landed within
-   ``min_change`` of a half-smoothed weight, which then held for minutes).
+   ``min_change`` (relative) and health, membership and which endpoints have data are the
+   same, nothing changes (``changed=False``, previous weights returned). Otherwise non-hot
+   weights move ``smoothing`` of the way to their targets (without confidence, rule 4, all
+   the way); hot ones drop to the floor at once; and where what smoothing leaves is itself
+   within ``min_change`` of the targets, the weights go to the targets (settled). A result
+   still on its way keeps moving until it arrives: held by the dead band halfway, it sat on
+   a knife-edge where probe noise alone pushed again much later (seen on fake time at a
+   31 s interval: an endpoint's first sample landed within ``min_change`` of a half-smoothed
+   weight, which then held for minutes). An endpoint that gains data moves too: held at
+   the neutral weight (rule 5), the fastest of three pods kept 84% of its weight for good.
 
 Published weights are integers in ``[ceil(MAX_WEIGHT / max_weight_ratio), MAX_WEIGHT]``,
 so every weight is ≥ 1 and max/min ≤ ``max_weight_ratio``.
@@ -87,7 +90,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import compress, repeat
-from operator import add, and_, ge, gt, is_not, mul, or_, sub, truediv
+from operator import add, and_, ge, gt, is_not, mul, sub, truediv
 from types import MappingProxyType
 from typing import cast
 
@@ -124,7 +127,9 @@ class WeighResult:
     result back as ``previous`` on the next call: it carries the hysteresis state (the hot
     set, and ``settled``: whether the weights are the rule's targets rather than a step of
     smoothing towards them; only a settled result holds against a change below
-    ``min_change``).
+    ``min_change``), and ``unmeasured``: the addresses weighed without data (given the
+    neutral weight, rule 5): one that gains data (or loses it) always moves, as a new member
+    does.
     """
 
     endpoints: Mapping[EndpointAddress, WeightedEndpoint] = field(
@@ -133,6 +138,7 @@ class WeighResult:
     hot: frozenset[EndpointAddress] = frozenset()
     changed: bool = True
     settled: bool = True
+    unmeasured: frozenset[EndpointAddress] = frozenset()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "endpoints", MappingProxyType(dict(self.endpoints)))
@@ -150,6 +156,7 @@ def _result(
     hot: frozenset[EndpointAddress],
     changed: bool,
     settled: bool = True,
+    unmeasured: frozenset[EndpointAddress] = frozenset(),
 ) -> WeighResult:
     """A :class:`WeighResult` over ``endpoints`` as given: a read-only view this module made
     and nobody else holds (``__post_init__`` would copy it, hashing every address again)."""
@@ -158,6 +165,7 @@ def _result(
     object.__setattr__(result, "hot", hot)
     object.__setattr__(result, "changed", changed)
     object.__setattr__(result, "settled", settled)
+    object.__setattr__(result, "unmeasured", unmeasured)
     return result
 
 
@@ -364,36 +372,44 @@ class WorkloadWeigher:
             index = self._index
             was_hot = sorted(index[a] for a in previous.hot if a in index)
         known = cast("list[float]", sorted(filter(partial(is_not, None), rif)))
-        enter_rif = (
-            max(_quantile(known, knobs.hot_quantile), knobs.min_hot_rif) if known else math.inf
-        )
-        keep = 1.0 - knobs.hysteresis
-        rif_cold = max(enter_rif * 1.0, knobs.min_hot_rif)
-        rif_held = max(enter_rif * keep, knobs.min_hot_rif)
-        flags: list[bool] | None = None
+        stand_out = knobs.stand_out
+        enter_rif = math.inf
         if known:
-            flags = list(map(gt, self._rif_or_low, repeat(rif_cold)))
-        by_latency = threshold
-        if threshold is not None:
-            above = list(map(gt, latency, repeat(threshold * 1.0)))
-            if known and above.count(True) > cap:
-                by_latency = None  # the threshold tells no endpoint from another: RIF alone
-            else:
-                flags = above if flags is None else list(map(or_, flags, above))
-        entering = flags.count(True) if flags is not None else 0
-        if flags is not None and entering < cap:
+            enter_rif = max(
+                _quantile(known, knobs.hot_quantile),
+                knobs.min_hot_rif,
+                stand_out * (statistics.median_low(known) + 1.0) - 1.0,
+            )
+        keep = 1.0 - knobs.hysteresis
+        rif_held = max(enter_rif * keep, knobs.min_hot_rif)
+        flags = list(map(gt, self._rif_or_low, repeat(enter_rif)))
+        entering = flags.count(True) if known else 0
+        # Above latencyThreshold and standing out from the fleet's median: fills what the RIF
+        # leaves of the cap, the slowest first (never an overload).
+        enter_lat: float | None = None
+        if threshold is not None and n_data:
+            median_lat = statistics.median_low(map(latency.__getitem__, data))
+            enter_lat = max(threshold * 1.0, stand_out * median_lat)
+        room = cap - entering
+        if enter_lat is not None and room > 0:
+            slow = [i for i in data if latency[i] > enter_lat and not flags[i]]
+            slow.sort(key=lambda i: (-latency[i], i))
+            for i in slow[:room]:
+                flags[i] = True
+            room -= min(room, len(slow))
+        if room > 0 and was_hot:
             rif_or_low = self._rif_or_low
             held = []
             for i in was_hot:
                 if has[i] and not flags[i]:
                     by_rif = known and rif_or_low[i] > rif_held
-                    by_lat = by_latency is not None and latency[i] > by_latency * keep
+                    by_lat = enter_lat is not None and latency[i] > enter_lat * keep
                     if by_rif or by_lat:
                         held.append(i)
             held.sort(key=lambda i: (-rif_or_low[i], -latency[i], i))
-            for i in held[: cap - entering]:
+            for i in held[:room]:
                 flags[i] = True
-        hot = list(compress(everyone, flags)) if flags is not None else []
+        hot = list(compress(everyone, flags))
         hot_set = set(hot)
         overloaded = entering > cap
 
@@ -409,16 +425,12 @@ class WorkloadWeigher:
             cold = [i for i in data if i not in hot_set] if hot else data
             if cold and not overloaded:
                 lat = latency if cold is everyone else list(map(latency.__getitem__, cold))
-                fastest_cold = min(lat) + tau
-                cold_targets = map(
-                    max,
-                    repeat(floor),
-                    map(
-                        pow,
-                        map(truediv, repeat(fastest_cold), map(add, lat, repeat(tau))),
-                        repeat(exponent),
-                    ),
-                )
+                # Within stand_out of the cold median: the same to the weigher (weight 1).
+                reference = stand_out * statistics.median_low(lat) + tau
+                cold_targets = [
+                    max(floor, (reference / d) ** exponent) if (d := x + tau) > reference else 1.0
+                    for x in lat
+                ]
                 if cold is everyone:
                     target = list(cold_targets)
                 else:
@@ -465,20 +477,31 @@ class WorkloadWeigher:
             for i in missing:
                 target[i] = neutral
             order = [*order, *missing]
+        unmeasured = (
+            frozenset(addresses[i] for i in everyone if not has[i])
+            if n_data < n_all
+            else frozenset()
+        )
         health = [Health.HEALTHY] * n_all
         if degrade:
             for i in urgent:
                 health[i] = Health.DEGRADED
         published_hot = frozenset() if all_hot else frozenset(addresses[i] for i in hot_set)
         if previous is None:
-            return self._build(_quantize(target, knobs), health, published_hot, previous)
+            return self._build(
+                _quantize(target, knobs), health, published_hot, previous, True, unmeasured
+            )
 
         # Rule 6: against the previous result.
         prev_w: list[float | None] | list[float]
         if self._same_members:
             prev_w = self._prev_weight
             top, bottom = max(prev_w), min(prev_w)
-            structural = health != self._prev_health or top > knobs.max_weight_ratio * bottom
+            structural = (
+                health != self._prev_health
+                or top > knobs.max_weight_ratio * bottom
+                or unmeasured != previous.unmeasured
+            )
         else:  # membership changed: structural, and only some addresses have a weight before
             prev = previous.endpoints
             prev_w = [
@@ -528,9 +551,10 @@ class WorkloadWeigher:
             and published_hot == previous.hot
             and health == self._prev_health
             and weights == self._prev_weight  # ints against the same ints as floats
+            and unmeasured == previous.unmeasured
         ):
             return _unchanged(previous, settled)
-        return self._build(weights, health, published_hot, previous, settled)
+        return self._build(weights, health, published_hot, previous, settled, unmeasured)
 
     def _build(
         self,
@@ -539,6 +563,7 @@ class WorkloadWeigher:
         hot: frozenset[EndpointAddress],
         previous: WeighResult | None,
         settled: bool = True,
+        unmeasured: frozenset[EndpointAddress] = frozenset(),
     ) -> WeighResult:
         """A changed result; endpoints whose weight and health held keep their value."""
         old = previous.endpoints if previous is not None and self._same_members else None
@@ -549,7 +574,7 @@ class WorkloadWeigher:
                 endpoints[a] = old[a]
             else:
                 endpoints[a] = WeightedEndpoint(a, w, h)
-        return _result(MappingProxyType(endpoints), hot, True, settled)
+        return _result(MappingProxyType(endpoints), hot, True, settled, unmeasured)
 
 
 def _scatter(into: list[float], at: Sequence[int], values: Iterable[float]) -> None:
@@ -590,4 +615,4 @@ def _unchanged(previous: WeighResult, settled: bool | None = None) -> WeighResul
     settled = previous.settled if settled is None else settled
     if not previous.changed and previous.settled is settled:
         return previous
-    return _result(previous.endpoints, previous.hot, False, settled)
+    return _result(previous.endpoints, previous.hot, False, settled, previous.unmeasured)

@@ -465,6 +465,8 @@ BAD_POLICIES: list[tuple[str, Any, str]] = [
     ("spec.weigher.smoothing", 0, "should be greater than 0"),
     ("spec.weigher.latencyExponent", -1, "should be greater than or equal to 0"),
     ("spec.weigher.minHotRif", -1, "should be greater than or equal to 0"),
+    ("spec.weigher.standOut", 0.5, "should be greater than or equal to 1"),
+    ("spec.weigher.standOut", 101, "should be less than or equal to 100"),
     ("spec.weigher.degradeHot", "yes", "must be of type boolean"),
 ]
 

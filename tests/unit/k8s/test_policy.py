@@ -178,7 +178,8 @@ def test_everything_wrong_at_once_is_reported_at_once() -> None:
         (
             "spec.weigher.turbo",
             "unknown field; allowed fields: degradeHot, hotQuantile, "
-            "hysteresis, latencyExponent, maxWeightRatio, minChange, minHotRif, smoothing",
+            "hysteresis, latencyExponent, maxWeightRatio, minChange, minHotRif, smoothing, "
+            "standOut",
         ),
     ]
 

@@ -1,7 +1,8 @@
 """The weigher as it was before the incremental engine (commit f4d4a8b), kept as the reference
 the tests compare :func:`aviator.probing.weigher.weigh` and
 :class:`aviator.probing.weigher.WorkloadWeigher` with, result for result. Changed since only
-where the rule changed (in both): rule 6 holds only a settled result."""
+where the rule changed (in both): rule 6 holds only a settled result; RIF decides before
+latency; an endpoint is told apart from the fleet only when it stands out (``stand_out``)."""
 
 # ruff: noqa
 
@@ -33,43 +34,63 @@ def _classify_hot(
     """The hot endpoints, and whether the whole fleet is overloaded.
 
     At most ``max(1, ceil((1 - hot_quantile) * n))`` endpoints can be hot: Prequal's hot set is
-    the top of the RIF distribution, a minority. When more qualify (at 90% load most endpoints
-    cross a latency threshold), flooring all but one or two herded every sidecar's traffic onto
-    them and collapsed the tail in the latency benchmark; the fleet is then treated as all hot.
-    More above the latency threshold than the cap, with RIFs reported: the threshold is set
-    aside and RIF alone decides (which never puts more than the cap above its quantile).
+    the top of the RIF distribution, a minority. When more qualify by RIF (at 90% load most
+    endpoints cross a latency threshold, and flooring all but one or two herded every sidecar's
+    traffic onto them), the fleet is treated as all hot. An endpoint is hot by RIF only when it
+    stands out from the fleet's median (``stand_out``), by latency only when it stands out too
+    and is above latencyThreshold; those fill what the RIF leaves of the cap.
     """
     rifs = sorted(s.rif for s in data.values() if s.rif is not None)
-    enter_rif = max(_quantile(rifs, knobs.hot_quantile), knobs.min_hot_rif) if rifs else math.inf
+    stand_out = knobs.stand_out
+    enter_rif = (
+        max(
+            _quantile(rifs, knobs.hot_quantile),
+            knobs.min_hot_rif,
+            stand_out * (statistics.median_low(rifs) + 1.0) - 1.0,
+        )
+        if rifs
+        else math.inf
+    )
     cap = _hot_cap(knobs, len(data))
-    # More above latencyThreshold than the cap, with RIFs reported: the threshold sits below
-    # the fleet's latency under this load and tells no endpoint from another; RIF alone does.
-    threshold = latency_threshold_s
-    if rifs and threshold is not None:
-        if sum(1 for s in data.values() if s.latency_s > threshold) > cap:
-            threshold = None
+    # Hot by latency: above latencyThreshold and standing out from the fleet's median latency;
+    # such endpoints only fill what the RIF leaves of the cap, the slowest first.
+    enter_lat = (
+        max(
+            latency_threshold_s,
+            stand_out * statistics.median_low(s.latency_s for s in data.values()),
+        )
+        if latency_threshold_s is not None and data
+        else None
+    )
 
-    def qualifies(s: EndpointStats, keep: float) -> bool:
+    def by_rif(s: EndpointStats, keep: float) -> bool:
         # min_hot_rif holds with the hysteresis too: at or below it an endpoint is never hot by
         # RIF (else a recovered endpoint at the fleet's RIF of 1 stayed hot, and floored, for good).
-        by_rif = s.rif is not None and s.rif > max(enter_rif * keep, knobs.min_hot_rif)
-        by_latency = threshold is not None and s.latency_s > threshold * keep
-        return by_rif or by_latency
+        return s.rif is not None and s.rif > max(enter_rif * keep, knobs.min_hot_rif)
 
-    entering = {a for a, s in data.items() if qualifies(s, 1.0)}
+    def by_latency(s: EndpointStats, keep: float) -> bool:
+        return enter_lat is not None and s.latency_s > enter_lat * keep
+
+    entering = {a for a, s in data.items() if by_rif(s, 1.0)}
+    slow = sorted(
+        (a for a, s in data.items() if a not in entering and by_latency(s, 1.0)),
+        key=lambda a: (-data[a].latency_s, a),
+    )
+    hot = entering | set(slow[: max(0, cap - len(entering))])
     # Hysteresis: an endpoint that was hot leaves only once clearly below the thresholds, while
     # the cap has room for it (the hottest first); held ones never make an overload.
+    keep = 1.0 - knobs.hysteresis
     held = [
         a
         for a, s in data.items()
-        if a in was_hot and a not in entering and qualifies(s, 1.0 - knobs.hysteresis)
+        if a in was_hot and a not in hot and (by_rif(s, keep) or by_latency(s, keep))
     ]
 
     def heat(a: EndpointAddress) -> tuple[float, float, EndpointAddress]:
         rif = data[a].rif
         return (-(rif if rif is not None else -math.inf), -data[a].latency_s, a)
 
-    hot = entering | set(sorted(held, key=heat)[: max(0, cap - len(entering))])
+    hot |= set(sorted(held, key=heat)[: max(0, cap - len(hot))])
     return frozenset(hot), len(entering) > cap
 
 
@@ -122,8 +143,14 @@ def _targets(
 
     cold = {a: s for a, s in data.items() if a not in hot}
     if cold and not overloaded:
-        fastest_cold = min(s.latency_s for s in cold.values()) + tau
-        out = {a: max(floor, by_latency(s, fastest_cold)) for a, s in cold.items()}
+        # Latencies within stand_out of the cold median are the same to the weigher (weight 1).
+        reference = (
+            knobs.stand_out * statistics.median_low(s.latency_s for s in cold.values()) + tau
+        )
+        out = {
+            a: max(floor, by_latency(s, reference)) if s.latency_s + tau > reference else 1.0
+            for a, s in cold.items()
+        }
         out.update((a, floor) for a in data if a in hot)
         return out, False
     # All hot (or overloaded): Prequal picks the lowest RIF; smoothly, that is a weight falling
@@ -221,12 +248,15 @@ def weigh(
     health = {a: Health.DEGRADED if degrade and a in urgent else Health.HEALTHY for a in addresses}
     published_hot = frozenset() if all_hot else hot
 
+    unmeasured = frozenset(a for a in addresses if a not in data)
+
     def build(weights: Mapping[EndpointAddress, int], settled: bool = True) -> WeighResult:
         return WeighResult(
             {a: WeightedEndpoint(a, weights[a], health[a]) for a in addresses},
             hot=published_hot,
             changed=True,
             settled=settled,
+            unmeasured=unmeasured,
         )
 
     if previous is None:
@@ -238,6 +268,9 @@ def weigh(
         set(prev) != set(addresses)
         or any(prev[a].health is not health[a] for a in addresses)
         or max(prev_weights.values()) > knobs.max_weight_ratio * min(prev_weights.values())
+        # An endpoint that gains (or loses) data moves like a new member: held at the
+        # neutral weight by the dead band, a fast pod kept 84% of its weight for good.
+        or unmeasured != previous.unmeasured
     )
     # Only a settled result holds against a small move: one still on its way keeps moving.
     if previous.settled and not structural and _moved(targets, prev_weights) <= knobs.min_change:
@@ -257,7 +290,11 @@ def weigh(
     if settled:
         blended = dict(targets)
     result = build(_quantize(blended, knobs), settled)
-    if result.endpoints == prev and result.hot == previous.hot:
+    if (
+        result.endpoints == prev
+        and result.hot == previous.hot
+        and result.unmeasured == previous.unmeasured
+    ):
         return _unchanged(previous, settled)
     return result
 
@@ -266,4 +303,10 @@ def _unchanged(previous: WeighResult, settled: bool | None = None) -> WeighResul
     settled = previous.settled if settled is None else settled
     if not previous.changed and previous.settled is settled:
         return previous
-    return WeighResult(previous.endpoints, hot=previous.hot, changed=False, settled=settled)
+    return WeighResult(
+        previous.endpoints,
+        hot=previous.hot,
+        changed=False,
+        settled=settled,
+        unmeasured=previous.unmeasured,
+    )

@@ -31,6 +31,7 @@ def test_parses_camel_case_fields() -> None:
             "smoothing": 1,
             "latencyExponent": 2,
             "minHotRif": 0,
+            "standOut": 2,
         }
     )
     assert knobs == WeigherKnobs(
@@ -42,6 +43,7 @@ def test_parses_camel_case_fields() -> None:
         smoothing=1.0,
         latency_exponent=2.0,
         min_hot_rif=0.0,
+        stand_out=2.0,
     )
 
 
@@ -59,6 +61,8 @@ def test_parses_camel_case_fields() -> None:
         ({"latencyExponent": 5}, "latencyExponent", "[0, 4]"),
         ({"minHotRif": float("inf")}, "minHotRif", "finite"),
         ({"minHotRif": True}, "minHotRif", "[0, inf)"),
+        ({"standOut": 0.9}, "standOut", "[1, 100]"),
+        ({"standOut": 101}, "standOut", "[1, 100]"),
         ({"degradeHot": "yes"}, "degradeHot", "boolean"),
         ({"hot_quantile": 0.8}, "hot_quantile", "allowed fields: degradeHot, hotQuantile"),
     ],
@@ -90,6 +94,7 @@ def test_rejects_a_non_mapping() -> None:
         smoothing=st.floats(min_value=0.001, max_value=1.0),
         latency_exponent=st.floats(min_value=0.0, max_value=4.0),
         min_hot_rif=st.floats(min_value=0.0, max_value=1e6),
+        stand_out=st.floats(min_value=1.0, max_value=100.0),
     )
 )
 def test_to_spec_round_trips(knobs: WeigherKnobs) -> None:

@@ -32,11 +32,41 @@ SCENARIOS = {
     "uniform fleet: equal weights": Scenario(
         [stats(10, 2), stats(10, 2), stats(10, 2)], [1000, 1000, 1000]
     ),
-    "one 2x slower gets half": Scenario(
-        [stats(10, 2), stats(10, 2), stats(20, 2)], [1000, 1000, 500]
+    # Cold weights fall with latency beyond standOut (1.5) x the cold (low) median: 15 ms here.
+    "one 2x slower gets 15/20": Scenario(
+        [stats(10, 2), stats(10, 2), stats(20, 2)], [1000, 1000, 750]
     ),
-    "one 16x slower gets 1/16 (rounded half up)": Scenario(
-        [stats(10, 0), stats(10, 0), stats(160, 0)], [1000, 1000, 63]
+    "one 16x slower gets 15/160 (rounded half up)": Scenario(
+        [stats(10, 0), stats(10, 0), stats(160, 0)], [1000, 1000, 94]
+    ),
+    "standOut 1: one 2x slower gets half": Scenario(
+        [stats(10, 2), stats(10, 2), stats(20, 2)], [1000, 1000, 500], knobs={"standOut": 1}
+    ),
+    # Issue 13, do no harm (the load ramp: identical backends at 50-110% load): the agent's
+    # figures of identical backends differ by noise (RIF 1.2-1.8, latency 19-31 ms in one
+    # pass); the top RIF was floored every pass and the floor hopped between them. None
+    # stands out, so none is hot and the weights are equal: Envoy's least request balances.
+    "identical backends, noisy figures: nothing stands out, equal weights": Scenario(
+        [stats(19, 1.2), stats(24, 1.5), stats(26, 1.4), stats(31, 1.8)],
+        [1000] * 4,
+        threshold_ms=100,
+    ),
+    # The antagonist's victim 0.3 s into its slowdown: RIF 5.3 against 2.1-2.4.
+    "a victim's RIF that stands out is hot": Scenario(
+        [stats(28, 5.3), stats(28, 2.1), stats(33, 2.4), stats(30, 2.2)],
+        [50, 1000, 1000, 1000],
+        hot=[0],
+        threshold_ms=100,
+    ),
+    # The antagonist moved on: its last victim has drained (RIF 5.1) but the agent's latency
+    # still carries its queue (221 ms, above the threshold); the new victim's RIF (6.6) is
+    # the fresh signal and takes the one place of the cap. (Both entered before, an
+    # "overload" that floored nothing for 0.7 s.)
+    "RIF before latency: the new victim is hot, not the last one": Scenario(
+        [stats(221, 5.1), stats(29, 6.6), stats(30, 2.8), stats(36, 2.9)],
+        [277, 50, 1000, 1000],
+        hot=[1],
+        threshold_ms=100,
     ),
     "100x slower is held at the floor 1/maxWeightRatio": Scenario(
         [stats(10, 0), stats(1000, 0)], [1000, 50]
@@ -44,16 +74,16 @@ SCENARIOS = {
     "RIF above the 0.84 quantile is hot: floor": Scenario(
         [stats(10, 2)] * 9 + [stats(10, 20)], [1000] * 9 + [50], hot=[9]
     ),
-    # With a 50 ms threshold the latency tolerance τ is 5 ms: 20 ms weighs (10+5)/(20+5).
+    # With a 50 ms threshold the latency tolerance τ is 5 ms: 20 ms weighs (1.5 x 10 + 5)/(20 + 5).
     "latency above latencyThreshold is hot: floor": Scenario(
-        [stats(10, 0), stats(20, 0), stats(80, 0)], [1000, 600, 50], hot=[2], threshold_ms=50
+        [stats(10, 0), stats(20, 0), stats(80, 0)], [1000, 800, 50], hot=[2], threshold_ms=50
     ),
     "idle fleet: sub-millisecond differences are noise under τ": Scenario(
-        [stats(0.5, 0), stats(1.5, 0)], [1000, 846], threshold_ms=50
+        [stats(0.5, 0), stats(1.5, 0)], [1000, 885], threshold_ms=50
     ),
     "degradeHot publishes hot endpoints DEGRADED": Scenario(
         [stats(10, 0), stats(20, 0), stats(80, 0)],
-        [1000, 600, 50],
+        [1000, 800, 50],
         health=[H, H, D],
         hot=[2],
         knobs={"degradeHot": True},
@@ -75,15 +105,15 @@ SCENARIOS = {
         [stats(2000, error_rate=1.0)] * 3, [1000, 1000, 1000], threshold_ms=100
     ),
     "no data yet: neutral (median) weight": Scenario(
-        [stats(10, 0), stats(20, 0), None], [1000, 500, 750]
+        [stats(10, 0), stats(20, 0), None], [1000, 750, 875]
     ),
     "no data anywhere: equal weights": Scenario([None, None], [1000, 1000]),
     "single endpoint": Scenario([stats(37, 5)], [1000]),
     "idle fleet: RIF 1 is not hot (minHotRif)": Scenario(
         [stats(10, 0), stats(10, 0), stats(10, 0), stats(10, 1)], [1000] * 4
     ),
-    "latencyExponent 2: 2x slower gets a quarter": Scenario(
-        [stats(10, 0), stats(20, 0)], [1000, 250], knobs={"latencyExponent": 2}
+    "latencyExponent 2: 2x slower gets (15/20)^2": Scenario(
+        [stats(10, 0), stats(20, 0)], [1000, 563], knobs={"latencyExponent": 2}
     ),
     "maxWeightRatio 10 raises the floor": Scenario(
         [stats(10, 0), stats(1000, 0)], [1000, 100], knobs={"maxWeightRatio": 10}
@@ -91,18 +121,27 @@ SCENARIOS = {
     "no RIF report: never hot by RIF, quantile of the others": Scenario(
         [stats(10), stats(10, 2), stats(10, 2), stats(10, 40)], [1000, 1000, 1000, 50], hot=[3]
     ),
-    "hotQuantile 0.5: upper half is hot": Scenario(
+    "hotQuantile 0.5, standOut 1: upper half is hot": Scenario(
         [stats(10, 2), stats(10, 4), stats(10, 6), stats(10, 8)],
         [1000, 1000, 50, 50],
         hot=[2, 3],
+        knobs={"hotQuantile": 0.5, "standOut": 1},
+    ),
+    # With standOut 1.5 the RIF must also be above 1.5 x (4 + 1) - 1 = 6.5: only the top one.
+    "hotQuantile 0.5: only the RIF that stands out is hot": Scenario(
+        [stats(10, 2), stats(10, 4), stats(10, 6), stats(10, 8)],
+        [1000, 1000, 1000, 50],
+        hot=[3],
         knobs={"hotQuantile": 0.5},
     ),
-    # 5 of 6 above the threshold: more than the hot cap (1 of 6 at Q=0.84), so the threshold
-    # tells none apart (flooring those 5 herded traffic onto 1); with equal RIFs none is hot,
-    # and the weights follow latency.
-    "overloaded fleet: no herding onto the one cold endpoint": Scenario(
+    # 6 of 6 above the threshold (at 90% load the queues put the whole fleet above it), equal
+    # RIFs: only the one that stands out from the median latency (1.5 x 60 ms) is hot (the cap
+    # is 1 of 6); the rest are within 1.5x of their median and get equal weights (flooring
+    # those above the threshold herded traffic onto the others).
+    "overloaded fleet: only what stands out is hot, no herding": Scenario(
         [stats(40, 3), stats(60, 3), stats(60, 3), stats(70, 3), stats(80, 3), stats(500, 3)],
-        [1000, 692, 692, 600, 529, 89],
+        [1000] * 5 + [50],
+        hot=[5],
         threshold_ms=50,
     ),
     # Issue 13, do no harm: without load reports, probe latency is the only signal, and when
@@ -180,16 +219,22 @@ def test_same_input_twice_is_unchanged() -> None:
     assert _weigh([(10, 2), (20, 3), None], previous=again) is again
 
 
+# The tests of rule 6 (smoothing, the dead band, hysteresis) below weigh two endpoints with
+# standOut 1: the weights then fall from the faster one's latency, in round figures.
+EXACT = WeigherKnobs(stand_out=1.0)
+
+
 def test_material_change_moves_smoothing_of_the_way() -> None:
-    first = _weigh([(10, 2), (10, 2)])
-    second = _weigh([(10, 2), (20, 2)], previous=first)  # target 1000/500, smoothing 0.5
+    first = _weigh([(10, 2), (10, 2)], knobs=EXACT)
+    # target 1000/500, smoothing 0.5
+    second = _weigh([(10, 2), (20, 2)], previous=first, knobs=EXACT)
     assert second.changed
     assert _weights(second, 2) == [1000, 750]
     # Shares 0.57/0.43 → 0.67/0.33: 22%; half of the way would leave 13% (under minChange):
     # a state that would sit on the knife-edge of minChange snaps to the target instead.
-    third = _weigh([(10, 2), (20, 2)], previous=second)
+    third = _weigh([(10, 2), (20, 2)], previous=second, knobs=EXACT)
     assert _weights(third, 2) == [1000, 500]
-    fourth = _weigh([(10, 2), (20, 2)], previous=third)
+    fourth = _weigh([(10, 2), (20, 2)], previous=third, knobs=EXACT)
     assert not fourth.changed
     assert _weights(fourth, 2) == [1000, 500]
 
@@ -201,7 +246,7 @@ def test_a_result_on_its_way_keeps_moving_until_it_reaches_its_targets() -> None
     # median of the targets) while pod 2's weight smooths down towards its target.
     def weigh_ms(latencies: list[float | None], previous: WeighResult) -> WeighResult:
         data = {addr(i): None if ms is None else stats(ms, 0.0) for i, ms in enumerate(latencies)}
-        return weigh(data, previous=previous, latency_threshold_s=0.020)
+        return weigh(data, previous=previous, latency_threshold_s=0.020, knobs=EXACT)
 
     first = weigh({addr(i): None for i in range(3)}, latency_threshold_s=0.020)
     second = weigh_ms([0.5, None, 8.0], first)
@@ -209,19 +254,38 @@ def test_a_result_on_its_way_keeps_moving_until_it_reaches_its_targets() -> None
     assert not second.settled
     assert not third.settled
     assert _weights(third, 3) == [1000, 719, 438]
-    # Pod 1's first sample, and pod 2 faster: the targets (1000/694/424) are within minChange of
-    # the half-smoothed state as shares, so a dead band against that state would hold 719/438
-    # (for minutes, until probe noise alone pushed again). A result still on its way is not
-    # held: it arrives.
-    fourth = weigh_ms([0.5, 1.6, 3.9], third)
+    # Pod 2 faster: the targets (1000/712/424: 2.5/5.9, and the median of 1 and that) are
+    # within minChange of the half-smoothed state as shares, so a dead band against that
+    # state would hold 719/438 (for minutes, until probe noise alone pushed again). A result
+    # still on its way is not held: it arrives.
+    fourth = weigh_ms([0.5, None, 3.9], third)
     assert fourth.changed
     assert fourth.settled
-    assert _weights(fourth, 3) == [1000, 694, 424]
+    assert _weights(fourth, 3) == [1000, 712, 424]
     # Arrived: now the dead band holds against noise.
-    fifth = weigh_ms([0.5, 1.65, 3.9], fourth)
+    fifth = weigh_ms([0.5, None, 3.95], fourth)
     assert not fifth.changed
     assert fifth.settled
-    assert _weights(fifth, 3) == [1000, 694, 424]
+    assert _weights(fifth, 3) == [1000, 712, 424]
+
+
+def test_an_endpoint_that_gains_data_moves_even_within_min_change() -> None:
+    """Seen on fake time (3 pods, seed 0): the fastest pod's first sample came last; until
+    then it had the neutral weight (the median of the others' targets: 0.825 here), and its
+    own target (1) was within minChange of that as a share, so the dead band held it at 84%
+    for good. Gaining data moves an endpoint as joining does."""
+
+    def three(first: float | None) -> dict[EndpointAddress, EndpointStats | None]:
+        ms = [first, 3.0, 8.0]
+        return {addr(i): None if m is None else stats(m, 0.0) for i, m in enumerate(ms)}
+
+    before = weigh(three(None), latency_threshold_s=0.020)
+    assert _weights(before, 3) == [825, 1000, 650]
+    assert before.unmeasured == {addr(0)}
+    after = weigh(three(0.5), previous=before, latency_threshold_s=0.020)
+    assert after.changed
+    assert after.unmeasured == frozenset()
+    assert _weights(after, 3) == [1000, 1000, 650]
 
 
 def test_newly_hot_endpoint_drops_to_the_floor_at_once() -> None:
@@ -232,7 +296,7 @@ def test_newly_hot_endpoint_drops_to_the_floor_at_once() -> None:
 
 
 def test_hysteresis_keeps_a_hot_endpoint_hot_just_below_the_threshold() -> None:
-    knobs = WeigherKnobs(hysteresis=0.1)
+    knobs = WeigherKnobs(hysteresis=0.1, stand_out=1.0)
     threshold = 0.050
     hot = _weigh([(10, None), (80, None)], latency_threshold_s=threshold, knobs=knobs)
     assert hot.hot == {addr(1)}
@@ -247,7 +311,9 @@ def test_hysteresis_keeps_a_hot_endpoint_hot_just_below_the_threshold() -> None:
     assert fresh.hot == frozenset()
     assert _weights(fresh, 2) == [1000, 288]  # (10 + τ) / (47 + τ), τ = 5 ms
     # At 44 ms it cools, and climbs back through smoothing: 0.05 + 0.5 * (15/49 - 0.05) → 178.
-    cooled = _weigh([(10, None), (44, None)], previous=held, latency_threshold_s=threshold)
+    cooled = _weigh(
+        [(10, None), (44, None)], previous=held, latency_threshold_s=threshold, knobs=knobs
+    )
     assert cooled.hot == frozenset()
     assert _weights(cooled, 2) == [1000, 178]
 
@@ -272,10 +338,12 @@ def test_an_endpoint_held_hot_gives_way_to_a_hotter_one_within_the_cap() -> None
         [(20, 1)] * 5 + [(20, 6), (20, 1), (47, 1)], previous=before8, latency_threshold_s=0.05
     )
     assert moved8.hot == {addr(5), addr(7)}
-    # Two above the threshold over a cap of one, with the same RIF: neither stands out by the
-    # threshold (more than the cap are above it) nor by RIF (none is above its quantile).
+    # Two above the threshold (and 1.5x their median) over a cap of one, with the same RIF
+    # (none above its quantile): the slowest fills the cap, by address on a tie; the other
+    # stays cold, at (1.5 x 20 + 5) / (80 + 5) of the fastest. Never an overload.
     over = _weigh([(20, 1), (20, 1), (80, 6), (80, 6)], latency_threshold_s=0.05, knobs=knobs)
-    assert over.hot == frozenset()
+    assert over.hot == {addr(2)}
+    assert _weights(over, 4) == [1000, 1000, 50, 412]
 
 
 def test_membership_change_is_always_pushed() -> None:
@@ -300,10 +368,12 @@ def test_health_change_is_always_pushed_even_at_the_same_weight() -> None:
 
 
 def test_a_tighter_ratio_knob_forces_a_push() -> None:
-    first = _weigh([(10, None), (190, None)])  # 1000 : 53, ratio ~19
+    first = _weigh([(10, None), (190, None)], knobs=EXACT)  # 1000 : 53, ratio ~19
     assert _weights(first, 2) == [1000, 53]
     tighter = _weigh(
-        [(10, None), (190, None)], previous=first, knobs=WeigherKnobs(max_weight_ratio=10)
+        [(10, None), (190, None)],
+        previous=first,
+        knobs=WeigherKnobs(max_weight_ratio=10, stand_out=1.0),
     )
     assert tighter.changed
     assert _weights(tighter, 2)[1] >= 100
@@ -358,6 +428,7 @@ knob_sets = st.builds(
     smoothing=st.floats(min_value=0.01, max_value=1.0),
     latency_exponent=st.floats(min_value=0.0, max_value=4.0),
     min_hot_rif=st.floats(min_value=0.0, max_value=100.0),
+    stand_out=st.floats(min_value=1.0, max_value=100.0),
 )
 thresholds = st.none() | st.floats(min_value=1e-4, max_value=10.0)
 

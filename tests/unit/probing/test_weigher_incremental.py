@@ -30,6 +30,7 @@ palette_knobs = st.sampled_from(
         WeigherKnobs(degrade_hot=True),
         WeigherKnobs(smoothing=1.0, min_change=0.0),
         WeigherKnobs(hot_quantile=0.5, hysteresis=0.5, min_hot_rif=0.0),
+        WeigherKnobs(stand_out=1.0),
     ]
 )
 
@@ -180,5 +181,5 @@ def test_an_unchanged_result_keeps_its_endpoint_values() -> None:
     engine.update({addresses[0]: stats(20, 0)})
     second = engine.weigh()
     assert second.changed
-    assert second.endpoints[addresses[0]].weight == 500
+    assert second.endpoints[addresses[0]].weight == 750  # 1.5 x 10 ms (standOut) / 20 ms
     assert all(second.endpoints[a] is first.endpoints[a] for a in addresses[1:])
