@@ -47,6 +47,7 @@ from aviator.k8s.fields import dns_label_error
 from aviator.k8s.lastvalid import LastValid
 from aviator.k8s.resolve import ACCEPTED, PolicyResolution, resolve_state, serving
 from aviator.k8s.state import ClusterState
+from aviator.log import configured as log_setup
 from aviator.model import EndpointAddress, WeightedWorkload, WorkloadKey, parse_host_port
 from aviator.operator.xds_acks import XdsAcks
 from aviator.probing.estimator import EndpointStats, Estimator
@@ -57,6 +58,7 @@ from aviator.probing.prober import (
     ProbeSink,
     spread_probe_budget,
 )
+from aviator.probing.process import ProberProcess, ProberSpec
 from aviator.probing.results import ProbeKey, ProbeOutcome, ProbeResult, ProbeTarget
 from aviator.probing.thread import ProberThread
 from aviator.probing.transport import TransportFactory
@@ -184,9 +186,11 @@ class Settings:
     # Freeze the long-lived heap out of the collector's full passes (aviator.heap); process-wide,
     # so off unless asked: `aviator run` asks (--no-freeze-heap), an embedding program may not.
     freeze_heap: bool = False
-    # Probe on a thread and event loop of its own (aviator.probing.thread; `aviator run` asks,
-    # --probe-on-loop); off by default so that tests on fake loop time drive the prober.
-    probe_thread: bool = False
+    # Where probes run: "process" (aviator.probing.process: a child process, so a probe's
+    # round trip waits for nothing of the control plane's, not even its GIL; `aviator run`'s
+    # default), "thread" (aviator.probing.thread: a thread and loop of its own) or "loop" (this
+    # event loop: the default, so that tests on fake loop time drive the prober).
+    probe_in: str = "loop"
     # xDS over TLS (all three: mutual TLS), and the node ids allowed to connect (empty: any).
     xds_tls_cert: str | None = None
     xds_tls_key: str | None = None
@@ -355,14 +359,29 @@ class ControlPlane:
                 log_fields=self._probe_log_fields,
             )
 
-        # On a thread and loop of its own under `aviator run` (ProberThread: a probe's round
-        # trip then carries no lag of the loop that serves xDS); on this loop by default, so
-        # that tests on fake loop time drive it.
-        self.prober: Prober[ProbeKey] | ProberThread[ProbeKey] = (
-            ProberThread(self._on_probe, make_prober)
-            if settings.probe_thread
-            else make_prober(self._on_probe)
-        )
+        # In a process of its own under `aviator run` (a probe's round trip then carries no
+        # lag of the loop that serves xDS, nor of this interpreter); on this loop by default,
+        # so that tests on fake loop time drive it.
+        self.prober: Prober[ProbeKey] | ProberThread[ProbeKey] | ProberProcess[ProbeKey]
+        if settings.probe_in == "process":
+            if transport_factory is not None:
+                raise ValueError("a transport_factory cannot cross to a prober process")
+            level, json_logs = log_setup()
+            spec = ProberSpec(
+                max_in_flight=settings.max_probes_in_flight,
+                allow_loopback=settings.allow_probe_loopback,
+                allow_link_local=settings.allow_probe_link_local,
+                seed=rng.getrandbits(64) if rng is not None else None,
+                log_level=level,
+                log_json=json_logs,
+            )
+            self.prober = ProberProcess(self._on_probe, spec, log_fields=self._probe_log_fields)
+        elif settings.probe_in == "thread":
+            self.prober = ProberThread(self._on_probe, make_prober)
+        elif settings.probe_in == "loop":
+            self.prober = make_prober(self._on_probe)
+        else:
+            raise ValueError(f"probe_in must be process, thread or loop, got {settings.probe_in!r}")
         self._pods: dict[ProbeKey, str] = {}  # the pod of each probe target, for problems
         # The operator (--source kubernetes): built by its task once it has an ApiClient.
         self.operates = settings.source == "kubernetes" and settings.operator

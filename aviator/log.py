@@ -41,8 +41,18 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     """The root handler this module installs (recognised, to be replaced, on reconfiguring)."""
 
 
+_configured: tuple[str, bool] = ("info", False)
+
+
+def configured() -> tuple[str, bool]:
+    """The level and JSON flag of the last :func:`configure` (a child process copies them)."""
+    return _configured
+
+
 def configure(level: str = "info", *, json: bool = False) -> None:
     """Route structlog and stdlib logging to stderr as key=value lines or JSON lines."""
+    global _configured
+    _configured = (level, json)
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     renderer: structlog.types.Processor = (

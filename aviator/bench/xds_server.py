@@ -200,7 +200,7 @@ class _ProbeTiming:
     """Real probes to a real backend from this process, on their own thread and on the
     serving loop (see the module doc); round trips kept with their start (loop time)."""
 
-    KINDS = ("thread", "loop")
+    KINDS = ("process", "thread", "loop")
 
     def __init__(self) -> None:
         self.samples: dict[str, list[tuple[float, float]]] = {k: [] for k in self.KINDS}
@@ -213,6 +213,7 @@ class _ProbeTiming:
 
         from aviator.controlplane import SWITCH_INTERVAL_S
         from aviator.probing.prober import Prober
+        from aviator.probing.process import ProberProcess, ProberSpec
         from aviator.probing.results import ProbeTarget
         from aviator.probing.thread import ProberThread
 
@@ -233,7 +234,11 @@ class _ProbeTiming:
                     self.samples[kind].append((result.started_at, result.rtt_s))
 
             prober: Any = (
-                ProberThread(sink, lambda s: Prober(s)) if kind == "thread" else Prober(sink)
+                ProberProcess(sink, ProberSpec(addresses=False))
+                if kind == "process"
+                else ProberThread(sink, lambda s: Prober(s))
+                if kind == "thread"
+                else Prober(sink)
             )
             prober.set_targets(targets)
             self._probers.append(prober)

@@ -121,11 +121,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "few seconds (pauses of 0.3 s)",
     )
     parser.add_argument(
+        "--probe-in",
+        choices=("process", "thread", "loop"),
+        default="process",
+        help="where probes run: a process of their own (the default: a probe's round trip "
+        "carries no lag of the xDS fan-out, not even of this interpreter), a thread and event "
+        "loop of their own, or the event loop that serves xDS",
+    )
+    parser.add_argument(
         "--probe-on-loop",
-        dest="probe_thread",
-        action="store_false",
-        help="probe on the event loop that serves xDS; by default probes run on a thread and "
-        "loop of their own, so that a probe's round trip carries no lag of the xDS fan-out",
+        dest="probe_in",
+        action="store_const",
+        const="loop",
+        help="the same as --probe-in loop",
     )
     parser.add_argument(
         "--allow-probe-loopback",
@@ -229,7 +237,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             max_probe_rate=args.max_probe_rate,
             debug_views=args.debug_views,
             freeze_heap=args.freeze_heap,
-            probe_thread=args.probe_thread,
+            probe_in=args.probe_in,
             xds_tls_cert=args.xds_tls_cert,
             xds_tls_key=args.xds_tls_key,
             xds_tls_client_ca=args.xds_tls_client_ca,

@@ -30,10 +30,10 @@ import binascii
 import json
 import math
 import struct
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Final
+from typing import Any, Final
 
 __all__ = [
     "LATENCY_MS_METRIC",
@@ -132,6 +132,14 @@ class OrcaLoadReport:
             # A private read-only copy, so the report stays a value.
             object.__setattr__(self, map_name, MappingProxyType(frozen))
 
+    def __reduce__(self) -> tuple[Callable[..., OrcaLoadReport], tuple[dict[str, object]]]:
+        """Pickled with plain dicts (a read-only map is not picklable): the control plane's
+        prober process sends reports over a pipe."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("named_metrics", "utilization", "request_cost"):
+            values[name] = dict(values[name])
+        return (_unpickle_report, (values,))
+
     @property
     def rif(self) -> float | None:
         """Requests in flight as Aviator's agent reports them (``named_metrics.rif``)."""
@@ -142,6 +150,10 @@ class OrcaLoadReport:
         """The server's latency estimate in seconds (``named_metrics.latency_ms`` / 1000)."""
         ms = self.named_metrics.get(LATENCY_MS_METRIC)
         return None if ms is None else ms / 1000.0
+
+
+def _unpickle_report(values: dict[str, Any]) -> OrcaLoadReport:
+    return OrcaLoadReport(**values)
 
 
 def _parse_number(name: str, text: str) -> float:
