@@ -171,8 +171,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--probe-timing",
         action="store_true",
-        help="probe a backend from the server process, on a thread of its own and on the "
-        "serving loop, and print the probes' round trips during each change (issue 13, item 6)",
+        help="probe a backend from the server process, from a process of its own, a thread of "
+        "its own and the serving loop, and print the probes' round trips during each change "
+        "(issue 13, item 6)",
     )
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write figures")
     parser.add_argument(

@@ -51,7 +51,8 @@ class ChangeRecord:
     # sample, seconds): what a probe's round trip on that loop would include.
     loop_lag_s: tuple[float, ...] = ()
     # --probe-timing: round trips of the probes started during the change, per prober kind
-    # ("thread": ProberThread, aviator run's default; "loop": on the serving loop).
+    # ("process": ProberProcess, aviator run's default; "thread": ProberThread; "loop": on
+    # the serving loop).
     probe_s: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
     @property

@@ -19,9 +19,10 @@ stdin (see :mod:`aviator.bench.xds_child`):
 
 With ``"probe_timing": true`` in ``setup`` (``aviator bench xds --probe-timing``; issue 13,
 item 6) the server also probes a backend in a process of its own, as ``aviator run`` probes
-pods: :data:`PROBE_TARGETS` targets every :data:`PROBE_INTERVAL_S` with the prober on its own
-thread (``ProberThread``, the default of ``aviator run``) and as many with the prober on the
-serving loop (``--probe-on-loop``), at ``aviator run``'s switch interval. ``setup`` then replies
+pods: :data:`PROBE_TARGETS` targets every :data:`PROBE_INTERVAL_S` with the prober in a child
+process (``ProberProcess``, the default of ``aviator run``), as many with it on a thread of its
+own (``ProberThread``, ``--probe-in thread``) and as many on the serving loop (``--probe-in
+loop``), at ``aviator run``'s switch interval. ``setup`` then replies
 with each one's round trips at rest (``probe_quiet_s``), and ``quiet`` with the round trips of
 the probes started since the change (``probe_s``): a probe's inflation during the fan-out is
 the difference.
@@ -197,8 +198,9 @@ server.serve_forever()
 
 
 class _ProbeTiming:
-    """Real probes to a real backend from this process, on their own thread and on the
-    serving loop (see the module doc); round trips kept with their start (loop time)."""
+    """Real probes to a real backend from this process: from a child process, from a thread of
+    their own and on the serving loop (see the module doc); round trips kept with their start
+    (loop time)."""
 
     KINDS = ("process", "thread", "loop")
 

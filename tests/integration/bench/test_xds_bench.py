@@ -212,3 +212,26 @@ def test_short_run_writes_consistent_figures(
     assert "| kind | streams | endpoints |" in page
     assert "real Envoy 1 (sotw, alone" in page
     assert "### Goals" in page
+
+
+def test_probe_timing_runs_the_three_probers_side_by_side(tmp_path: Path) -> None:
+    """--probe-timing (issue 13, item 6): the server probes a backend from a child process, a
+    thread and its serving loop; each one's round trips at rest are reported."""
+    out = tmp_path / "xds.json"
+    args = _args(
+        "--streams", "3",
+        "--endpoints", "20",
+        "--per-workload", "5",
+        "--changes", "2",
+        "--all-changes", "1",
+        "--envoys", "0",
+        "--kinds", "sotw",
+        "--probe-timing",
+        "--json", str(out),
+    )  # fmt: skip
+    assert xds.run(args) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    quiet = run["probe_quiet_rtt_ms"]
+    assert set(quiet) == {"process", "thread", "loop"}
+    for figures in quiet.values():
+        assert 0 < figures["p50"] <= figures["p99"] <= figures["max"]
