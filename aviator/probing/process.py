@@ -163,17 +163,20 @@ class ProberProcess(Generic[K]):
             raise RuntimeError("prober is already running")
         self._running = True
         self._done = asyncio.Event()
-        child = self._child = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "aviator.probing.process",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        assert child.stdout is not None
-        self._send(("start", self._spec, self._wanted, self._fields_of(self._wanted)))
+        child: asyncio.subprocess.Process | None = None
         error: str | None = None
         try:
+            # Cancelled while the child starts (a SIGTERM right after start-up): asyncio kills
+            # it, and the finally below still marks the run done (close() waits for that).
+            child = self._child = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "aviator.probing.process",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            assert child.stdout is not None
+            self._send(("start", self._spec, self._wanted, self._fields_of(self._wanted)))
             while (message := await _read_frame(child.stdout)) is not None:
                 if message[0] == "results":
                     _, batch, self._in_flight, self._running_tasks = message
@@ -186,7 +189,8 @@ class ProberProcess(Generic[K]):
             if code != 0 and not self._closed:
                 raise RuntimeError(f"the prober process exited with code {code}")
         finally:
-            await asyncio.shield(self._stop_child(child))
+            if child is not None:
+                await asyncio.shield(self._stop_child(child))
             self._child = None
             self._running = False
             self._done.set()

@@ -39,7 +39,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[DemoStack]:
         envoy_dir=tmp_path / "envoy",
     ) as running:
         await running.wait_serving()
-        # Traffic, so that each pod reports its own latency (10, 15, 25 ms) and the weights
+        # Traffic, so that each pod reports its own latency (10, 15, 40 ms) and the weights
         # differ: a table of equal weights would not show which side a number came from.
         async with aiohttp.ClientSession() as http:
 

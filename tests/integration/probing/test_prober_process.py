@@ -207,3 +207,17 @@ async def test_cancelling_run_stops_the_child_and_closes_connections() -> None:
             await run
         assert child.returncode == 0
         await until(lambda: servers["127.0.0.2"].open == 0)
+
+
+async def test_cancelled_while_the_child_starts_close_still_returns() -> None:
+    """Seen with `aviator run` stopped by SIGTERM right after start-up: run() was cancelled
+    inside the child's spawn, never marked itself done, and close() waited for good."""
+    prober: ProberProcess[str] = ProberProcess(_Sink(), OPEN)
+    run = asyncio.create_task(prober.run())
+    await asyncio.sleep(0)  # run() is now inside the spawn
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    async with asyncio.timeout(10):
+        await prober.close()
+    assert prober._child is None
