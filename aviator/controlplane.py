@@ -53,7 +53,6 @@ from aviator.operator.xds_acks import XdsAcks
 from aviator.probing.estimator import EndpointStats, Estimator
 from aviator.probing.prober import (
     DEFAULT_MAX_PROBE_RATE,
-    AddressPolicy,
     Prober,
     ProbeSink,
     spread_probe_budget,
@@ -346,35 +345,32 @@ class ControlPlane:
         )
         self.estimator: Estimator[ProbeKey] = Estimator()
 
+        # One description of the prober, wherever it runs. In a process of its own under
+        # `aviator run` (a probe's round trip then carries no lag of the loop that serves xDS,
+        # nor of this interpreter); on this loop by default, so that tests on fake loop time
+        # drive it.
+        level, json_logs = log_setup()
+        # The child seeds its own from this; here the rng itself is used (and not drawn from:
+        # a run on fake time keeps its jitter).
+        crosses = settings.probe_in == "process"
+        spec = ProberSpec(
+            max_in_flight=settings.max_probes_in_flight,
+            allow_loopback=settings.allow_probe_loopback,
+            allow_link_local=settings.allow_probe_link_local,
+            seed=rng.getrandbits(64) if rng is not None and crosses else None,
+            log_level=level,
+            log_json=json_logs,
+        )
+
         def make_prober(sink: ProbeSink[ProbeKey]) -> Prober[ProbeKey]:
-            return Prober(
-                sink,
-                max_in_flight=settings.max_probes_in_flight,
-                transport_factory=transport_factory,
-                rng=rng,
-                addresses=AddressPolicy(
-                    allow_loopback=settings.allow_probe_loopback,
-                    allow_link_local=settings.allow_probe_link_local,
-                ),
-                log_fields=self._probe_log_fields,
+            return spec.build(
+                sink, self._probe_log_fields, rng=rng, transport_factory=transport_factory
             )
 
-        # In a process of its own under `aviator run` (a probe's round trip then carries no
-        # lag of the loop that serves xDS, nor of this interpreter); on this loop by default,
-        # so that tests on fake loop time drive it.
         self.prober: Prober[ProbeKey] | ProberThread[ProbeKey] | ProberProcess[ProbeKey]
-        if settings.probe_in == "process":
+        if crosses:
             if transport_factory is not None:
                 raise ValueError("a transport_factory cannot cross to a prober process")
-            level, json_logs = log_setup()
-            spec = ProberSpec(
-                max_in_flight=settings.max_probes_in_flight,
-                allow_loopback=settings.allow_probe_loopback,
-                allow_link_local=settings.allow_probe_link_local,
-                seed=rng.getrandbits(64) if rng is not None else None,
-                log_level=level,
-                log_json=json_logs,
-            )
             self.prober = ProberProcess(self._on_probe, spec, log_fields=self._probe_log_fields)
         elif settings.probe_in == "thread":
             self.prober = ProberThread(self._on_probe, make_prober)

@@ -39,6 +39,7 @@ import structlog
 
 from aviator.probing.prober import AddressPolicy, Prober
 from aviator.probing.results import ProbeResult, ProbeTarget
+from aviator.probing.transport import TransportFactory
 
 __all__ = ["ProberProcess", "ProberSpec"]
 
@@ -68,7 +69,12 @@ class ProberSpec:
         self,
         sink: Callable[[K, ProbeResult], None],
         log_fields: Callable[[K], Mapping[str, object]] | None = None,
+        *,
+        rng: random.Random | None = None,
+        transport_factory: TransportFactory | None = None,
     ) -> Prober[K]:
+        """The prober this spec describes. ``rng`` (default: one seeded with ``seed``) and
+        ``transport_factory`` only where it runs in this process: they do not cross a pipe."""
         addresses = (
             AddressPolicy(
                 allow_loopback=self.allow_loopback, allow_link_local=self.allow_link_local
@@ -79,9 +85,10 @@ class ProberSpec:
         return Prober(
             sink,
             max_in_flight=self.max_in_flight,
-            rng=random.Random(self.seed) if self.seed is not None else None,
+            rng=rng or (random.Random(self.seed) if self.seed is not None else None),
             addresses=addresses,
             log_fields=log_fields,
+            transport_factory=transport_factory,
         )
 
 

@@ -378,7 +378,7 @@ class WorkloadWeigher:
             enter_rif = max(
                 _quantile(known, knobs.hot_quantile),
                 knobs.min_hot_rif,
-                stand_out * (statistics.median_low(known) + 1.0) - 1.0,
+                stand_out * (known[(len(known) - 1) // 2] + 1.0) - 1.0,  # low median: sorted
             )
         keep = 1.0 - knobs.hysteresis
         rif_held = max(enter_rif * keep, knobs.min_hot_rif)

@@ -190,6 +190,9 @@ async def test_sigterm_during_a_parse_stops_at_once(tmp_path: Path) -> None:
             stderr += line
         # (Not a precondition: parsing on the loop has no worker, and must fail below.)
         await poll(lambda: bool(_workers(proc.pid)), 30)
+        # And the prober's process past its exec (a child just forked still shows our
+        # command line), so that it is recognised below.
+        await poll(lambda: bool(_probers(_children(proc.pid))), 10)
         children, workers = _children(proc.pid), _workers(proc.pid)
         probers = _probers(children)
         proc.send_signal(signal.SIGTERM)
