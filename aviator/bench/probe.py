@@ -2,11 +2,14 @@
 
 The prober under test runs in this process, on one event loop (so on at most one core), with
 its default transport (aviator.probing.transport): one keep-alive connection per target,
-exactly as in production. The backends run in a separate process (so their CPU is not
-counted): a minimal asyncio HTTP/1.1 responder on ``--ports`` loopback ports, answering
-every request with a 200, a small JSON body and an ORCA header in the format Aviator's agent
-writes (so the prober pays for parsing it). Endpoints are spread over the ports; each is a
-separate target with its own connection.
+exactly as in production. Beside it, in the same run, the same prober in a process of its own
+as ``aviator run`` has it by default (:class:`~aviator.probing.process.ProberProcess`): its
+CPU is the child's (read from ``/proc``) plus this process's, which unpickles the results.
+The backends run in a separate process (so their CPU is not counted): a minimal asyncio
+HTTP/1.1 responder on ``--ports`` loopback ports, answering every request with a 200, a small
+JSON body and an ORCA header in the format Aviator's agent writes (so the prober pays for
+parsing it). Endpoints are spread over the ports; each is a separate target with its own
+connection.
 
 Two modes:
 - saturating (default, ``--offered-rate 0``): every target re-probes as soon as it can; the
@@ -14,8 +17,9 @@ Two modes:
 - paced (``--offered-rate R``): targets are probed every ``endpoints / R`` seconds; shows the
   CPU cost at a realistic rate (and that the achieved rate matches the offered one).
 
-CPU is ``time.process_time()`` (user + system of this process, all threads) over the
-measured window, after ``--warmup`` seconds.
+CPU is ``time.process_time()`` (user + system of this process, all threads), plus the
+prober child's for the prober in a process, over the measured window, after ``--warmup``
+seconds.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -180,6 +185,8 @@ class _Window:
     cpu_s: float = 0.0
     cpu_user_s: float = 0.0
     cpu_system_s: float = 0.0
+    #: Of ``cpu_s``, what a child process doing the work spent (the prober in a process).
+    child_cpu_s: float = 0.0
     wall_s: float = 0.0
 
     @property
@@ -192,31 +199,54 @@ class _Window:
         self.cpu_s += other.cpu_s
         self.cpu_user_s += other.cpu_user_s
         self.cpu_system_s += other.cpu_system_s
+        self.child_cpu_s += other.child_cpu_s
         self.wall_s += other.wall_s
 
 
 _MAX_RTTS = 1_000_000
 
 
+def _no_child() -> tuple[float, float]:
+    return 0.0, 0.0
+
+
+def _child_cpu(pid: int | None) -> tuple[float, float]:
+    """User and system CPU seconds of process ``pid`` so far (``/proc/<pid>/stat``)."""
+    if pid is None:
+        return 0.0, 0.0
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        # Fields after the command (in parentheses, which may hold spaces): utime is the
+        # 14th field of the line, stime the 15th.
+        fields = f.read().rsplit(b")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 async def _measured(
-    args: argparse.Namespace, outcomes: Counter[str], measuring: list[bool]
+    args: argparse.Namespace,
+    outcomes: Counter[str],
+    measuring: list[bool],
+    child_cpu: Callable[[], tuple[float, float]] = _no_child,
 ) -> _Window:
     """Wait out the warm-up, then measure one window of ``args.duration`` seconds of whatever
-    is filling ``outcomes``; ``measuring[0]`` tells the sink when to keep RTTs."""
+    is filling ``outcomes``; ``measuring[0]`` tells the sink when to keep RTTs.
+    ``child_cpu()``: the (user, system) CPU seconds of a child doing the work, counted too."""
     await asyncio.sleep(args.warmup)
     before = Counter(outcomes)
     measuring[0] = True
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    usage0, child0 = resource.getrusage(resource.RUSAGE_SELF), child_cpu()
     await asyncio.sleep(args.duration)
     cpu1, wall1 = time.process_time(), time.perf_counter()
-    usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    usage1, child1 = resource.getrusage(resource.RUSAGE_SELF), child_cpu()
     measuring[0] = False
+    user, system = child1[0] - child0[0], child1[1] - child0[1]
     return _Window(
         outcomes=Counter(outcomes) - before,
-        cpu_s=cpu1 - cpu0,
-        cpu_user_s=usage1.ru_utime - usage0.ru_utime,
-        cpu_system_s=usage1.ru_stime - usage0.ru_stime,
+        cpu_s=cpu1 - cpu0 + user + system,
+        cpu_user_s=usage1.ru_utime - usage0.ru_utime + user,
+        cpu_system_s=usage1.ru_stime - usage0.ru_stime + system,
+        child_cpu_s=user + system,
         wall_s=wall1 - wall0,
     )
 
@@ -225,9 +255,13 @@ def _interval(args: argparse.Namespace) -> float:
     return _SATURATING_INTERVAL_S if args.offered_rate <= 0 else args.endpoints / args.offered_rate
 
 
-async def _prober_window(args: argparse.Namespace, ports: list[int]) -> _Window:
-    """One window of the production prober over the backends."""
+async def _prober_window(
+    args: argparse.Namespace, ports: list[int], *, in_process: bool = False
+) -> _Window:
+    """One window of the production prober over the backends; ``in_process``: in a child
+    process of its own (``ProberProcess``), its CPU counted with this process's."""
     from aviator.probing.prober import Prober
+    from aviator.probing.process import ProberProcess, ProberSpec
     from aviator.probing.results import ProbeResult, ProbeTarget
 
     outcomes: Counter[str] = Counter()
@@ -239,7 +273,12 @@ async def _prober_window(args: argparse.Namespace, ports: list[int]) -> _Window:
         if measuring[0] and len(rtts) < _MAX_RTTS:
             rtts.append(result.rtt_s)
 
-    prober: Prober[int] = Prober(sink, max_in_flight=args.max_in_flight)
+    prober: Prober[int] | ProberProcess[int]
+    if in_process:
+        spec = ProberSpec(max_in_flight=args.max_in_flight, addresses=False, log_level="warning")
+        prober = ProberProcess(sink, spec)
+    else:
+        prober = Prober(sink, max_in_flight=args.max_in_flight)
     interval = _interval(args)
     prober.set_targets(
         {
@@ -250,7 +289,11 @@ async def _prober_window(args: argparse.Namespace, ports: list[int]) -> _Window:
         }
     )
     task = asyncio.create_task(prober.run())
-    window = await _measured(args, outcomes, measuring)
+
+    def child_cpu() -> tuple[float, float]:
+        return _child_cpu(prober.pid) if isinstance(prober, ProberProcess) else (0.0, 0.0)
+
+    window = await _measured(args, outcomes, measuring, child_cpu)
     await prober.close()
     await task
     window.rtts = rtts
@@ -329,6 +372,7 @@ def _figures(window: _Window) -> dict[str, Any]:
         "cpu_s": cpu,
         "cpu_user_s": window.cpu_user_s,
         "cpu_system_s": window.cpu_system_s,
+        "child_cpu_s": window.child_cpu_s,
         "cpu_s_per_probe": cpu / probes if probes else None,
         # What one core would sustain if the prober had it to itself: on a shared machine the
         # achieved rate is lower whenever cpu_utilisation is below 1.
@@ -348,21 +392,34 @@ def _overhead(prober: _Window, bare: _Window) -> float | None:
     return (prober.cpu_s / prober.probes) / (bare.cpu_s / bare.probes)
 
 
+_KINDS = ("prober", "process", "bare")
+
+
+async def _window(kind: str, args: argparse.Namespace, ports: list[int]) -> _Window:
+    if kind == "bare":
+        return await _bare_window(args, ports)
+    return await _prober_window(args, ports, in_process=kind == "process")
+
+
 async def _measure(args: argparse.Namespace, ports: list[int]) -> dict[str, Any]:
-    """``--repeat`` rounds of one prober window and one bare-loop window on the same backends,
-    the order alternating (so a change in the machine's load falls on both alike)."""
-    prober_total, bare_total = _Window(), _Window()
-    ratios: list[float] = []
+    """``--repeat`` rounds of one window each of the prober, the prober in its process and
+    the bare loop on the same backends, the order rotating (so a change in the machine's load
+    falls on all alike)."""
+    totals = {kind: _Window() for kind in _KINDS}
+    ratios: dict[str, list[float]] = {"prober": [], "process": []}
     for rep in range(args.repeat):
         windows: dict[str, _Window] = {}
-        for kind in ("prober", "bare") if rep % 2 == 0 else ("bare", "prober"):
-            measure = _prober_window if kind == "prober" else _bare_window
-            windows[kind] = await measure(args, ports)
-        prober_total.add(windows["prober"])
-        bare_total.add(windows["bare"])
-        if (ratio := _overhead(windows["prober"], windows["bare"])) is not None:
-            ratios.append(ratio)
+        for kind in _KINDS[rep % 3 :] + _KINDS[: rep % 3]:
+            windows[kind] = await _window(kind, args, ports)
+        for kind, window in windows.items():
+            totals[kind].add(window)
+        for kind, kept in ratios.items():
+            if (ratio := _overhead(windows[kind], windows["bare"])) is not None:
+                kept.append(ratio)
     saturating = args.offered_rate <= 0
+    process = _figures(totals["process"])
+    process["overhead"] = _overhead(totals["process"], totals["bare"])
+    process["overhead_per_repeat"] = ratios["process"]
     return {
         "endpoints": args.endpoints,
         "backend_ports": len(ports),
@@ -373,12 +430,14 @@ async def _measure(args: argparse.Namespace, ports: list[int]) -> dict[str, Any]
         "warmup_s": args.warmup,
         "repeat": args.repeat,
         # The prober's figures over every repetition (top level, as before), then the bare
-        # aiohttp loop's over the same backends in the same run, and the ratio.
-        **_figures(prober_total),
-        "bare": _figures(bare_total),
-        "overhead": _overhead(prober_total, bare_total),
-        "overhead_per_repeat": ratios,
+        # aiohttp loop's over the same backends in the same run, and the ratio; then the
+        # prober in a process of its own, with its ratio to the same bare loop.
+        **_figures(totals["prober"]),
+        "bare": _figures(totals["bare"]),
+        "overhead": _overhead(totals["prober"], totals["bare"]),
+        "overhead_per_repeat": ratios["prober"],
         "overhead_goal": OVERHEAD_GOAL,
+        "process": process,
         "load_average": list(os.getloadavg()),
         "python": sys.version.split()[0],
     }
@@ -391,30 +450,34 @@ def _print(f: dict[str, Any]) -> None:
     load = ", ".join(f"{x:.1f}" for x in f["load_average"])
     print(
         f"aviator bench probe: {f['endpoints']} endpoints on {f['backend_ports']} backend ports, "
-        f"{offered}, max {f['max_in_flight']} in flight, {f['repeat']} x (prober, bare aiohttp "
-        f"loop) of {f['duration_s'] / f['repeat']:.1f} s after {f['warmup_s']:.1f} s warm-up; "
-        f"load average {load}"
+        f"{offered}, max {f['max_in_flight']} in flight, {f['repeat']} x (prober, prober in a "
+        f"process, bare aiohttp loop) of {f['duration_s'] / f['repeat']:.1f} s after "
+        f"{f['warmup_s']:.1f} s warm-up; load average {load}"
     )
-    bare = f["bare"]
+    bare, process = f["bare"], f["process"]
 
     def row(label: str, key: str, fmt: str, scale: float = 1.0) -> None:
-        cells = ["-" if (v := x[key]) is None else format(v * scale, fmt) for x in (f, bare)]
-        print(f"  {label:<22}{cells[0]:>14}{cells[1]:>14}")
+        cells = [
+            "-" if (v := x[key]) is None else format(v * scale, fmt) for x in (f, process, bare)
+        ]
+        print(f"  {label:<22}{cells[0]:>14}{cells[1]:>14}{cells[2]:>14}")
 
-    print(f"  {'':<22}{'prober':>14}{'bare aiohttp':>14}")
+    print(f"  {'':<22}{'prober':>14}{'in a process':>14}{'bare aiohttp':>14}")
     row("probes/s", "probes_per_s", ",.0f")
     row("CPU µs / probe", "cpu_s_per_probe", ",.0f", 1e6)
     row("probes per CPU second", "probes_per_cpu_s", ",.0f")
     row("CPU utilisation %", "cpu_utilisation", ".1f", 100)
     row("RTT p50 ms", "rtt_ms_p50", ".2f")
     row("RTT p99 ms", "rtt_ms_p99", ".2f")
-    for label, x in (("prober", f), ("bare", bare)):
+    for label, x in (("prober", f), ("process", process), ("bare", bare)):
         outcomes = ", ".join(f"{k}={v}" for k, v in sorted(x["outcomes"].items()))
         print(f"  outcomes ({label}){'':<{13 - len(label)}}{outcomes}")
-    if f["overhead"] is not None:
-        spread = ", ".join(f"{r:.2f}" for r in f["overhead_per_repeat"])
-        verdict = "met" if f["overhead"] <= f["overhead_goal"] else "NOT met"
+    for label, x in (("prober", f), ("prober in a process", process)):
+        if x["overhead"] is None:
+            continue
+        spread = ", ".join(f"{r:.2f}" for r in x["overhead_per_repeat"])
+        verdict = "met" if x["overhead"] <= f["overhead_goal"] else "NOT met"
         print(
-            f"  prober CPU per probe / bare loop's: {f['overhead']:.2f}x (per round: {spread}); "
-            f"goal <= {f['overhead_goal']:.1f}x: {verdict}"
+            f"  {label} CPU per probe / bare loop's: {x['overhead']:.2f}x (per round: "
+            f"{spread}); goal <= {f['overhead_goal']:.1f}x: {verdict}"
         )

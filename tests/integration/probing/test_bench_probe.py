@@ -53,6 +53,17 @@ def test_short_run_prints_and_writes_sane_figures(
     )
     assert len(figures["overhead_per_repeat"]) == 2
     assert figures["repeat"] == 2
+    assert figures["child_cpu_s"] == 0  # the prober ran here
+    # The prober in a process of its own, in the same run: the child's CPU counted too.
+    assert "prober in a process CPU per probe / bare loop's" in printed
+    process = figures["process"]
+    assert process["probes"] > 0
+    assert process["outcomes"] == {"ok": process["probes"]}
+    assert 0 < process["child_cpu_s"] < process["cpu_s"]  # it probed; this process unpickled
+    assert process["overhead"] == pytest.approx(
+        process["cpu_s_per_probe"] / bare["cpu_s_per_probe"]
+    )
+    assert len(process["overhead_per_repeat"]) == 2
 
 
 def test_rejects_nonsense_arguments(capsys: pytest.CaptureFixture[str]) -> None:

@@ -61,7 +61,11 @@ async def test_each_planned_request_is_sent_then_ended_once_from_t0() -> None:
 
 @pytest.mark.looptime
 async def test_cancelling_abandons_outstanding_requests() -> None:
-    hanging = Backend(BackendSpec("hang", Profile.constant(3600.0, 100)))
+    # Constant service: an exponential one with a 3,600 s mean ended one request of 41 in
+    # 0.42 s once (a chance of about 1 in 200 per run).
+    hanging = Backend(
+        BackendSpec("hang", Profile.constant(3600.0, 100), distribution=Distribution.CONSTANT)
+    )
     await hanging.start()
     try:
         spec = LoadSpec((hanging.url,), duration_s=4.0, rate=20.0, seed=3, deadline_s=60.0)
@@ -109,7 +113,9 @@ async def test_the_demo_offers_the_testbed_timeline_and_stops_on_request() -> No
 
 @pytest.mark.looptime
 async def test_the_demo_load_runs_to_its_duration_and_times_out_a_hanging_pod() -> None:
-    hanging = Backend(BackendSpec("web-c", Profile.constant(3600.0, 100)))
+    hanging = Backend(
+        BackendSpec("web-c", Profile.constant(3600.0, 100), distribution=Distribution.CONSTANT)
+    )
     await hanging.start()
     try:
         load = DemoLoad(
