@@ -206,12 +206,9 @@ class _Window:
 _MAX_RTTS = 1_000_000
 
 
-def _no_child() -> tuple[float, float]:
-    return 0.0, 0.0
-
-
-def _child_cpu(pid: int | None) -> tuple[float, float]:
-    """User and system CPU seconds of process ``pid`` so far (``/proc/<pid>/stat``)."""
+def _child_cpu(pid: int | None = None) -> tuple[float, float]:
+    """User and system CPU seconds of process ``pid`` so far (``/proc/<pid>/stat``); none
+    without one."""
     if pid is None:
         return 0.0, 0.0
     with open(f"/proc/{pid}/stat", "rb") as f:
@@ -226,7 +223,7 @@ async def _measured(
     args: argparse.Namespace,
     outcomes: Counter[str],
     measuring: list[bool],
-    child_cpu: Callable[[], tuple[float, float]] = _no_child,
+    child_cpu: Callable[[], tuple[float, float]] = _child_cpu,
 ) -> _Window:
     """Wait out the warm-up, then measure one window of ``args.duration`` seconds of whatever
     is filling ``outcomes``; ``measuring[0]`` tells the sink when to keep RTTs.
@@ -291,7 +288,7 @@ async def _prober_window(
     task = asyncio.create_task(prober.run())
 
     def child_cpu() -> tuple[float, float]:
-        return _child_cpu(prober.pid) if isinstance(prober, ProberProcess) else (0.0, 0.0)
+        return _child_cpu(prober.pid if isinstance(prober, ProberProcess) else None)
 
     window = await _measured(args, outcomes, measuring, child_cpu)
     await prober.close()

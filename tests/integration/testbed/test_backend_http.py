@@ -10,6 +10,7 @@ import pytest
 
 from aviator.testbed.backend import BACKEND_HEADER, Backend, BackendSpec
 from aviator.testbed.profile import Distribution, Phase, Profile
+from tests.integration.testbed.hanging import hanging
 
 
 @pytest.fixture
@@ -140,9 +141,7 @@ async def test_middlewares_wrap_every_request_including_queued_ones(
 
 @pytest.mark.looptime
 async def test_stop_does_not_wait_for_a_hanging_request(session: aiohttp.ClientSession) -> None:
-    backend = Backend(
-        BackendSpec("hang", Profile.constant(3600.0, 1), distribution=Distribution.CONSTANT)
-    )
+    backend = hanging()
     await backend.start()
     call = asyncio.create_task(_get(session, backend.url))
     for _ in range(1000):  # fake time: until the request is inside the application
@@ -161,9 +160,7 @@ async def test_stop_ends_requests_whose_client_went_away(session: aiohttp.Client
     # A client that gives up closes its connection; the server no longer tracks that
     # connection, but the application still holds the request (a real app keeps working on
     # it). stop() must end it too, or it runs on after the backend has stopped.
-    backend = Backend(
-        BackendSpec("hang", Profile.constant(3600.0, 1), distribution=Distribution.CONSTANT)
-    )
+    backend = hanging()
     await backend.start()
     try:
         with pytest.raises(TimeoutError):

@@ -16,7 +16,8 @@ from aviator.testbed.backend import Backend, BackendSpec
 from aviator.testbed.loadgen import run_load
 from aviator.testbed.loadresult import NO_BACKEND, LoadResult
 from aviator.testbed.loadspec import LoadSpec, Split, plan
-from aviator.testbed.profile import Distribution, Profile
+from aviator.testbed.profile import Profile
+from tests.integration.testbed.hanging import hanging
 
 
 @pytest.fixture
@@ -91,16 +92,14 @@ async def test_warmup_requests_are_sent_but_not_measured(backends: list[Backend]
 
 @pytest.mark.looptime
 async def test_deadline_turns_a_hanging_backend_into_timeouts() -> None:
-    hanging = Backend(
-        BackendSpec("hang", Profile.constant(3600.0, 1), distribution=Distribution.CONSTANT)
-    )
-    await hanging.start()
+    stuck = hanging()
+    await stuck.start()
     try:
-        spec = LoadSpec((hanging.url,), duration_s=2.0, rate=20.0, seed=7, deadline_s=0.5)
+        spec = LoadSpec((stuck.url,), duration_s=2.0, rate=20.0, seed=7, deadline_s=0.5)
         times, _ = plan(spec)
         result = await run_load(spec)
     finally:
-        await hanging.stop()
+        await stuck.stop()
     _check_accounting(result)
     assert result.errors == {"timeout": len(times)}
     assert result.ok == 0

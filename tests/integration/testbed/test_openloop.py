@@ -12,6 +12,7 @@ from aviator.testbed.backend import Backend, BackendSpec
 from aviator.testbed.loadspec import LoadSpec, plan
 from aviator.testbed.openloop import offer
 from aviator.testbed.profile import Distribution, Profile
+from tests.integration.testbed.hanging import hanging
 
 
 class Log:
@@ -61,14 +62,10 @@ async def test_each_planned_request_is_sent_then_ended_once_from_t0() -> None:
 
 @pytest.mark.looptime
 async def test_cancelling_abandons_outstanding_requests() -> None:
-    # Constant service: an exponential one with a 3,600 s mean ended one request of 41 in
-    # 0.42 s once (a chance of about 1 in 200 per run).
-    hanging = Backend(
-        BackendSpec("hang", Profile.constant(3600.0, 100), distribution=Distribution.CONSTANT)
-    )
-    await hanging.start()
+    stuck = hanging(slots=100)
+    await stuck.start()
     try:
-        spec = LoadSpec((hanging.url,), duration_s=4.0, rate=20.0, seed=3, deadline_s=60.0)
+        spec = LoadSpec((stuck.url,), duration_s=4.0, rate=20.0, seed=3, deadline_s=60.0)
         log = Log()
         task = asyncio.create_task(offer(spec, log))
         await asyncio.sleep(2.0)
@@ -78,7 +75,7 @@ async def test_cancelling_abandons_outstanding_requests() -> None:
         sent = sum(1 for kind, _ in log.calls if kind == "sent")
         await asyncio.sleep(120.0)  # past every deadline: nothing more is heard
     finally:
-        await hanging.stop()
+        await stuck.stop()
     assert 0 < sent == len(log.calls), log.ended  # what ended, and how (seen once in CI)
     assert log.ended == []
 
@@ -113,18 +110,16 @@ async def test_the_demo_offers_the_testbed_timeline_and_stops_on_request() -> No
 
 @pytest.mark.looptime
 async def test_the_demo_load_runs_to_its_duration_and_times_out_a_hanging_pod() -> None:
-    hanging = Backend(
-        BackendSpec("web-c", Profile.constant(3600.0, 100), distribution=Distribution.CONSTANT)
-    )
-    await hanging.start()
+    stuck = hanging("web-c", slots=100)
+    await stuck.start()
     try:
         load = DemoLoad(
-            hanging.url, host="web.shop", rate=10.0, duration_s=2.0, seed=6, deadline_s=0.5
+            stuck.url, host="web.shop", rate=10.0, duration_s=2.0, seed=6, deadline_s=0.5
         )
         times, _ = plan(load.spec)
         ran_s = await load.run(asyncio.get_running_loop().time(), asyncio.Event())
     finally:
-        await hanging.stop()
+        await stuck.stop()
     assert ran_s == 2.0
     assert sorted(c.sent_s for c in load.completions) == times
     assert {(c.backend, c.error) for c in load.completions} == {(None, "timeout")}
