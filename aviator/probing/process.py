@@ -18,8 +18,10 @@ in batches (one frame per 5 ms at most, not per probe) and reach the sink on the
 loop that runs :meth:`run`, in the order they were made. Targets are screened where
 :meth:`set_targets` is called, as the thread does, so :attr:`refused` and :attr:`targets` say
 what was asked at once. The child exits when told to close or when its stdin ends (its
-parent is gone); a child that dies otherwise ends :meth:`run` with an error naming its exit
-code, as a failing prober's run would.
+parent is gone). A child that dies otherwise (killed, out of memory) or whose prober fails is
+logged and started again with the current targets, after a delay that backs off while it
+keeps dying young: a crash of the child once stopped the whole control plane (every task of
+``aviator run`` is supervised), and its restart lost every endpoint's statistics.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from aviator.probing.prober import AddressPolicy, Prober
 from aviator.probing.results import ProbeResult, ProbeTarget
 from aviator.probing.transport import TransportFactory
 
-__all__ = ["ProberProcess", "ProberSpec"]
+__all__ = ["RESTART_FIRST_S", "RESTART_MAX_S", "ProberProcess", "ProberSpec"]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -49,6 +51,11 @@ log = structlog.get_logger(__name__)
 
 _HEADER = struct.Struct(">I")
 _STOP_S = 5.0  # a child asked to close has this long before it is killed
+#: A child that died is started again after this long, then after twice as long each time it
+#: dies young (it lived less than _LIVED_S), up to RESTART_MAX_S.
+RESTART_FIRST_S = 0.1
+RESTART_MAX_S = 10.0
+_LIVED_S = 30.0
 # Results wait at most this long in the child for others to share their frame. A probe is
 # timed when it ends, so this delays only its delivery (the weigher passes every 100 ms). One
 # frame per turn of the loop instead cost 365 us of CPU per probe at 1,000 probes/s
@@ -137,6 +144,9 @@ class ProberProcess(Generic[K]):
         self._running = False
         self._closed = False
         self._done: asyncio.Event | None = None
+        self._closing: asyncio.Event | None = None
+        #: How many times a child that died or failed was started again.
+        self.restarts = 0
 
     # -- the prober's interface --------------------------------------------------------------
 
@@ -174,18 +184,48 @@ class ProberProcess(Generic[K]):
 
     async def run(self) -> None:
         """Probe in the child until :meth:`close` (or cancellation); results reach the sink
-        on this loop. Raises if the child fails or dies."""
+        on this loop. A child that dies or fails is logged and started again, after a delay
+        that doubles from :data:`RESTART_FIRST_S` to :data:`RESTART_MAX_S` while it keeps
+        dying young: the control plane keeps serving, its statistics age as they would
+        without probes, and probing resumes where it stopped."""
         if self._closed:
             raise RuntimeError("prober is closed")
         if self._running:
             raise RuntimeError("prober is already running")
         self._running = True
         self._done = asyncio.Event()
+        self._closing = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        delay = RESTART_FIRST_S
+        try:
+            while not self._closed:
+                started = loop.time()
+                reason = await self._run_child()
+                if reason is None or self._closed:
+                    break
+                if loop.time() - started >= _LIVED_S:
+                    delay = RESTART_FIRST_S
+                self.restarts += 1
+                log.error(
+                    "the prober process ended; starting it again",
+                    reason=reason,
+                    restart_in_s=delay,
+                    restarts=self.restarts,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), delay)
+                delay = min(2 * delay, RESTART_MAX_S)
+        finally:
+            self._running = False
+            self._done.set()
+
+    async def _run_child(self) -> str | None:
+        """One child, from its start to its end: None if it ended as asked, else why not."""
         child: asyncio.subprocess.Process | None = None
         error: str | None = None
         try:
             # Cancelled while the child starts (a SIGTERM right after start-up): asyncio kills
-            # it, and the finally below still marks the run done (close() waits for that).
+            # it, and run()'s finally still marks the run done (close() waits for that).
             child = self._child = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -203,20 +243,22 @@ class ProberProcess(Generic[K]):
                     error = message[1]
             code = await child.wait()
             if error is not None:
-                raise RuntimeError(f"the prober process failed: {error}")
+                return f"the prober failed: {error}"
             if code != 0 and not self._closed:
-                raise RuntimeError(f"the prober process exited with code {code}")
+                return f"the prober process exited with code {code}"
+            return None
         finally:
             if child is not None:
                 await asyncio.shield(self._stop_child(child))
             self._child = None
-            self._running = False
-            self._done.set()
+            self._in_flight = self._running_tasks = 0
 
     async def close(self) -> None:
         """Stop probing, let the child close its connections and exit, and wait for that."""
         self._closed = True
         self._send(("close",))
+        if self._closing is not None:
+            self._closing.set()  # a restart's delay ends at once
         if self._done is not None:
             await self._done.wait()
 

@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from aviator_agent.orca import ORCA_HEADER, OrcaLoadReport, format_orca_text
 
+from aviator.probing import process
 from aviator.probing.process import ProberProcess, ProberSpec
 from aviator.probing.results import ProbeOutcome, ProbeResult, ProbeTarget
 from tests.integration.probing.test_prober_thread import _Sink, _targets, backends, until
@@ -163,18 +164,45 @@ async def test_refused_targets_are_screened_here_and_never_probed() -> None:
     assert sink.results == []
 
 
-async def test_a_child_that_dies_ends_run_with_its_exit_code() -> None:
-    prober: ProberProcess[str] = ProberProcess(_Sink(), OPEN)
+async def test_a_child_that_dies_is_started_again_and_probing_resumes() -> None:
+    """A killed child once ended run(), and with it the whole control plane."""
+    sink = _Sink()
+    prober: ProberProcess[str] = ProberProcess(sink, OPEN)
     with backends({"127.0.0.2": 200}) as servers:
-        prober.set_targets(_targets(servers, 0.05))
+        prober.set_targets(_targets(servers, 0.02))
         run = asyncio.create_task(prober.run())
-        await until(lambda: prober._child is not None)
-        child = prober._child
-        assert child is not None
-        child.kill()
-        with pytest.raises(RuntimeError, match="exited with code -9"):
-            async with asyncio.timeout(10):
-                await run
+        pids = []
+        for restarts in (1, 2):
+            await until(lambda: len(sink.results) >= 2 and prober.pid not in (None, *pids))
+            child = prober._child
+            assert child is not None
+            pids.append(child.pid)
+            sink.results.clear()
+            child.kill()
+            await until(lambda: prober.restarts == restarts)  # noqa: B023 (awaited here)
+        # The third child probes the same targets; nothing asked the run to end.
+        await until(lambda: len(sink.results) >= 2 and prober.pid not in (None, *pids))
+        assert not run.done()
+        assert {k for k, _, _ in sink.results} == {"127.0.0.2"}
+        await prober.close()
+        async with asyncio.timeout(10):
+            await run
+        assert prober.restarts == 2
+
+
+async def test_close_ends_the_wait_before_a_restart(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(process, "RESTART_FIRST_S", 3600.0)
+    prober: ProberProcess[str] = ProberProcess(_Sink(), OPEN)
+    run = asyncio.create_task(prober.run())
+    await until(lambda: prober._child is not None)
+    child = prober._child
+    assert child is not None
+    child.kill()
+    await until(lambda: prober.restarts == 1)
+    async with asyncio.timeout(10):  # not the hour of the delay
+        await prober.close()
+        await run
+    assert prober._child is None
 
 
 async def test_a_failing_sink_is_logged_and_probing_goes_on() -> None:
