@@ -26,10 +26,11 @@ HOST_HEADER = f"{WORKLOAD.name}.{WORKLOAD.namespace}"
 DEFAULT_FIRST_ADDRESS = "127.0.0.2"
 DEFAULT_BACKEND_PORT = 8080
 # Pods and their mean service times. The slowed one is the fastest otherwise, so it starts
-# with the largest share and its loss is plain to see; web-b is slow enough to stand out
-# (standOut: beyond 1.5x the median latency, 15 ms), so the weights differ before the
-# slowdown. Capacity 8 each: at the default rate the fleet runs at ~15% of its capacity, but
-# the slowed pod (100 ms, 80 req/s at most) would be overloaded with the share it had before.
+# with the largest share and its loss is plain to see; web-b is slower but within
+# latencyThreshold, so before the slowdown every weight is equal and Envoy's least request
+# balances the three on its own. Capacity 8 each: at the default rate the fleet runs at ~15%
+# of its capacity, but the slowed pod (100 ms, 80 req/s at most) would be overloaded with the
+# share it had before.
 PODS: tuple[tuple[str, float], ...] = (("web-a", 0.015), ("web-b", 0.040), ("web-c", 0.010))
 SLOWED_POD = "web-c"
 SLOW_FACTOR = 10.0

@@ -20,12 +20,14 @@ The rule (Prequal's hot-cold lexicographic selection, NSDI 2024 §4, turned into
    latency, and it and the new victim made an overload that floored neither for 0.7 s). A
    hot endpoint of the previous result stays hot, while the cap has room, until both
    signals fall ``hysteresis`` below those thresholds.
-2. If some endpoint with data is cold: cold weights fall smoothly with latency beyond
-   ``stand_out`` times the cold endpoints' (low) median, ∝ (latency + τ)^-latency_exponent
-   relative to (stand_out x median + τ), never below the floor 1/max_weight_ratio; within
-   it they are 1. τ, the latency tolerance, is a tenth of ``latencyThreshold`` (0 without
-   one): differences far below the threshold are noise. Unequal weights cost Envoy's least
-   request its two choices (rule 4), so figures that do not stand out get equal weights.
+2. If some endpoint with data is cold: cold weights fall smoothly with latency beyond the
+   reference, the larger of ``latencyThreshold`` and ``stand_out`` times the cold endpoints'
+   (low) median, ∝ (latency + τ)^-latency_exponent relative to (reference + τ), never below
+   the floor 1/max_weight_ratio; within it they are 1. τ, the latency tolerance, is a tenth
+   of ``latencyThreshold`` (0 without one): differences far below the threshold are noise.
+   Unequal weights cost Envoy's least request its two choices (rule 4), so figures that do
+   not stand out, or that the user's threshold calls good, get equal weights (a pod at 28 ms
+   against 15 ms for the others, threshold 100 ms, once got 0.8).
    Hot ones get the floor (and DEGRADED health if ``degrade_hot``).
 3. At most ``max(1, ceil((1 - hot_quantile) · n))`` endpoints may be hot (the cap). If more
    enter by RIF (ties at the quantile), or every endpoint with data is hot, the fleet is
@@ -64,6 +66,9 @@ The rule (Prequal's hot-cold lexicographic selection, NSDI 2024 §4, turned into
    31 s interval: an endpoint's first sample landed within ``min_change`` of a half-smoothed
    weight, which then held for minutes). An endpoint that gains data moves too: held at
    the neutral weight (rule 5), the fastest of three pods kept 84% of its weight for good.
+   Equal targets against unequal weights always move, at any size of change: Envoy's least
+   request uses its two choices only while every weight is equal (a weight of 885 left from
+   the warm-up held for a whole load ramp, within ``min_change``).
 
 Published weights are integers in ``[ceil(MAX_WEIGHT / max_weight_ratio), MAX_WEIGHT]``,
 so every weight is ≥ 1 and max/min ≤ ``max_weight_ratio``.
@@ -425,8 +430,12 @@ class WorkloadWeigher:
             cold = [i for i in data if i not in hot_set] if hot else data
             if cold and not overloaded:
                 lat = latency if cold is everyone else list(map(latency.__getitem__, cold))
-                # Within stand_out of the cold median: the same to the weigher (weight 1).
-                reference = stand_out * statistics.median_low(lat) + tau
+                # Within stand_out of the cold median, or within latencyThreshold: the same to
+                # the weigher (weight 1).
+                reference = stand_out * statistics.median_low(lat)
+                if threshold is not None:
+                    reference = max(reference, threshold)
+                reference += tau
                 cold_targets = [
                     max(floor, (reference / d) ** exponent) if (d := x + tau) > reference else 1.0
                     for x in lat
@@ -501,6 +510,10 @@ class WorkloadWeigher:
                 health != self._prev_health
                 or top > knobs.max_weight_ratio * bottom
                 or unmeasured != previous.unmeasured
+                # Equal targets against unequal weights: Envoy's least request picks by two
+                # choices only when every weight is equal, so equality is never "too small
+                # a change" (a 0.885 of the warm-up held a whole load ramp below min_change).
+                or (top != bottom and max(target) == min(target))
             )
         else:  # membership changed: structural, and only some addresses have a weight before
             prev = previous.endpoints

@@ -2,7 +2,8 @@
 the tests compare :func:`aviator.probing.weigher.weigh` and
 :class:`aviator.probing.weigher.WorkloadWeigher` with, result for result. Changed since only
 where the rule changed (in both): rule 6 holds only a settled result; RIF decides before
-latency; an endpoint is told apart from the fleet only when it stands out (``stand_out``)."""
+latency; an endpoint is told apart from the fleet only when it stands out (``stand_out``);
+latencies within latencyThreshold weigh 1; equal targets always move unequal weights."""
 
 # ruff: noqa
 
@@ -143,10 +144,12 @@ def _targets(
 
     cold = {a: s for a, s in data.items() if a not in hot}
     if cold and not overloaded:
-        # Latencies within stand_out of the cold median are the same to the weigher (weight 1).
-        reference = (
-            knobs.stand_out * statistics.median_low(s.latency_s for s in cold.values()) + tau
-        )
+        # Latencies within stand_out of the cold median, or within the threshold, are the same
+        # to the weigher (weight 1).
+        reference = knobs.stand_out * statistics.median_low(s.latency_s for s in cold.values())
+        if latency_threshold_s is not None:
+            reference = max(reference, latency_threshold_s)
+        reference += tau
         out = {
             a: max(floor, by_latency(s, reference)) if s.latency_s + tau > reference else 1.0
             for a, s in cold.items()
@@ -271,6 +274,8 @@ def weigh(
         # An endpoint that gains (or loses) data moves like a new member: held at the
         # neutral weight by the dead band, a fast pod kept 84% of its weight for good.
         or unmeasured != previous.unmeasured
+        # Equal targets against unequal weights: equality is Envoy's two choices.
+        or (len(set(prev_weights.values())) > 1 and len(set(targets.values())) == 1)
     )
     # Only a settled result holds against a small move: one still on its way keeps moving.
     if previous.settled and not structural and _moved(targets, prev_weights) <= knobs.min_change:

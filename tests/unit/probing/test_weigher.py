@@ -64,7 +64,7 @@ SCENARIOS = {
     # "overload" that floored nothing for 0.7 s.)
     "RIF before latency: the new victim is hot, not the last one": Scenario(
         [stats(221, 5.1), stats(29, 6.6), stats(30, 2.8), stats(36, 2.9)],
-        [277, 50, 1000, 1000],
+        [476, 50, 1000, 1000],  # (100 + 10) / (221 + 10): beyond the threshold, not 1.5 x 36
         hot=[1],
         threshold_ms=100,
     ),
@@ -74,16 +74,26 @@ SCENARIOS = {
     "RIF above the 0.84 quantile is hot: floor": Scenario(
         [stats(10, 2)] * 9 + [stats(10, 20)], [1000] * 9 + [50], hot=[9]
     ),
-    # With a 50 ms threshold the latency tolerance τ is 5 ms: 20 ms weighs (1.5 x 10 + 5)/(20 + 5).
+    # 20 ms is twice the median but within the 50 ms threshold: the same as 10 ms (it weighed
+    # (1.5 x 10 + 5) / (20 + 5) = 0.8, which cost Envoy's least request its two choices).
     "latency above latencyThreshold is hot: floor": Scenario(
-        [stats(10, 0), stats(20, 0), stats(80, 0)], [1000, 800, 50], hot=[2], threshold_ms=50
+        [stats(10, 0), stats(20, 0), stats(80, 0)], [1000, 1000, 50], hot=[2], threshold_ms=50
     ),
     "idle fleet: sub-millisecond differences are noise under τ": Scenario(
-        [stats(0.5, 0), stats(1.5, 0)], [1000, 885], threshold_ms=50
+        [stats(0.5, 0), stats(1.5, 0)], [1000, 1000], threshold_ms=50
+    ),
+    "within latencyThreshold the latency tells nothing: equal": Scenario(
+        [stats(15, 1), stats(28, 1), stats(14, 1), stats(99, 1)], [1000] * 4, threshold_ms=100
+    ),
+    "beyond latencyThreshold the latency weighs, relative to the threshold": Scenario(
+        [stats(15, 1), stats(28, 1), stats(210, 1), stats(160, 1)],
+        [1000, 1000, 50, 647],  # the slowest fills the cap; (100 + 10) / (160 + 10)
+        hot=[2],
+        threshold_ms=100,
     ),
     "degradeHot publishes hot endpoints DEGRADED": Scenario(
         [stats(10, 0), stats(20, 0), stats(80, 0)],
-        [1000, 800, 50],
+        [1000, 1000, 50],
         health=[H, H, D],
         hot=[2],
         knobs={"degradeHot": True},
@@ -224,6 +234,19 @@ def test_same_input_twice_is_unchanged() -> None:
 EXACT = WeigherKnobs(stand_out=1.0)
 
 
+def test_equal_targets_move_unequal_weights_within_min_change() -> None:
+    """Seen in the latency benchmark's load ramp: a weight of 885 from the warm-up (four
+    identical backends) held for the whole run, 12% of a share and so within minChange, and
+    Envoy's least request, which uses its two choices only while every weight is equal,
+    balanced by weight instead for all of it."""
+    warm = _weigh([(10, 1), (17, 1)])
+    assert _weights(warm, 2) == [1000, 882]  # 1.5 x 10 / 17
+    equal = _weigh([(10, 1), (14, 1)], previous=warm)  # 14 ms: within 1.5 x 10
+    assert equal.changed
+    assert _weights(equal, 2) == [1000, 1000]
+    assert not _weigh([(10, 1), (14.5, 1)], previous=equal).changed
+
+
 def test_material_change_moves_smoothing_of_the_way() -> None:
     first = _weigh([(10, 2), (10, 2)], knobs=EXACT)
     # target 1000/500, smoothing 0.5
@@ -241,16 +264,18 @@ def test_material_change_moves_smoothing_of_the_way() -> None:
 
 def test_a_result_on_its_way_keeps_moving_until_it_reaches_its_targets() -> None:
     # The case a CI run met on fake time (threshold 20 ms; then with probe round trips alone,
-    # which now give equal weights, so here with idle load reports): the first probe of each
-    # pod lands at a random point of its first interval. Pod 1 has no data yet (neutral: the
-    # median of the targets) while pod 2's weight smooths down towards its target.
+    # which now give equal weights, so here with idle load reports; and without a threshold,
+    # under which latencies now weigh 1: the 2 ms of its tolerance are added to each): the
+    # first probe of each pod lands at a random point of its first interval. Pod 1 has no
+    # data yet (neutral: the median of the targets) while pod 2's weight smooths down towards
+    # its target.
     def weigh_ms(latencies: list[float | None], previous: WeighResult) -> WeighResult:
         data = {addr(i): None if ms is None else stats(ms, 0.0) for i, ms in enumerate(latencies)}
-        return weigh(data, previous=previous, latency_threshold_s=0.020, knobs=EXACT)
+        return weigh(data, previous=previous, knobs=EXACT)
 
-    first = weigh({addr(i): None for i in range(3)}, latency_threshold_s=0.020)
-    second = weigh_ms([0.5, None, 8.0], first)
-    third = weigh_ms([0.5, None, 8.0], second)
+    first = weigh({addr(i): None for i in range(3)})
+    second = weigh_ms([2.5, None, 10.0], first)
+    third = weigh_ms([2.5, None, 10.0], second)
     assert not second.settled
     assert not third.settled
     assert _weights(third, 3) == [1000, 719, 438]
@@ -258,12 +283,12 @@ def test_a_result_on_its_way_keeps_moving_until_it_reaches_its_targets() -> None
     # within minChange of the half-smoothed state as shares, so a dead band against that
     # state would hold 719/438 (for minutes, until probe noise alone pushed again). A result
     # still on its way is not held: it arrives.
-    fourth = weigh_ms([0.5, None, 3.9], third)
+    fourth = weigh_ms([2.5, None, 5.9], third)
     assert fourth.changed
     assert fourth.settled
     assert _weights(fourth, 3) == [1000, 712, 424]
     # Arrived: now the dead band holds against noise.
-    fifth = weigh_ms([0.5, None, 3.95], fourth)
+    fifth = weigh_ms([2.5, None, 5.95], fourth)
     assert not fifth.changed
     assert fifth.settled
     assert _weights(fifth, 3) == [1000, 712, 424]
@@ -271,21 +296,21 @@ def test_a_result_on_its_way_keeps_moving_until_it_reaches_its_targets() -> None
 
 def test_an_endpoint_that_gains_data_moves_even_within_min_change() -> None:
     """Seen on fake time (3 pods, seed 0): the fastest pod's first sample came last; until
-    then it had the neutral weight (the median of the others' targets: 0.825 here), and its
-    own target (1) was within minChange of that as a share, so the dead band held it at 84%
-    for good. Gaining data moves an endpoint as joining does."""
+    then it had the neutral weight (the median of the others' targets: 0.8125 here), and its
+    own target (1) was within minChange of that as a share (14%), so the dead band held it at
+    84% for good. Gaining data moves an endpoint as joining does."""
 
     def three(first: float | None) -> dict[EndpointAddress, EndpointStats | None]:
-        ms = [first, 3.0, 8.0]
+        ms = [first, 5.0, 12.0]
         return {addr(i): None if m is None else stats(m, 0.0) for i, m in enumerate(ms)}
 
-    before = weigh(three(None), latency_threshold_s=0.020)
-    assert _weights(before, 3) == [825, 1000, 650]
+    before = weigh(three(None))
+    assert _weights(before, 3) == [813, 1000, 625]  # 12 ms weighs 1.5 x 5 / 12
     assert before.unmeasured == {addr(0)}
-    after = weigh(three(0.5), previous=before, latency_threshold_s=0.020)
+    after = weigh(three(2.5), previous=before)
     assert after.changed
     assert after.unmeasured == frozenset()
-    assert _weights(after, 3) == [1000, 1000, 650]
+    assert _weights(after, 3) == [1000, 1000, 625]
 
 
 def test_newly_hot_endpoint_drops_to_the_floor_at_once() -> None:
@@ -309,13 +334,13 @@ def test_hysteresis_keeps_a_hot_endpoint_hot_just_below_the_threshold() -> None:
     # Without the history the same input is cold.
     fresh = _weigh([(10, None), (47, None)], latency_threshold_s=threshold, knobs=knobs)
     assert fresh.hot == frozenset()
-    assert _weights(fresh, 2) == [1000, 288]  # (10 + τ) / (47 + τ), τ = 5 ms
-    # At 44 ms it cools, and climbs back through smoothing: 0.05 + 0.5 * (15/49 - 0.05) → 178.
+    assert _weights(fresh, 2) == [1000, 1000]  # within the threshold: the same as 10 ms
+    # At 44 ms it cools, and climbs back through smoothing: 0.05 + 0.5 * (1 - 0.05) → 525.
     cooled = _weigh(
         [(10, None), (44, None)], previous=held, latency_threshold_s=threshold, knobs=knobs
     )
     assert cooled.hot == frozenset()
-    assert _weights(cooled, 2) == [1000, 178]
+    assert _weights(cooled, 2) == [1000, 525]
 
 
 def test_an_endpoint_held_hot_gives_way_to_a_hotter_one_within_the_cap() -> None:
@@ -340,10 +365,11 @@ def test_an_endpoint_held_hot_gives_way_to_a_hotter_one_within_the_cap() -> None
     assert moved8.hot == {addr(5), addr(7)}
     # Two above the threshold (and 1.5x their median) over a cap of one, with the same RIF
     # (none above its quantile): the slowest fills the cap, by address on a tie; the other
-    # stays cold, at (1.5 x 20 + 5) / (80 + 5) of the fastest. Never an overload.
+    # stays cold, at (50 + 5) / (80 + 5) of the fastest (beyond the threshold, which is above
+    # 1.5 x 20). Never an overload.
     over = _weigh([(20, 1), (20, 1), (80, 6), (80, 6)], latency_threshold_s=0.05, knobs=knobs)
     assert over.hot == {addr(2)}
-    assert _weights(over, 4) == [1000, 1000, 50, 412]
+    assert _weights(over, 4) == [1000, 1000, 50, 647]
 
 
 def test_membership_change_is_always_pushed() -> None:
