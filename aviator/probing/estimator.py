@@ -70,7 +70,10 @@ class EstimatorConfig:
     #: RIF). With the probe latency's 2 s on top, a backend that had drained the queue of an
     #: antagonist's slowdown stayed above latencyThreshold for seconds, and its new victim
     #: crossed it late (latency benchmark, antagonist at 90%: floored 1.2 s after each move).
-    reported_latency_half_life_s: float = 0.5
+    #: The agent's report now also follows the requests in flight (Little's law over its
+    #: last half second), which moves within a probe or two of a slowdown; a 0.5 s average
+    #: on top of it took three probes to follow.
+    reported_latency_half_life_s: float = 0.1
     #: Half-life of the error-rate average.
     error_half_life_s: float = 10.0
     #: An endpoint with no sample for this long has no statistics (``None``); a sample this old

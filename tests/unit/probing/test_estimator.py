@@ -143,21 +143,22 @@ def test_reported_rif_and_latency_are_used() -> None:
 
 
 def test_the_reported_latency_follows_the_server_within_its_own_half_life() -> None:
-    # The server's report is already its own aggregate: averaged at the RIF's pace, not at
-    # the probe latency's (2 s), or a backend that drained its queue looks slow for seconds.
+    # The server's report is already its own aggregate (and follows its requests in flight):
+    # averaged over a probe or two, not at the probe latency's pace (2 s), or a backend that
+    # drained its queue looks slow for seconds, and a new victim crosses late.
     est: Estimator[str] = Estimator(EstimatorConfig())
     est.observe("a", ok(1.0, 0.001, rif=1, latency_ms=400), now=1.0)
-    est.observe("a", ok(1.5, 0.001, rif=1, latency_ms=20), now=1.5)  # one half-life later
-    s = est.stats("a", 1.5)
+    est.observe("a", ok(1.1, 0.001, rif=1, latency_ms=20), now=1.1)  # one half-life later
+    s = est.stats("a", 1.1)
     assert s is not None
     assert s.reported_latency_s == pytest.approx(0.210)
     assert s.latency_s == pytest.approx(0.210)
-    for i in range(1, 5):  # a second more of fast reports: 1/8 of the way left
-        est.observe("a", ok(1.5 + 0.25 * i, 0.001, rif=1, latency_ms=20), now=1.5 + 0.25 * i)
-    s = est.stats("a", 2.5)
+    for i in range(1, 5):  # four more half-lives of fast reports: 1/16 of the way left
+        est.observe("a", ok(1.1 + 0.1 * i, 0.001, rif=1, latency_ms=20), now=1.1 + 0.1 * i)
+    s = est.stats("a", 1.5)
     assert s is not None
-    assert s.reported_latency_s == pytest.approx(0.020 + 0.190 / 4)
-    assert EstimatorConfig().for_interval(60.0).reported_latency_half_life_s == 0.5
+    assert s.reported_latency_s == pytest.approx(0.020 + 0.190 / 16)
+    assert EstimatorConfig().for_interval(60.0).reported_latency_half_life_s == 0.1
 
 
 def test_a_failure_keeps_the_last_report_and_an_answer_without_one_forgets_it() -> None:

@@ -101,6 +101,57 @@ def test_memory_is_bounded() -> None:
     stored = sum(len(b) for b in tracker._latencies)
     assert stored <= 4 * len(tracker._latencies)
     assert len(tracker._ring) == 11
+    # Tickets ended behind the held ones are let go; completions only for the flow window.
+    assert len(tracker._arrivals) <= 2 * tracker.rif + 65
+    assert len(tracker._completions) <= 501  # 1 ms each: 0.5 s of them
+
+
+def test_a_slowdown_shows_in_the_latency_before_any_slow_request_completes() -> None:
+    clock = FakeClock()
+    tracker = LoadTracker(clock=clock)
+    for _ in range(50):  # 100 per second at 10 ms, for half a second
+        serve(tracker, clock, 0.010)
+    assert parse_orca_header(tracker.header_value()).latency_s == pytest.approx(0.010)
+    stuck = [tracker.begin() for _ in range(3)]  # the server slows: nothing completes
+    clock.now += 0.205
+    # The median of completed requests still says 10 ms; the 30 completions of the last
+    # half second and RIF 3 say 50 ms (Little's law), within the oldest's 205 ms.
+    assert tracker.latency_estimate_s() == pytest.approx(0.010)
+    assert tracker.in_flight_latency_s() == pytest.approx(3 * 0.5 / 30)
+    assert parse_orca_header(tracker.header_value()).latency_s == pytest.approx(0.050)
+    clock.now += 0.2  # 10 completions left in the window
+    assert parse_orca_header(tracker.header_value()).latency_s == pytest.approx(0.150)
+    clock.now += 0.2  # none left: the age of the oldest
+    assert parse_orca_header(tracker.header_value()).latency_s == pytest.approx(0.605)
+    for t in stuck:
+        tracker.end(t)
+    assert tracker.in_flight_latency_s() is None
+
+
+def test_a_quiet_server_with_a_request_in_flight_is_not_called_slow() -> None:
+    clock = FakeClock()
+    tracker = LoadTracker(clock=clock)
+    serve(tracker, clock, 0.010)
+    clock.now += 10  # nothing completed in the window, the old sample aged out
+    ticket = tracker.begin()
+    clock.now += 0.005
+    assert tracker.in_flight_latency_s() == pytest.approx(0.005)  # its age, not the window
+    assert parse_orca_header(tracker.header_value()).latency_s == pytest.approx(0.005)
+    tracker.end(ticket)
+
+
+def test_a_long_request_in_flight_does_not_make_the_server_slow() -> None:
+    clock = FakeClock()
+    tracker = LoadTracker(clock=clock)
+    websocket = tracker.begin()
+    clock.now += 3600
+    for _ in range(100):
+        serve(tracker, clock, 0.010)
+    clock.now += 0.005  # off the window's edge
+    # RIF 1 (the hour-long one) over 50 completions in the last half second: 10 ms.
+    assert tracker.in_flight_latency_s() == pytest.approx(0.010)
+    assert parse_orca_header(tracker.header_value()).latency_s == pytest.approx(0.010)
+    tracker.end(websocket)
 
 
 def test_rates_over_the_window() -> None:
@@ -134,6 +185,8 @@ def test_constructor_validates() -> None:
         LoadTracker(capacity=0)
     with pytest.raises(ValueError, match="min_samples"):
         LoadTracker(min_samples=0)
+    with pytest.raises(ValueError, match="flow_window_s"):
+        LoadTracker(flow_window_s=0)
 
 
 @given(st.integers(min_value=0, max_value=10**7), st.integers(min_value=0, max_value=10**7))
