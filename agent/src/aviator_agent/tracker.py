@@ -14,9 +14,10 @@ The latency it reports is the larger of two estimates. Prequal's: the median of 
 latencies of requests that arrived at the current RIF. And the requests in flight's own
 (:meth:`LoadTracker.in_flight_latency_s`): Little's law, RIF over the completions of the last
 half second, at most the age of the oldest request in flight. The median sees a slowdown
-only once slow requests complete, and keeps the fast samples from before for seconds. At 10x
-slower it told the control plane after ~0.5 s (latency benchmark, moving antagonist). The
-flow drops at once.
+only once slow requests complete, and keeps the fast samples from before for seconds; the
+flow drops at once. In the latency benchmark (a backend 10x slower), the control plane's
+estimate crossed (above latencyThreshold, or hot) a median 301-433 ms after the slowdown with
+the median alone, and 187-271 ms with both.
 """
 
 from __future__ import annotations
