@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import AsyncIterator
@@ -55,7 +56,21 @@ async def stack(tmp_path: Path) -> AsyncIterator[DemoStack]:
 
             for _ in range(20):
                 await asyncio.gather(*(one() for _ in range(10)))
-        yield running
+
+            # And a trickle while the test runs: the agent keeps 5 s of latencies, and once
+            # they aged out every pod looked the same (a loaded CI machine missed the window).
+            async def trickle() -> None:
+                while True:
+                    await one()
+                    await asyncio.sleep(0.05)
+
+            background = asyncio.create_task(trickle())
+            try:
+                yield running
+            finally:
+                background.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await background
 
 
 async def cli(*args: str) -> tuple[int, str, str]:
